@@ -1,0 +1,170 @@
+"""Run a local multi-process job (horovodrun, mpirun, or N multi-worker processes) and always clean up.
+
+Tests and benchmarks start real distributed jobs on this machine. Each job runs in its own
+process group so that a timeout kills the launcher *and* every worker it spawned, and the
+combined output is kept so that a failure shows what the workers printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class JobResult:
+    returncode: int
+    output: str
+    command: list[str]
+
+    def check(self) -> JobResult:
+        if self.returncode != 0:
+            raise RuntimeError(
+                f"job failed with exit code {self.returncode}: {' '.join(self.command)}\n"
+                f"--- output (last 6000 chars) ---\n{self.output[-6000:]}"
+            )
+        return self
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for local workers: quiet TF, one thread pool per process, root allowed for Open MPI."""
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Open MPI refuses to run as root unless told; our machines and containers run as root.
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    # Horovod under Gloo/MPI on one host: keep collectives on loopback.
+    env.setdefault("HOROVOD_GLOO_IFACE", "lo")
+    # Make the venv's launchers (horovodrun, mpirun wrappers) and this interpreter visible.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_job(
+    command: Sequence[str],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> JobResult:
+    """Run `command` in a new process group; on timeout kill the whole group and raise."""
+    proc = subprocess.Popen(
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=worker_env(env),
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out = proc.stdout.read() if proc.stdout else ""
+        raise TimeoutError(
+            f"job timed out after {timeout:.0f}s and was killed: {' '.join(command)}\n{out[-6000:]}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+    return JobResult(proc.returncode, out, list(command))
+
+
+def horovodrun_command(num_proc: int, argv: Sequence[str], transport: str = "gloo") -> list[str]:
+    """`horovodrun -np N` on localhost with Gloo, or with MPI underneath (transport='mpi')."""
+    flag = "--gloo" if transport == "gloo" else "--mpi"
+    return ["horovodrun", "-np", str(num_proc), "-H", f"localhost:{num_proc}", flag, *argv]
+
+
+def mpirun_command(num_proc: int, argv: Sequence[str]) -> list[str]:
+    """Plain Open MPI `mpirun -np N` on this host, as root, over loopback/shared memory."""
+    return [
+        "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(num_proc),
+        "--bind-to", "none", "--mca", "btl", "self,vader,tcp",
+        "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
+        "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "PYTHONUNBUFFERED",
+        *argv,
+    ]
+
+
+def tf_config(workers: Sequence[str], index: int) -> str:
+    """TF_CONFIG for worker `index` of a MultiWorkerMirroredStrategy cluster."""
+    return json.dumps({"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}})
+
+
+def run_multiworker(
+    num_workers: int,
+    argv: Sequence[str],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> list[JobResult]:
+    """Start `num_workers` copies of `argv`, each with its TF_CONFIG on free loopback ports.
+
+    All workers run concurrently (the collective needs every one of them); if any fails or the
+    deadline passes, the rest are killed.
+    """
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(num_workers)]
+    procs = []
+    deadline = time.monotonic() + timeout
+    try:
+        for i in range(num_workers):
+            wenv = dict(env or {})
+            wenv["TF_CONFIG"] = tf_config(workers, i)
+            procs.append(
+                subprocess.Popen(
+                    list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    env=worker_env(wenv), cwd=cwd, start_new_session=True,
+                )
+            )
+        results = []
+        for p in procs:
+            remaining = max(1.0, deadline - time.monotonic())
+            try:
+                out, _ = p.communicate(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(
+                    f"multi-worker job timed out after {timeout:.0f}s: {' '.join(argv)}"
+                ) from None
+            results.append(JobResult(p.returncode, out, list(argv)))
+            if p.returncode != 0:
+                break
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_group(p)
