@@ -1,0 +1,254 @@
+"""Shared plumbing for the benchmarks: machine description, timing, result files, plots, tables.
+
+Benchmarks compare ratios measured in one run on one machine, so everything here is about making
+the two sides of a ratio see the same conditions (same process, interleaved repeats, median) and
+about recording the conditions (CPU, cores, versions, threads) next to the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+WORKERS = BENCH_DIR / "workers"
+DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
+
+# Environment variables that decide how many threads TF / oneDNN / OpenMP use; recorded verbatim.
+THREAD_ENV = (
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+    "OMP_NUM_THREADS",
+    "TF_ENABLE_ONEDNN_OPTS",
+)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    """The CPU model string from /proc/cpuinfo (platform.processor() is empty on most Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on. Versions come from package metadata so that describing
+    the machine never imports (and initialises) TensorFlow or Horovod in the calling process."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        affinity = os.cpu_count()
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "python": platform.python_version(),
+        "tensorflow": _version("tensorflow-cpu") or _version("tensorflow"),
+        "keras": _version("keras"),
+        "horovod": _version("horovod"),
+        "thread_env": {k: os.environ.get(k) for k in THREAD_ENV},
+        "load_average": list(os.getloadavg()),
+    }
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+def worker_python_env(intra: int | None = None, inter: int | None = None) -> dict[str, str]:
+    """Environment for a benchmark worker process: repo importable, threads pinned if asked.
+
+    The thread counts go through TF's own environment variables (read when the runtime starts)
+    *and* OMP_NUM_THREADS, so that a worker cannot silently use more cores than its share.
+    """
+    env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if intra is not None:
+        env["TF_NUM_INTRAOP_THREADS"] = str(intra)
+        env["OMP_NUM_THREADS"] = str(intra)
+    if inter is not None:
+        env["TF_NUM_INTEROP_THREADS"] = str(inter)
+    return env
+
+
+def run_worker(
+    module: str,
+    args: Sequence[str],
+    timeout: float,
+    launcher: Callable[[list[str]], list[str]] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``python -m benchmarks.workers.<module> OUT_DIR *args`` and return every JSON it wrote.
+
+    `launcher` wraps the command line (horovodrun / mpirun); workers write one JSON per rank into
+    OUT_DIR, and the results come back sorted by file name (rank order).
+    """
+    from dist_share.processes import run_job
+
+    with tempfile.TemporaryDirectory(prefix=f"bench_{module}_") as out:
+        argv = [sys.executable, "-m", f"benchmarks.workers.{module}", out, *args]
+        if launcher is not None:
+            argv = launcher(argv)
+        job = run_job(argv, timeout=timeout, env=dict(env or {}), cwd=str(REPO))
+        job.check()
+        files = sorted(Path(out).glob("*.json"))
+        if not files:
+            raise RuntimeError(f"worker {module} wrote no result:\n{job.output[-4000:]}")
+        return [json.loads(f.read_text()) for f in files]
+
+
+def time_interleaved(
+    runners: Mapping[str, Callable[[], int]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Call each runner `warmup` times, then `repeats` rounds of all runners in turn.
+
+    Each runner does a fixed amount of work and returns how many examples it processed; the result
+    is examples/second per repeat. Interleaving means a burst of load from another process on the
+    shared cores hits both sides of a ratio, instead of whichever happened to run at the time.
+    """
+    for _ in range(warmup):
+        for fn in runners.values():
+            fn()
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(repeats):
+        # Alternate the order so neither side always runs right after the other's cache effects.
+        names = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for name in names:
+            t0 = time.perf_counter()
+            n = runners[name]()
+            rates[name].append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def write_json(result: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=False, default=float) + "\n")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_result(name: str, result: Mapping[str, Any], path: Path) -> None:
+    """One PNG per benchmark. A benchmark can describe its plot with a ``"plot"`` entry
+    ``{"x": col, "y": [cols], "group": col | None, "logy": bool, "title": str}``; without one, the
+    first text column labels a bar chart of the first numeric column (so any table plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(result.get("table") or [])
+    spec = dict(result.get("plot") or {})
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    if rows and spec.get("x"):
+        x, ys, group = spec["x"], spec.get("y") or [], spec.get("group")
+        groups = sorted({r.get(group) for r in rows}, key=str) if group else [None]
+        for g in groups:
+            sel = [r for r in rows if group is None or r.get(group) == g]
+            for y in ys:
+                pts = [(r[x], r[y]) for r in sel if _is_number(r.get(x)) and _is_number(r.get(y))]
+                if not pts:
+                    continue
+                pts.sort()
+                label = " / ".join(str(p) for p in (g, y) if p is not None and p != "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xlabel(x)
+        if spec.get("logx"):
+            ax.set_xscale("log", base=2)
+        if spec.get("logy"):
+            ax.set_yscale("log")
+        ax.set_ylabel(spec.get("ylabel", ", ".join(ys)))
+        ax.legend(fontsize=7)
+    elif rows:
+        text_cols = [k for k, v in rows[0].items() if isinstance(v, str)]
+        num_cols = [k for k in rows[0] if any(_is_number(r.get(k)) for r in rows)]
+        y = spec.get("y", [num_cols[0]])[0] if num_cols else None
+        if y is not None:
+            labels = [
+                " ".join(str(r.get(c)) for c in text_cols) if text_cols else str(i)
+                for i, r in enumerate(rows)
+            ]
+            values = [r.get(y) if _is_number(r.get(y)) else 0.0 for r in rows]
+            ax.barh(range(len(rows)), values)
+            ax.set_yticks(range(len(rows)), labels, fontsize=7)
+            ax.set_xlabel(y)
+    else:
+        ax.text(0.5, 0.5, "no rows", ha="center", va="center")
+    ax.set_title(spec.get("title", name))
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10000:
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    if columns is None:
+        columns = []
+        for r in rows:
+            columns.extend(k for k in r if k not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save(name: str, result: Mapping[str, Any], results_dir: Path | None = None) -> Path:
+    """Write ``<results_dir>/<name>.json`` and ``<name>.png``; returns the JSON path."""
+    results_dir = Path(results_dir or DEFAULT_RESULTS_DIR)
+    json_path = results_dir / f"{name}.json"
+    write_json(result, json_path)
+    plot_result(name, result, results_dir / f"{name}.png")
+    return json_path
+
+
+def bench_main(name: str, run: Callable[..., dict], argv: Sequence[str] | None = None) -> int:
+    """The ``main()`` of a single benchmark module: run it, save JSON + PNG, print the table."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.bench_{name}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the harness")
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    result = dict(run(quick=args.quick))
+    result.setdefault("machine", machine_info())
+    result.setdefault("seconds", time.perf_counter() - t0)
+    path = save(name, result, args.results_dir)
+    print(markdown_table(result.get("table") or []))
+    print(f"wrote {path}")
+    return 0

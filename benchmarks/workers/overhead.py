@@ -1,0 +1,152 @@
+"""Overhead worker: dist_share's Trainer vs the same model in a hand-written loop, interleaved.
+
+argv: OUT_DIR --strategy local|horovod [--variant quiet|default] [common options]
+
+One process (or one process per Horovod rank) builds the model twice from the same config:
+once inside ``Trainer`` and once for a plain loop written the way a user would (local: a
+``tf.function`` step with ``GradientTape``; Horovod: the loop of Horovod's own TF2 examples,
+``hvd.DistributedGradientTape`` and a broadcast after the first step). The trainer's
+``train_step`` hook hands over to a block of plain steps after each timed block of trainer
+steps, so both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.workers.wlib import (
+    bench_config,
+    common_args,
+    make_timed_trainer,
+    setup_threads,
+    write_result,
+)
+
+
+def main() -> None:
+    p = common_args(__doc__)
+    p.add_argument("--strategy", choices=("local", "horovod"), default="local")
+    p.add_argument(
+        "--variant",
+        choices=("quiet", "default"),
+        default="quiet",
+        help="quiet: no run_dir, no progress bar; default: run_dir with metrics.jsonl, "
+        "TensorBoard, progress bar and checkpoints every 200 steps (the project defaults)",
+    )
+    args = p.parse_args()
+    threads = setup_threads(args.intra, args.inter)
+
+    import tensorflow as tf
+
+    from dist_share import data
+    from dist_share.models import build_model
+    from dist_share.strategies import get_strategy
+
+    strategy = get_strategy({"name": args.strategy})
+    blocks = args.warmup + args.repeats
+    steps = blocks * args.block + 1  # the last step closes the last window
+    overrides = list(args.set)
+    if args.variant == "default":
+        overrides += [
+            "logging.progress_bar=true",
+            "logging.tensorboard=true",
+            "checkpoint.every=200",
+        ]
+    cfg = bench_config(args.family, args.batch, steps, {"name": args.strategy}, overrides)
+    specs = data.input_specs(cfg["data"])
+    dataset_fn = data.make_dataset_fn(cfg["data"], "train", args.batch, cfg["training"]["seed"])
+
+    def build_spec():
+        return build_model(cfg["model"], specs)
+
+    # ---- the hand-written loop -------------------------------------------------------------
+    import keras
+
+    lr = cfg["optimizer"]["learning_rate"]
+    if args.strategy == "horovod":
+        import horovod.tensorflow as hvd
+
+        size, rank = hvd.size(), hvd.rank()
+        ctx = tf.distribute.InputContext(size, rank, size)
+    else:
+        hvd, size, rank, ctx = None, 1, 0, tf.distribute.InputContext()
+    plain = build_spec()
+    plain_opt = keras.optimizers.Adam(lr)
+    plain_iter = iter(dataset_fn(ctx).repeat())
+
+    if hvd is None:
+
+        @tf.function
+        def plain_step(features, labels):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(plain.loss(labels, plain.model(features, training=True)))
+            grads = tape.gradient(loss, plain.model.trainable_variables)
+            plain_opt.apply_gradients(zip(grads, plain.model.trainable_variables))
+            return loss
+
+    else:
+
+        def tf_vars(vs):
+            # Keras 3 variables wrap a tf.Variable; Horovod's broadcast needs the tf.Variable.
+            return [v if isinstance(v, tf.Variable) else v.value for v in vs]
+
+        @tf.function
+        def plain_step(features, labels, first_batch=False):
+            # As in horovod/examples/tensorflow2/tensorflow2_mnist.py.
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(plain.loss(labels, plain.model(features, training=True)))
+            tape = hvd.DistributedGradientTape(tape)
+            # Horovod 0.28 keys gradients by tf.Variable.ref(): hand it the wrapped variables.
+            grads = tape.gradient(loss, tf_vars(plain.model.trainable_variables))
+            plain_opt.apply_gradients(zip(grads, plain.model.trainable_variables))
+            if first_batch:
+                hvd.broadcast_variables(tf_vars(plain.model.variables), root_rank=0)
+                hvd.broadcast_variables(tf_vars(plain_opt.variables), root_rank=0)
+            return loss
+
+    plain_times: list[float] = []
+
+    def plain_block() -> None:
+        t0 = time.perf_counter()
+        loss = None
+        for _ in range(args.block):
+            features, labels = next(plain_iter)
+            if hvd is not None and not plain_times and loss is None:
+                loss = plain_step(features, labels, True)
+            else:
+                loss = plain_step(features, labels)
+        float(loss)
+        plain_times.append(time.perf_counter() - t0)
+
+    # ---- the trainer, with the plain blocks interleaved --------------------------------------
+    Timed = make_timed_trainer(args.block, between=plain_block)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Timed(
+            build_spec, strategy, cfg, run_dir if args.variant == "default" else None
+        )
+        trainer.train(dataset_fn)
+        trainer.close()
+
+    examples = args.block * args.batch  # global examples per block
+    w = args.warmup
+    result = {
+        "strategy": args.strategy,
+        "variant": args.variant,
+        "family": args.family,
+        "world_size": size,
+        "rank": rank,
+        "global_batch": args.batch,
+        "block_steps": args.block,
+        "warmup_blocks": w,
+        "threads": threads,
+        "trainer_examples_per_sec": [examples / t for t in trainer.windows[w:]],
+        "plain_examples_per_sec": [examples / t for t in plain_times[w:]],
+        "parameters": int(sum(int(v.numpy().size) for v in plain.model.trainable_variables)),
+    }
+    write_result(args.out_dir, f"overhead_{args.strategy}_{args.variant}_rank{rank}", result)
+
+
+if __name__ == "__main__":
+    main()

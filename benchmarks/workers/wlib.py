@@ -1,0 +1,98 @@
+"""What the benchmark workers share: thread settings, the benchmark config, a timed Trainer.
+
+Workers are separate processes because thread counts and logical devices must be fixed before
+TensorFlow starts, and because Horovod / multi-worker jobs need several processes anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--family", default="siamese")
+    p.add_argument("--batch", type=int, default=64, help="GLOBAL batch size")
+    p.add_argument("--block", type=int, default=50, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks after warm-up")
+    p.add_argument("--warmup", type=int, default=1, help="blocks discarded (tracing, caches)")
+    p.add_argument("--intra", type=int, default=None, help="TF intra-op threads (None: TF default)")
+    p.add_argument("--inter", type=int, default=None, help="TF inter-op threads (None: TF default)")
+    p.add_argument("--set", action="append", default=[], help="config override key=value")
+    return p
+
+
+def setup_threads(intra: int | None, inter: int | None) -> dict[str, Any]:
+    """Pin TF's thread pools before the runtime starts; returns what was set, for the record."""
+    import tensorflow as tf
+
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+    if inter:
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    return {"intra_op": intra or "default", "inter_op": inter or "default"}
+
+
+def bench_config(
+    family: str, batch: int, steps: int, strategy: dict, overrides: Sequence[str] = ()
+) -> dict:
+    """A resolved dist_share config for the benchmark model (the project defaults otherwise)."""
+    from dist_share.config import apply_overrides, validate
+
+    raw = {
+        "model": {"family": family},
+        "training": {"batch_size": batch, "steps": steps, "log_every": 50, "eval_every": 0},
+        "strategy": strategy,
+        "checkpoint": {"every": 0},
+        "logging": {"tensorboard": False, "progress_bar": False},
+    }
+    return validate(apply_overrides(raw, overrides))
+
+
+def make_timed_trainer(
+    block: int, between: Callable[[], None] | None = None
+) -> Callable[..., Any]:
+    """A Trainer subclass whose ``train_step`` hook timestamps every `block` steps.
+
+    Window i is the wall time from the start of step i*block to the start of step (i+1)*block,
+    so it includes everything ``Trainer.train`` does around its steps (progress bar, logging,
+    step counter, checkpoints). `between`, if given, runs between windows (untimed by the
+    trainer): that is where the overhead benchmark interleaves the hand-written loop.
+    """
+    from dist_share.training import Trainer
+
+    class TimedTrainer(Trainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.windows: list[float] = []
+            self._count = 0
+            self._t0 = 0.0
+
+        def train_step(self, iterator: Any) -> dict[str, float]:
+            now = time.perf_counter()
+            if self._count and self._count % block == 0:
+                self.windows.append(now - self._t0)
+                if between is not None:
+                    between()
+                now = time.perf_counter()
+            if self._count % block == 0:
+                self._t0 = now
+            self._count += 1
+            return super().train_step(iterator)
+
+    return TimedTrainer
+
+
+def write_result(out_dir: Path, name: str, payload: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    os.replace(tmp, path)

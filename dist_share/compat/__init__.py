@@ -1,0 +1,1 @@
+"""Compatibility paths for code written against older TensorFlow APIs (see docs/MIGRATION.md)."""

@@ -1,0 +1,173 @@
+"""Keras 3 `model.fit` under every strategy, Horovod included.
+
+Horovod's own ``horovod.tensorflow.keras.DistributedOptimizer`` does not work with Keras 3 (it
+calls ``.ref()`` on Keras 3 variables, which are not tf.Variables). Keras 3's TF optimizer has
+one hook every gradient passes through in replica context before the update,
+``_all_reduce_sum_gradients``; `distribute_optimizer` points it at `Strategy.reduce_gradients`,
+so fit gets the same dedup / dense switch / compression / Horovod allreduce as the custom loop.
+Initial state is broadcast from rank 0 once the optimizer has its slots; logs are averaged over
+ranks; only the chief writes checkpoints, metrics.jsonl and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+
+from dist_share.errors import ConfigError
+from dist_share.strategies import DatasetFn, Strategy
+
+if TYPE_CHECKING:
+    from dist_share.training import Trainer
+
+
+def distribute_optimizer(optimizer: keras.optimizers.Optimizer, strategy: Strategy) -> Any:
+    """Make `optimizer.apply` reduce gradients through `strategy` (works under fit and custom loops).
+
+    Keras fit divides the loss by the replicas of the tf.distribute strategy (1 under Horovod),
+    so tf.distribute must SUM and Horovod must AVERAGE; the Horovod op is forced to 'average'.
+    """
+    if strategy.name == "horovod" and strategy.gradient_options.op != "average":
+        strategy.gradient_options = dataclasses.replace(strategy.gradient_options, op="average")
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+
+    def reduce(grads_and_vars: Any) -> list[Any]:
+        pairs = list(grads_and_vars)
+        present = [i for i, (g, _) in enumerate(pairs) if g is not None]
+        grads, _ = strategy.reduce_gradients(
+            [pairs[i][0] for i in present], [pairs[i][1] for i in present]
+        )
+        for i, g in zip(present, grads, strict=True):
+            pairs[i] = (g, pairs[i][1])
+        return pairs
+
+    inner._all_reduce_sum_gradients = reduce
+    return optimizer
+
+
+class PerExampleLoss(keras.losses.Loss):
+    """The ModelSpec loss as given: Keras's function wrapper would reshape labels to the
+    predictions' rank first ([batch] -> [batch, 1]), which the contract's losses do not expect."""
+
+    def __init__(self, fn: Any, name: str = "loss") -> None:
+        super().__init__(name=name, reduction="sum_over_batch_size")
+        self.fn = fn
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return self.fn(y_true, y_pred)
+
+
+class PerExampleMean(keras.metrics.Mean):
+    """Mean of a ModelSpec metric (per-example values), again without label reshaping."""
+
+    def __init__(self, fn: Any, name: str) -> None:
+        super().__init__(name=name)
+        self.fn = fn
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        return super().update_state(self.fn(y_true, y_pred), sample_weight=sample_weight)
+
+
+class BroadcastInitialState(keras.callbacks.Callback):
+    """Horovod: copy rank 0's model and optimizer state to every rank before the first step.
+
+    The optimizer is built first so that its slots exist and are broadcast too; otherwise ranks
+    would create them lazily with possibly different values (e.g. after a partial restore).
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        opt = self.model.optimizer
+        if not opt.built:
+            opt.build(self.model.trainable_variables)
+        self.strategy.broadcast_variables(list(self.model.variables) + list(opt.variables))
+
+
+class TrainerBridge(keras.callbacks.Callback):
+    """Step counter, rank-averaged logs, metrics.jsonl/TensorBoard (chief only), checkpoints.
+
+    Runs on every rank: averaging the logs is a collective, and under MultiWorkerMirrored every
+    worker takes part in a save. Writing is left to the trainer, which writes on the chief only.
+    """
+
+    def __init__(self, trainer: Trainer, start: int) -> None:
+        super().__init__()
+        self.trainer, self.start, self.step = trainer, start, start
+        self.log_every = int(trainer.config["training"]["log_every"] or 0)
+        self.ckpt_every = int(trainer.config["checkpoint"]["every"] or 0)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.step = self.start + batch + 1
+        self.trainer.global_step.assign(self.step)
+        if self.log_every and self.step % self.log_every == 0 and logs:
+            self.trainer.last_logs = self._average(logs)
+            self.trainer._log("train", self.step, self.trainer.last_logs)
+        if self.ckpt_every and self.step % self.ckpt_every == 0:
+            self.trainer.save()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if logs:
+            self.trainer.last_logs = self._average(logs)
+        self.trainer.save()
+
+    def _average(self, logs: dict) -> dict[str, float]:
+        """Keras's logs are this process's running means; Horovod ranks average them."""
+        values = {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
+        strategy = self.trainer.strategy
+        if strategy.name != "horovod" or strategy.world_size == 1:
+            return values
+        summed = strategy.allreduce_host_sum(values)
+        return {k: v / strategy.world_size for k, v in summed.items()}
+
+
+def train(
+    trainer: Trainer, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
+) -> dict[str, float]:
+    """`training.loop: keras_fit`: the trainer's model, optimizer, data and checkpoints, driven by fit."""
+    strategy = trainer.strategy
+    if trainer.grad_accum != 1:
+        raise ConfigError(
+            "training.grad_accum_steps", "keras_fit supports only 1; use loop: custom"
+        )
+    if trainer.mixed_precision and strategy.name == "horovod":
+        # LossScaleOptimizer checks finiteness on the *local* gradient before our allreduce, so
+        # ranks could take different branches and deadlock in the collective.
+        raise ConfigError(
+            "training.mixed_precision", "not supported with loop: keras_fit under horovod"
+        )
+    start = trainer.restore()
+    spec = trainer.spec
+    with strategy.scope():
+        distribute_optimizer(trainer.optimizer, strategy)
+        trainer.model.compile(
+            optimizer=trainer.optimizer,
+            loss=PerExampleLoss(spec.loss),
+            metrics=[PerExampleMean(fn, n) for n, fn in spec.metrics.items()],
+            jit_compile=False,  # XLA cannot compile Horovod's ops
+        )
+    trainer._open_logs()
+    data = strategy.distribute_dataset(trainer._train_input(train_dataset_fn, start))
+    callbacks: list[keras.callbacks.Callback] = [
+        BroadcastInitialState(strategy),
+        TrainerBridge(trainer, start),
+    ]
+    verbose = 1 if strategy.is_chief and trainer.config["logging"]["progress_bar"] else 0
+    if trainer.steps > start:
+        trainer.model.fit(
+            data,
+            epochs=1,
+            steps_per_epoch=trainer.steps - start,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    result = trainer.evaluate(eval_dataset_fn) if eval_dataset_fn is not None else {}
+    return result
+
+
+__all__ = ["BroadcastInitialState", "TrainerBridge", "distribute_optimizer", "train"]

@@ -1,0 +1,264 @@
+"""Command lines that start a distributed job: horovodrun, mpirun, or N multi-worker processes.
+
+The launchers want the same facts in different spellings (``-H node1:4,node2:4`` for both
+horovodrun and Open MPI, a ``TF_CONFIG`` per process for MultiWorkerMirroredStrategy), and the
+flags that make Horovod work over MPI are easy to forget. This module writes them once; the
+``dist-share launch`` command prints them (``--dry-run``) or runs them, and the scripts under
+``launch/`` show the same lines for batch systems.
+
+Nothing here imports TensorFlow or Horovod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_share.errors import ConfigError
+
+LAUNCHERS = ("horovodrun", "mpirun", "multiworker")
+LOCAL_NAMES = ("localhost", "127.0.0.1")
+# Environment every MPI rank needs to see (mpirun only forwards what it is told to).
+MPI_FORWARD_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG", "TF_CPP_MIN_LOG_LEVEL")
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    slots: int
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.slots}"
+
+
+def parse_hosts(text: str, key: str = "--hosts") -> list[Host]:
+    """``node1:4,node2:4`` (a missing ``:N`` means one slot) -> [Host('node1', 4), ...]."""
+    hosts = []
+    for item in (p.strip() for p in text.split(",")):
+        name, _, slots = item.partition(":")
+        if not name or re.search(r"\s", name):
+            raise ConfigError(
+                key, f"bad host entry {item!r} in {text!r}; expected HOST[:SLOTS],..."
+            )
+        try:
+            n = int(slots) if slots else 1
+        except ValueError:
+            n = 0
+        if n <= 0:
+            raise ConfigError(
+                key, f"bad slot count in {item!r}; expected a positive integer, e.g. {name}:4"
+            )
+        hosts.append(Host(name, n))
+    names = [h.name for h in hosts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(key, f"host {dup[0]!r} is listed more than once in {text!r}")
+    return hosts
+
+
+def read_hostfile(path: str | os.PathLike) -> list[Host]:
+    """An Open MPI / Horovod host file: ``node1 slots=4`` (or ``node1:4``) per line, # comments."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError("--hostfile", f"cannot read {path}: {e.strerror or e}") from None
+    entries = []
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)(\s+.*)?", line)
+        entries.append(f"{m.group(1)}:{m.group(2)}" if m else line)
+    if not entries:
+        raise ConfigError("--hostfile", f"{path} lists no hosts")
+    return parse_hosts(",".join(entries), "--hostfile")
+
+
+def total_slots(hosts: Sequence[Host]) -> int:
+    return sum(h.slots for h in hosts)
+
+
+def _check_np(hosts: Sequence[Host], num_proc: int | None) -> int:
+    slots = total_slots(hosts)
+    n = slots if num_proc is None else num_proc
+    if n <= 0 or n > slots:
+        raise ConfigError(
+            "-np",
+            f"asked for {n} processes but the hosts {','.join(map(str, hosts))} have {slots} slots",
+        )
+    return n
+
+
+def horovodrun_command(
+    hosts: Sequence[Host],
+    command: Sequence[str],
+    num_proc: int | None = None,
+    transport: str = "gloo",
+    network_interface: str | None = None,
+    ssh_port: int | None = None,
+    hostfile: str | None = None,
+) -> list[str]:
+    """``horovodrun -np N -H h1:s1,h2:s2 --gloo|--mpi [--network-interface IF] COMMAND``."""
+    n = _check_np(hosts, num_proc)
+    argv = ["horovodrun", "-np", str(n)]
+    argv += ["--hostfile", hostfile] if hostfile else ["-H", ",".join(map(str, hosts))]
+    argv.append("--gloo" if transport == "gloo" else "--mpi")
+    if network_interface:
+        argv += ["--network-interface", network_interface]
+    if ssh_port:
+        argv += ["--ssh-port", str(ssh_port)]
+    return argv + list(command)
+
+
+def mpirun_command(
+    hosts: Sequence[Host],
+    command: Sequence[str],
+    num_proc: int | None = None,
+    network_interface: str | None = None,
+    allow_run_as_root: bool | None = None,
+    forward_env: Sequence[str] = MPI_FORWARD_ENV,
+) -> list[str]:
+    """Open MPI's ``mpirun`` with the flags the Horovod docs recommend.
+
+    ``-bind-to none -map-by slot``: Horovod processes use many threads, binding them to one core
+    starves them. ``-mca pml ob1 -mca btl ^openib``: avoid the openib transport that hangs with
+    fork()ing data loaders.
+    """
+    n = _check_np(hosts, num_proc)
+    if allow_run_as_root is None:
+        allow_run_as_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    argv = [
+        "mpirun",
+        "-np",
+        str(n),
+        "-H",
+        ",".join(map(str, hosts)),
+        "-bind-to",
+        "none",
+        "-map-by",
+        "slot",
+        "-mca",
+        "pml",
+        "ob1",
+        "-mca",
+        "btl",
+        "^openib",
+    ]
+    if allow_run_as_root:
+        argv.append("--allow-run-as-root")
+    if network_interface:
+        argv += [
+            "-mca",
+            "btl_tcp_if_include",
+            network_interface,
+            "-mca",
+            "oob_tcp_if_include",
+            network_interface,
+            "-x",
+            f"NCCL_SOCKET_IFNAME={network_interface}",
+            "-x",
+            f"HOROVOD_GLOO_IFACE={network_interface}",
+        ]
+    for name in forward_env:
+        argv += ["-x", name]
+    return argv + list(command)
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    host: str
+    index: int
+    tf_config: str
+    argv: list[str]
+
+
+def is_local(host: str) -> bool:
+    return host in LOCAL_NAMES or host == socket.gethostname()
+
+
+def tf_config(workers: Sequence[str], index: int) -> str:
+    return json.dumps(
+        {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
+    )
+
+
+def multiworker_commands(
+    hosts: Sequence[Host],
+    command: Sequence[str],
+    base_port: int = 23456,
+    workdir: str | None = None,
+) -> list[WorkerLaunch]:
+    """One MultiWorkerMirrored worker per slot, each with its TF_CONFIG.
+
+    A slot is a worker *process*: on GPU nodes give each host one slot (a worker uses every
+    GPU it sees). Workers on the same host get consecutive ports from ``base_port``; remote
+    workers are started through ssh in ``workdir`` (default: this directory).
+    """
+    addresses = [f"{h.name}:{base_port + i}" for h in hosts for i in range(h.slots)]
+    names = [h.name for h in hosts for _ in range(h.slots)]
+    workdir = workdir or os.getcwd()
+    out = []
+    for index, host in enumerate(names):
+        cfg = tf_config(addresses, index)
+        if is_local(host):
+            argv = list(command)
+        else:
+            remote = f"cd {shlex.quote(workdir)} && TF_CONFIG={shlex.quote(cfg)} exec {shlex.join(command)}"
+            argv = ["ssh", host, remote]
+        out.append(WorkerLaunch(host, index, cfg, argv))
+    return out
+
+
+def format_worker(w: WorkerLaunch) -> str:
+    if w.argv and w.argv[0] == "ssh":
+        return shlex.join(w.argv)
+    return f"TF_CONFIG={shlex.quote(w.tf_config)} {shlex.join(w.argv)}"
+
+
+def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run a launcher in its own process group; Ctrl-C / SIGTERM reach every process it started."""
+    proc = subprocess.Popen(
+        list(argv), env=dict(env) if env is not None else None, start_new_session=True
+    )
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+
+
+def run_multiworker(workers: Sequence[WorkerLaunch]) -> int:
+    """Start every worker (the collective needs all of them); the first failure stops the rest."""
+    procs = []
+    try:
+        for w in workers:
+            env = dict(os.environ)
+            if w.argv[0] != "ssh":
+                env["TF_CONFIG"] = w.tf_config
+            procs.append(subprocess.Popen(w.argv, env=env, start_new_session=True))
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                return failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait()

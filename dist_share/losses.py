@@ -1,0 +1,204 @@
+"""Objectives and metrics that return one value per example (shape ``[batch]``).
+
+Per-example values let the distributed trainer divide the sum by the *global* batch size, which
+is what makes the result independent of how the batch is split across replicas. Everything is
+computed in float32 (mixed precision outputs are cast first).
+
+Each loss is a small registered callable class rather than a `keras.losses.Loss`: Keras wraps a
+plain callable with a mean reduction in `model.compile`, while a `Loss` with ``reduction=None``
+would be summed there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from dist_share.errors import ConfigError
+
+LOSS_TYPES = (
+    "contrastive",
+    "triplet",
+    "in_batch_softmax",
+    "binary",
+    "sparse_categorical_crossentropy",
+)
+_PKG = "dist_share"
+
+
+def _f32(x: Any) -> Any:
+    return ops.cast(x, "float32")
+
+
+class PerExample:
+    """Base: ``__call__(y_true, y_pred) -> [batch]`` float32, with a serialisable config."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_config(cls, config: dict) -> PerExample:
+        return cls(**config)
+
+    @property
+    def __name__(self) -> str:  # Keras names metrics/losses after this
+        return type(self).__name__
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class ContrastiveLoss(PerExample):
+    """``y * d^2 + (1 - y) * max(margin - d, 0)^2`` on a distance ``d``; y=1 means same."""
+
+    def __init__(self, margin: float = 1.0) -> None:
+        self.margin = float(margin)
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y, d = ops.reshape(_f32(y_true), (-1,)), ops.reshape(_f32(y_pred), (-1,))
+        return y * ops.square(d) + (1.0 - y) * ops.square(ops.relu(self.margin - d))
+
+    def get_config(self) -> dict:
+        return {"margin": self.margin}
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class TripletLoss(PerExample):
+    """``max(d_ap - d_an + margin, 0)`` on ``y_pred = [B, 2]`` (d_ap, d_an); labels unused."""
+
+    def __init__(self, margin: float = 1.0) -> None:
+        self.margin = float(margin)
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        d = _f32(y_pred)
+        return ops.relu(d[:, 0] - d[:, 1] + self.margin)
+
+    def get_config(self) -> dict:
+        return {"margin": self.margin}
+
+
+def _pair_logits(y_pred: Any) -> Any:
+    """Logits ``[B]`` from either a score ``[B]`` or a stacked (query, candidate) ``[B, 2, D]``."""
+    p = _f32(y_pred)
+    if len(p.shape) == 3:
+        return ops.sum(p[:, 0] * p[:, 1], axis=-1)
+    return ops.reshape(p, (-1,))
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class BinaryLoss(PerExample):
+    """Sigmoid cross-entropy on logits (a score, or the dot product of a stacked pair)."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(_f32(y_true), (-1,))
+        return ops.binary_crossentropy(y, _pair_logits(y_pred), from_logits=True)
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class InBatchSoftmaxLoss(PerExample):
+    """Softmax over the batch's candidates: row i's positive is candidate i.
+
+    ``y_pred`` is ``[B, 2, D]`` (query, candidate). Labels are not used: every row is treated as
+    a positive pair and the other rows' candidates as negatives (within one replica's batch).
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = float(temperature)
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        p = _f32(y_pred)
+        logits = ops.matmul(p[:, 0], ops.transpose(p[:, 1])) / self.temperature
+        labels = ops.arange(ops.shape(logits)[0])
+        return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+    def get_config(self) -> dict:
+        return {"temperature": self.temperature}
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class SparseCrossEntropyLoss(PerExample):
+    """Sparse categorical cross-entropy on logits ``[B, C]`` with integer labels ``[B]``."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        return ops.sparse_categorical_crossentropy(y, _f32(y_pred), from_logits=True)
+
+
+# -- metrics (per example, averaged over examples by the caller) ---------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class PairAccuracy(PerExample):
+    """Siamese: predicted 'same' when the distance is below ``threshold``."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = float(threshold)
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(_f32(y_true), (-1,)) > 0.5
+        same = ops.reshape(_f32(y_pred), (-1,)) < self.threshold
+        return _f32(ops.equal(y, same))
+
+    def get_config(self) -> dict:
+        return {"threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class TripletAccuracy(PerExample):
+    """1 where d(anchor, positive) < d(anchor, negative)."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        d = _f32(y_pred)
+        return _f32(d[:, 0] < d[:, 1])
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class ClassAccuracy(PerExample):
+    """Multi-view classifier: argmax of the logits equals the label."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        return _f32(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y))
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class BinaryAccuracy(PerExample):
+    """Two-tower: sigmoid(score) > 0.5 agrees with the 0/1 label."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(_f32(y_true), (-1,)) > 0.5
+        return _f32(ops.equal(_pair_logits(y_pred) > 0.0, y))
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class InBatchTop1(PerExample):
+    """Two-tower: row i's own candidate scores highest among the batch's candidates."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        p = _f32(y_pred)
+        logits = ops.matmul(p[:, 0], ops.transpose(p[:, 1]))
+        best = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        return _f32(ops.equal(best, ops.arange(ops.shape(logits)[0], dtype="int32")))
+
+
+def get_loss(loss_cfg: Any, path: str = "model.loss") -> PerExample:
+    """A per-example loss from its config: ``{type: contrastive, margin: 1.0}`` or a bare name."""
+    cfg = {"type": loss_cfg} if isinstance(loss_cfg, str) else dict(loss_cfg or {})
+    kind = cfg.pop("type", None)
+    options = {
+        "contrastive": (ContrastiveLoss, ("margin",)),
+        "triplet": (TripletLoss, ("margin",)),
+        "in_batch_softmax": (InBatchSoftmaxLoss, ("temperature",)),
+        "binary": (BinaryLoss, ()),
+        "sparse_categorical_crossentropy": (SparseCrossEntropyLoss, ()),
+    }
+    if kind not in options:
+        raise ConfigError(f"{path}.type", f"unknown loss {kind!r}; expected one of {LOSS_TYPES}")
+    cls, keys = options[kind]
+    for key in cfg:
+        if key not in keys:
+            raise ConfigError(f"{path}.{key}", f"unknown option for loss {kind!r}; allowed: {keys}")
+    return cls(**cfg)

@@ -1,0 +1,138 @@
+"""Train tiny shared-weight models under one strategy and dump variables + checksums as JSON.
+
+Run the same script under every launcher (plain python, horovodrun, mpirun, N multi-worker
+processes); each process writes ``<out>.rank<r>.json`` with one entry per run in ``--runs``
+(several runs share one process start, which is most of a run's cost). Tests compare the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (family, loop, strategy overrides)
+RUNS = {
+    "shared": ("shared", "custom", {}),
+    "shared_accum": ("shared", "custom", {}),
+    "two_tower": ("two_tower", "custom", {}),
+    "two_tower_naive": (
+        "two_tower",
+        "custom",
+        {"sparse": {"dedup": False, "dense_threshold": None}},
+    ),
+    "two_tower_dense": ("two_tower", "custom", {"sparse": {"dedup": True, "dense_threshold": 0.0}}),
+    "two_tower_sum": (
+        "two_tower",
+        "custom",
+        {"horovod": {"op": "sum", "grouped_allreduce": False}},
+    ),
+    "two_tower_fp16": ("two_tower", "custom", {"horovod": {"compression": "fp16"}}),
+    "shared_fit": ("shared", "keras_fit", {}),
+    "two_tower_fit": ("two_tower", "keras_fit", {}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", default="local")
+    p.add_argument("--runs", default="shared", help="comma list of RUNS names")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--num-cpu-devices", type=int, default=None)
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--step-delay", type=float, default=0.0)
+    p.add_argument("--ids", action="store_true", help="also dump the example ids each replica sees")
+    p.add_argument("--eval", action="store_true")
+    a = p.parse_args()
+
+    from dist_share.strategies import get_strategy
+
+    # First thing: logical devices / TF_CONFIG / hvd.init must happen before TF initialises.
+    strategy = get_strategy({"name": a.strategy, "num_cpu_devices": a.num_cpu_devices})
+
+    import numpy as np
+    import train_common as tc
+
+    from dist_share.gradients import GradientOptions
+    from dist_share.training import Trainer
+
+    class SlowTrainer(Trainer):
+        """Lets the kill test catch the run between checkpoints."""
+
+        def train_step(self, iterator):
+            if a.step_delay:
+                time.sleep(a.step_delay)
+            return super().train_step(iterator)
+
+    result: dict = {
+        "rank": strategy.rank,
+        "world_size": strategy.world_size,
+        "num_replicas": strategy.num_replicas,
+        "runs": {},
+    }
+    if a.ids:
+        dist = strategy.distribute_dataset(tc.make_dataset_fn("shared", a.batch, with_ids=True))
+        seen: dict[str, list[int]] = {}
+        for features, _ in dist:
+            local = strategy.local_results(features["id"])
+            for i, ids in enumerate(local):
+                replica = strategy.rank * len(local) + i
+                seen.setdefault(str(replica), []).extend(int(x) for x in np.asarray(ids))
+        result["ids"] = seen
+
+    for name in a.runs.split(","):
+        family, loop, overrides = RUNS[name]
+        strategy_cfg = {"name": a.strategy, "num_cpu_devices": a.num_cpu_devices, **overrides}
+        strategy.gradient_options = GradientOptions.from_config(strategy_cfg)
+        config = {
+            "optimizer": {"name": "sgd", "learning_rate": a.lr},
+            "training": {
+                "steps": a.steps,
+                "batch_size": a.batch,
+                "grad_accum_steps": 2 if name.endswith("_accum") else 1,
+                "loop": loop,
+                "log_every": 1,
+                "eval_every": 0,
+                "deterministic": True,
+                "seed": 3,
+            },
+            "strategy": strategy_cfg,
+            "checkpoint": {"every": a.ckpt_every, "keep": 3, "resume": True},
+            "logging": {"tensorboard": a.run_dir is not None, "progress_bar": False},
+        }
+        trainer = SlowTrainer(tc.BUILDERS[family], strategy, config, a.run_dir)
+        run: dict = {
+            "initial": {v.path: np.asarray(v.numpy()).tolist() for v in trainer.model.weights}
+        }
+        eval_fn = tc.make_dataset_fn(family, a.batch, drop_remainder=False) if a.eval else None
+        run["eval"] = trainer.train(tc.make_dataset_fn(family, a.batch), eval_fn)
+        run["last_logs"] = trainer.last_logs
+        run["variables"] = {v.path: np.asarray(v.numpy()).tolist() for v in trainer.model.weights}
+        # Every local copy of every variable (MirroredStrategy keeps one per device).
+        copies: list[dict[str, float]] = []
+        for v in trainer.model.weights:
+            for i, c in enumerate(strategy.local_results(v.value)):
+                while len(copies) <= i:
+                    copies.append({})
+                copies[i][v.path] = float(np.sum(np.asarray(c.numpy(), np.float64) ** 2))
+        run["replica_checksums"] = copies
+        run["step"] = int(trainer.global_step.numpy())
+        trainer.close()
+        result["runs"][name] = run
+
+    out = f"{a.out}.rank{strategy.rank}.json"
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(out + ".tmp", out)
+
+
+if __name__ == "__main__":
+    main()
