@@ -183,11 +183,11 @@ def run(quick: bool = False) -> dict:
         "plot": {
             "x": "streams",
             "y": ["bytes_per_step"],
-            "group": "case",
+            "group": ["case", "batch"],
             "logx": True,
             "logy": True,
             "ylabel": "bytes per replica per step",
-            "title": "Gradient bytes vs streams (embedding rows: all batch sizes)",
+            "title": "Gradient bytes per replica per step vs number of streams",
         },
     }
 

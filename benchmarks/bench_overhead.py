@@ -27,21 +27,21 @@ def _case(
     intra: int | None,
     timeout: float,
 ) -> dict[str, Any]:
-    from dist_share.processes import horovodrun_command
-
     args = [
         "--strategy", strategy, "--variant", variant, "--batch", str(batch),
         "--block", str(block), "--repeats", str(repeats), "--warmup", str(warmup),
     ]  # fmt: skip
     if intra:
         args += ["--intra", str(intra), "--inter", str(intra)]
-    launcher = None
-    if strategy == "horovod":
-        launcher = lambda argv: horovodrun_command(2, argv)  # noqa: E731
-    results = run_worker("overhead", args, timeout, launcher, worker_python_env(intra, intra))
+    launch, n = ("horovodrun", 2) if strategy == "horovod" else ("single", 1)
+    results = run_worker("overhead", args, timeout, launch, n, worker_python_env(intra, intra))
     r0 = next(r for r in results if r["rank"] == 0)
     trainer, plain = r0["trainer_examples_per_sec"], r0["plain_examples_per_sec"]
-    ratios = [t / p for t, p in zip(trainer, plain)]
+    ratios = [t / p for t, p in zip(trainer, plain, strict=True)]
+    cpu = [
+        t / p
+        for t, p in zip(r0["trainer_cpu_ms_per_step"], r0["plain_cpu_ms_per_step"], strict=True)
+    ]
     return {
         "case": f"{strategy} x{r0['world_size']} {variant}",
         "strategy": strategy,
@@ -55,14 +55,34 @@ def _case(
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "pairs": len(ratios),
-        "raw": {"trainer": trainer, "plain": plain, "world_size": r0["world_size"]},
+        "cpu_per_step_trainer_over_plain": median(cpu),
+        "raw": r0,
     }
+
+
+def _breakdown(batch: int, block: int, repeats: int, timeout: float) -> dict[str, Any]:
+    """Stage-by-stage cost of the Trainer's step (benchmarks/workers/overhead_breakdown.py)."""
+    args = ["--batch", str(batch), "--block", str(block), "--repeats", str(repeats)]
+    (r,) = run_worker("overhead_breakdown", args, timeout, env=worker_python_env())
+    wall, cpu = r["wall_ms_per_step"], r["cpu_ms_per_step"]
+    base_wall, base_cpu = median(wall["plain"]), median(cpu["plain"])
+    table = [
+        {
+            "stage": name,
+            "wall_ms": median(wall[name]),
+            "wall_vs_plain": median(wall[name]) / base_wall,
+            "cpu_ms": median(cpu[name]),
+            "cpu_vs_plain": median(cpu[name]) / base_cpu,
+        }
+        for name in wall
+    ]
+    return {"table": table, "graph_ops": r["graph_ops"], "raw": r}
 
 
 def run(quick: bool = False) -> dict:
     if quick:
         cases = [("local", "quiet", 64, None)]
-        block, repeats, warmup, timeout = 10, 2, 1, 120
+        block, repeats, warmup, timeout = 5, 2, 1, 120
     else:
         cases = [
             ("local", "quiet", 64, None),
@@ -71,9 +91,16 @@ def run(quick: bool = False) -> dict:
             ("horovod", "quiet", 128, 1),
             ("horovod", "default", 128, 1),
         ]
-        block, repeats, warmup, timeout = 50, 9, 2, 600
+        block, repeats, warmup, timeout = 20, 25, 3, 600
     rows = [_case(s, v, b, block, repeats, warmup, t, timeout) for s, v, b, t in cases]
     table = [{k: v for k, v in r.items() if k != "raw"} for r in rows]
+    extra = {}
+    breakdown = None
+    if not quick:
+        breakdown = _breakdown(batch=64, block=20, repeats=25, timeout=timeout)
+        extra["Where the trainer's time goes (local, batch 64, ms per step, median)"] = breakdown[
+            "table"
+        ]
     return {
         "name": NAME,
         "description": (
@@ -86,7 +113,9 @@ def run(quick: bool = False) -> dict:
         ),
         "params": {"block_steps": block, "repeats": repeats, "warmup_blocks": warmup},
         "cases": rows,
+        "breakdown": breakdown,
         "table": table,
+        "extra_tables": extra,
         "plot": {"y": ["trainer_over_plain"], "title": "Trainer / hand-written loop (examples/s)"},
     }
 

@@ -92,29 +92,44 @@ def worker_python_env(intra: int | None = None, inter: int | None = None) -> dic
     return env
 
 
+LAUNCHERS = ("single", "horovodrun", "mpirun", "multiworker")
+
+
 def run_worker(
     module: str,
     args: Sequence[str],
     timeout: float,
-    launcher: Callable[[list[str]], list[str]] | None = None,
+    launch: str = "single",
+    num_proc: int = 1,
     env: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``python -m benchmarks.workers.<module> OUT_DIR *args`` and return every JSON it wrote.
 
-    `launcher` wraps the command line (horovodrun / mpirun); workers write one JSON per rank into
-    OUT_DIR, and the results come back sorted by file name (rank order).
+    `launch` picks how: one process, ``horovodrun -np N`` (Gloo), Open MPI ``mpirun -np N``, or
+    N local multi-worker processes with TF_CONFIG (all through dist_share.processes, which kills
+    the whole process group on timeout). Workers write one JSON per rank into OUT_DIR; they come
+    back in file-name (rank) order.
     """
-    from dist_share.processes import run_job
+    from dist_share import processes
 
+    if launch not in LAUNCHERS:
+        raise ValueError(f"launch must be one of {LAUNCHERS}, got {launch!r}")
+    env = dict(env or {})
     with tempfile.TemporaryDirectory(prefix=f"bench_{module}_") as out:
         argv = [sys.executable, "-m", f"benchmarks.workers.{module}", out, *args]
-        if launcher is not None:
-            argv = launcher(argv)
-        job = run_job(argv, timeout=timeout, env=dict(env or {}), cwd=str(REPO))
-        job.check()
+        if launch == "multiworker":
+            jobs = processes.run_multiworker(num_proc, argv, timeout, env=env, cwd=str(REPO))
+        else:
+            if launch == "horovodrun":
+                argv = processes.horovodrun_command(num_proc, argv)
+            elif launch == "mpirun":
+                argv = processes.mpirun_command(num_proc, argv)
+            jobs = [processes.run_job(argv, timeout=timeout, env=env, cwd=str(REPO))]
+        for job in jobs:
+            job.check()
         files = sorted(Path(out).glob("*.json"))
         if not files:
-            raise RuntimeError(f"worker {module} wrote no result:\n{job.output[-4000:]}")
+            raise RuntimeError(f"worker {module} wrote no result:\n{jobs[0].output[-4000:]}")
         return [json.loads(f.read_text()) for f in files]
 
 
@@ -163,16 +178,26 @@ def plot_result(name: str, result: Mapping[str, Any], path: Path) -> None:
     spec = dict(result.get("plot") or {})
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     if rows and spec.get("x"):
-        x, ys, group = spec["x"], spec.get("y") or [], spec.get("group")
-        groups = sorted({r.get(group) for r in rows}, key=str) if group else [None]
-        for g in groups:
-            sel = [r for r in rows if group is None or r.get(group) == g]
+        x, ys = spec["x"], spec.get("y") or []
+        group = spec.get("group") or []
+        group = [group] if isinstance(group, str) else list(group)
+
+        def key(r: Mapping[str, Any]) -> tuple:
+            return tuple(r.get(c) for c in group)
+
+        for g in sorted({key(r) for r in rows}, key=str):
+            sel = [r for r in rows if key(r) == g]
             for y in ys:
                 pts = [(r[x], r[y]) for r in sel if _is_number(r.get(x)) and _is_number(r.get(y))]
                 if not pts:
                     continue
                 pts.sort()
-                label = " / ".join(str(p) for p in (g, y) if p is not None and p != "")
+                parts = [
+                    f"{c}={v}" if _is_number(v) else str(v) for c, v in zip(group, g, strict=True)
+                ]
+                if len(ys) > 1:
+                    parts.append(y)
+                label = " ".join(p for p in parts if p not in ("", "None"))
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xlabel(x)
         if spec.get("logx"):
@@ -196,7 +221,7 @@ def plot_result(name: str, result: Mapping[str, Any], path: Path) -> None:
             ax.set_xlabel(y)
     else:
         ax.text(0.5, 0.5, "no rows", ha="center", va="center")
-    ax.set_title(spec.get("title", name))
+    ax.set_title(spec.get("title", name), fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +236,7 @@ def _fmt(v: Any) -> str:
         if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
             return f"{v:.3g}"
         return f"{v:.3f}" if abs(v) < 10 else f"{v:,.1f}"
-    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10000:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1000:
         return f"{v:,}"
     return "" if v is None else str(v)
 

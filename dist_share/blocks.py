@@ -89,7 +89,7 @@ class StreamBatchNormalization(keras.layers.Layer):
         dtype = inputs.dtype
         x = ops.cast(inputs, "float32")
         channels = x.shape[-1]
-        if training:
+        if training and self.trainable:  # frozen BN runs in inference mode, as in Keras
             k = int(num_streams)
             rest = tuple(x.shape[1:])
             if k == 1:
@@ -159,12 +159,25 @@ class _Block(keras.layers.Layer):
     def _make_head(
         self, dense: Sequence[int], activation: str, norm: str | None, output_dim: int | None
     ) -> None:
-        self.head_dense = [keras.layers.Dense(u, name=f"dense_{i}", dtype=self.dtype_policy) for i, u in enumerate(dense)]
-        self.head_norms = [
-            n for n in (_make_norm(norm, f"dense_norm_{i}", self.dtype_policy) for i in range(len(dense))) if n
+        self.head_dense = [
+            keras.layers.Dense(u, name=f"dense_{i}", dtype=self.dtype_policy)
+            for i, u in enumerate(dense)
         ]
-        self.head_act = keras.layers.Activation(activation, dtype=self.dtype_policy) if activation else None
-        self.projection = keras.layers.Dense(output_dim, name="projection", dtype=self.dtype_policy) if output_dim else None
+        self.head_norms = [
+            n
+            for n in (
+                _make_norm(norm, f"dense_norm_{i}", self.dtype_policy) for i in range(len(dense))
+            )
+            if n
+        ]
+        self.head_act = (
+            keras.layers.Activation(activation, dtype=self.dtype_policy) if activation else None
+        )
+        self.projection = (
+            keras.layers.Dense(output_dim, name="projection", dtype=self.dtype_policy)
+            if output_dim
+            else None
+        )
 
     def _build_head(self, shape: tuple) -> tuple:
         for i, layer in enumerate(self.head_dense):
@@ -269,9 +282,18 @@ class Conv2DBlock(_Block):
             for i, f in enumerate(self.filters)
         ]
         self.conv_norms = [
-            n for n in (_make_norm(norm, f"conv_norm_{i}", self.dtype_policy) for i in range(len(self.filters))) if n
+            n
+            for n in (
+                _make_norm(norm, f"conv_norm_{i}", self.dtype_policy)
+                for i in range(len(self.filters))
+            )
+            if n
         ]
-        self.pool = keras.layers.MaxPooling2D(self.pool_size, dtype=self.dtype_policy) if self.pool_size else None
+        self.pool = (
+            keras.layers.MaxPooling2D(self.pool_size, dtype=self.dtype_policy)
+            if self.pool_size
+            else None
+        )
         self.act = keras.layers.Activation(activation, dtype=self.dtype_policy)
         self._make_head(self.dense, activation, norm, self.output_dim)
 
@@ -441,7 +463,9 @@ class SequenceBlock(_Block):
         if kind == "gru":
             self.gru = keras.layers.GRU(self.units, name="gru", dtype=self.dtype_policy)
         else:
-            self.inp = keras.layers.Dense(self.units, name="input_projection", dtype=self.dtype_policy)
+            self.inp = keras.layers.Dense(
+                self.units, name="input_projection", dtype=self.dtype_policy
+            )
             self.attn = keras.layers.MultiHeadAttention(
                 self.num_heads,
                 max(1, self.units // self.num_heads),

@@ -115,13 +115,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else None
     cfg["checkpoint"]["resume"] = True
     if run_dir is not None and _latest_checkpoint(run_dir) is None:
-        raise UsageError(f"{run_dir} has no checkpoint to evaluate (expected {run_dir / 'checkpoints'})")
+        raise UsageError(
+            f"{run_dir} has no checkpoint to evaluate (expected {run_dir / 'checkpoints'})"
+        )
     run = _Run(cfg)
     trainer = run.trainer(run_dir)
     try:
         step = trainer.restore()
         if run_dir is None:
-            _say(run.strategy, "no run directory: evaluating an untrained model (a chance-level baseline)")
+            _say(
+                run.strategy,
+                "no run directory: evaluating an untrained model (a chance-level baseline)",
+            )
         metrics = trainer.evaluate(run.eval_fn, step=step)
     finally:
         trainer.close()
@@ -138,7 +143,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg["checkpoint"]["resume"] = True
     cfg["training"]["mixed_precision"] = False  # export float32 weights for portable serving
     if _latest_checkpoint(run_dir) is None:
-        raise UsageError(f"{run_dir} has no checkpoint to export (expected {run_dir / 'checkpoints'})")
+        raise UsageError(
+            f"{run_dir} has no checkpoint to export (expected {run_dir / 'checkpoints'})"
+        )
     run = _Run(cfg)
     trainer = run.trainer(run_dir)  # restore() reads the run; nothing here writes metrics
     step = trainer.restore()
@@ -150,8 +157,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         model.save(str(tmp / "model.keras"))
         diff = _verify_export(tmp, features, expected)
         rundir.atomic_write_text(tmp / "README.txt", _export_readme(cfg, step, run.specs, diff))
-    print(f"exported step {step} to {run_dir / 'export'} (saved_model/, model.keras); "
-          f"reloaded predictions match (max abs diff {diff:.2e})")
+    print(
+        f"exported step {step} to {run_dir / 'export'} (saved_model/, model.keras); "
+        f"reloaded predictions match (max abs diff {diff:.2e})"
+    )
     return EXIT_OK
 
 
@@ -163,7 +172,8 @@ def _verify_export(path: Path, features: Any, expected: Any) -> float:
 
     from dist_share import models  # noqa: F401  (registers the custom layers for loading)
 
-    served = tf.saved_model.load(str(path / "saved_model")).serve(features)
+    loaded = tf.saved_model.load(str(path / "saved_model"))  # keep it alive: it owns the variables
+    served = loaded.serve(features)
     reloaded = keras.models.load_model(str(path / "model.keras"))(features, training=False)
     diff = max(float(np.max(np.abs(np.asarray(o) - expected))) for o in (served, reloaded))
     if not diff <= 1e-4:
@@ -172,7 +182,9 @@ def _verify_export(path: Path, features: Any, expected: Any) -> float:
 
 
 def _export_readme(cfg: dict, step: int, specs: dict, diff: float) -> str:
-    inputs = "\n".join(f"  {k}: {v.dtype.name} {[None, *v.shape.as_list()]}" for k, v in specs.items())
+    inputs = "\n".join(
+        f"  {k}: {v.dtype.name} {[None, *v.shape.as_list()]}" for k, v in specs.items()
+    )
     return (
         f"dist_share export of a {cfg['model']['family']} model at step {step}.\n"
         f"saved_model/: tf.saved_model.load(path).serve(inputs_dict)\n"
@@ -196,7 +208,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise UsageError("launch needs the command to run after '--', e.g. -- dist-share train cfg.yaml --strategy horovod")
+        raise UsageError(
+            "launch needs the command to run after '--', e.g. -- dist-share train cfg.yaml --strategy horovod"
+        )
     if args.hosts and args.hostfile:
         raise UsageError("give either --hosts or --hostfile, not both")
     if args.hostfile:
@@ -216,7 +230,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return launching.run_multiworker(workers)
     if args.launcher == "horovodrun":
         argv = launching.horovodrun_command(
-            hosts, command, args.np, args.transport, args.network_interface, args.ssh_port,
+            hosts,
+            command,
+            args.np,
+            args.transport,
+            args.network_interface,
+            args.ssh_port,
             hostfile=args.hostfile,
         )
     else:
@@ -240,15 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
 
     def add_set(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override a config key (VALUE is YAML: 3, 1e-3, true, [16, 32]); repeatable")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override a config key (VALUE is YAML: 3, 1e-3, true, [16, 32]); repeatable",
+        )
 
-    p = sub.add_parser("train", help="train a config; writes RUN_DIR/{config.yaml,metrics.jsonl,checkpoints,tensorboard}")
+    p = sub.add_parser(
+        "train",
+        help="train a config; writes RUN_DIR/{config.yaml,metrics.jsonl,checkpoints,tensorboard}",
+    )
     p.add_argument("config", help="YAML config, e.g. configs/siamese_digits.yaml")
     p.add_argument("--strategy", choices=STRATEGY_NAMES, help="overrides strategy.name")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     p.add_argument("--steps", type=int, help="overrides training.steps")
-    p.add_argument("--overwrite", action="store_true", help="replace a run directory that holds a different config")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run directory that holds a different config",
+    )
     add_set(p)
     p.set_defaults(func=cmd_train)
 
@@ -259,29 +290,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_set(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a run's last checkpoint to RUN_DIR/export (SavedModel and .keras)")
+    p = sub.add_parser(
+        "export", help="export a run's last checkpoint to RUN_DIR/export (SavedModel and .keras)"
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("config", help="validate a config and print it resolved (all defaults filled)")
+    p = sub.add_parser(
+        "config", help="validate a config and print it resolved (all defaults filled)"
+    )
     p.add_argument("config")
     add_set(p)
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(
-        "launch", help="print (--dry-run) or run a horovodrun / mpirun / multi-worker command",
+        "launch",
+        help="print (--dry-run) or run a horovodrun / mpirun / multi-worker command",
         description="e.g. dist-share launch --launcher horovodrun --hosts node1:4,node2:4 -- "
-                    "dist-share train configs/siamese_digits.yaml --strategy horovod",
+        "dist-share train configs/siamese_digits.yaml --strategy horovod",
     )
     p.add_argument("--launcher", choices=launching.LAUNCHERS, default="horovodrun")
     p.add_argument("--hosts", help="HOST:SLOTS,... (slots = processes; GPUs per node for Horovod)")
     p.add_argument("--hostfile", help="file with 'host slots=N' lines")
-    p.add_argument("-np", "--num-proc", dest="np", type=int, help="number of processes (default: all slots)")
-    p.add_argument("--transport", choices=("gloo", "mpi"), default="gloo", help="horovodrun controller")
+    p.add_argument(
+        "-np", "--num-proc", dest="np", type=int, help="number of processes (default: all slots)"
+    )
+    p.add_argument(
+        "--transport", choices=("gloo", "mpi"), default="gloo", help="horovodrun controller"
+    )
     p.add_argument("--network-interface", help="NIC for collectives, e.g. eth0 or ib0")
     p.add_argument("--ssh-port", type=int, help="horovodrun: ssh port of the remote hosts")
-    p.add_argument("--base-port", type=int, default=23456, help="multiworker: first TF_CONFIG port per host")
-    p.add_argument("--dry-run", action="store_true", help="print the command(s) instead of running them")
+    p.add_argument(
+        "--base-port", type=int, default=23456, help="multiworker: first TF_CONFIG port per host"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the command(s) instead of running them"
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=cmd_launch)
     return parser

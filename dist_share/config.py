@@ -265,6 +265,10 @@ def _family_defaults(family: str) -> dict:
 
 
 def _with_defaults(raw: Mapping, family: str) -> dict:
+    """Merge the family defaults under ``raw``. A block or loss of another ``type`` replaces the
+    default one (conv2d keys make no sense in an mlp) and so does a tables/features mapping with
+    names the default lacks; otherwise keys merge, so ``--set model.tower.block.filters=[8]``
+    edits the default block."""
     defaults = _family_defaults(family)
     model = raw.get("model") or {}
     for whole in (
@@ -280,8 +284,18 @@ def _with_defaults(raw: Mapping, family: str) -> dict:
         for key in whole[:-1]:
             node = node.get(key) if isinstance(node, Mapping) else None
             dnode = dnode.get(key, {})
-        if isinstance(node, Mapping) and node.get(whole[-1]) is not None:
-            dnode.pop(whole[-1], None)
+        given, default = (
+            (node.get(whole[-1]) if isinstance(node, Mapping) else None),
+            dnode.get(whole[-1]),
+        )
+        if not isinstance(given, Mapping) or not isinstance(default, Mapping):
+            continue
+        if "type" in default:
+            replace = given.get("type", default["type"]) != default["type"]
+        else:
+            replace = not set(given) <= set(default)
+        if replace:
+            dnode.pop(whole[-1])
     return merge(defaults, raw)
 
 

@@ -12,10 +12,12 @@ ranks; only the chief writes checkpoints, metrics.jsonl and TensorBoard.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from dist_share.errors import ConfigError
 from dist_share.strategies import DatasetFn, Strategy
@@ -30,15 +32,14 @@ def distribute_optimizer(optimizer: keras.optimizers.Optimizer, strategy: Strate
     Keras fit divides the loss by the replicas of the tf.distribute strategy (1 under Horovod),
     so tf.distribute must SUM and Horovod must AVERAGE; the Horovod op is forced to 'average'.
     """
-    if strategy.name == "horovod" and strategy.gradient_options.op != "average":
-        strategy.gradient_options = dataclasses.replace(strategy.gradient_options, op="average")
+    options = dataclasses.replace(strategy.gradient_options, op="average")
     inner = getattr(optimizer, "inner_optimizer", optimizer)
 
     def reduce(grads_and_vars: Any) -> list[Any]:
         pairs = list(grads_and_vars)
         present = [i for i, (g, _) in enumerate(pairs) if g is not None]
         grads, _ = strategy.reduce_gradients(
-            [pairs[i][0] for i in present], [pairs[i][1] for i in present]
+            [pairs[i][0] for i in present], [pairs[i][1] for i in present], options
         )
         for i, g in zip(present, grads, strict=True):
             pairs[i] = (g, pairs[i][1])
@@ -96,24 +97,34 @@ class TrainerBridge(keras.callbacks.Callback):
     worker takes part in a save. Writing is left to the trainer, which writes on the chief only.
     """
 
-    def __init__(self, trainer: Trainer, start: int) -> None:
+    def __init__(self, trainer: Trainer, start: int, eval_fn: DatasetFn | None = None) -> None:
         super().__init__()
         self.trainer, self.start, self.step = trainer, start, start
         self.log_every = int(trainer.config["training"]["log_every"] or 0)
+        self.eval_every = int(trainer.config["training"]["eval_every"] or 0) if eval_fn else 0
         self.ckpt_every = int(trainer.config["checkpoint"]["every"] or 0)
+        self.eval_fn = eval_fn
+        self.last_eval: tuple[int, dict[str, float]] | None = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.step = self.start + batch + 1
         self.trainer.global_step.assign(self.step)
         if self.log_every and self.step % self.log_every == 0 and logs:
             self.trainer.last_logs = self._average(logs)
+            logs.update(self.trainer.last_logs)  # later (chief-only) callbacks see global values
             self.trainer._log("train", self.step, self.trainer.last_logs)
+        if self.eval_every and self.step % self.eval_every == 0:
+            # Between steps, every rank together: the trainer's own eval loop and reductions.
+            self.last_eval = (self.step, self.trainer.evaluate(self.eval_fn, step=self.step))
         if self.ckpt_every and self.step % self.ckpt_every == 0:
             self.trainer.save()
 
-    def on_train_end(self, logs: dict | None = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs:
             self.trainer.last_logs = self._average(logs)
+            logs.update(self.trainer.last_logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
         self.trainer.save()
 
     def _average(self, logs: dict) -> dict[str, float]:
@@ -127,9 +138,17 @@ class TrainerBridge(keras.callbacks.Callback):
 
 
 def train(
-    trainer: Trainer, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
+    trainer: Trainer,
+    train_dataset_fn: DatasetFn,
+    eval_dataset_fn: DatasetFn | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    chief_callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict[str, float]:
-    """`training.loop: keras_fit`: the trainer's model, optimizer, data and checkpoints, driven by fit."""
+    """`training.loop: keras_fit`: the trainer's model, optimizer, data and checkpoints, driven by fit.
+
+    `callbacks` run on every process; `chief_callbacks` (e.g. keras.callbacks.TensorBoard or
+    ModelCheckpoint) only on the chief, after the logs have been averaged over ranks.
+    """
     strategy = trainer.strategy
     if trainer.grad_accum != 1:
         raise ConfigError(
@@ -141,7 +160,7 @@ def train(
         raise ConfigError(
             "training.mixed_precision", "not supported with loop: keras_fit under horovod"
         )
-    start = trainer.restore()
+    start = trainer.start_step = trainer.restore()
     spec = trainer.spec
     with strategy.scope():
         distribute_optimizer(trainer.optimizer, strategy)
@@ -153,21 +172,49 @@ def train(
         )
     trainer._open_logs()
     data = strategy.distribute_dataset(trainer._train_input(train_dataset_fn, start))
-    callbacks: list[keras.callbacks.Callback] = [
+    bridge = TrainerBridge(trainer, start, eval_dataset_fn)
+    all_callbacks: list[keras.callbacks.Callback] = [
         BroadcastInitialState(strategy),
-        TrainerBridge(trainer, start),
+        bridge,
+        *callbacks,
+        *(chief_callbacks if strategy.is_chief else ()),
     ]
     verbose = 1 if strategy.is_chief and trainer.config["logging"]["progress_bar"] else 0
     if trainer.steps > start:
-        trainer.model.fit(
-            data,
-            epochs=1,
-            steps_per_epoch=trainer.steps - start,
-            callbacks=callbacks,
-            verbose=verbose,
-        )
-    result = trainer.evaluate(eval_dataset_fn) if eval_dataset_fn is not None else {}
-    return result
+        # Keras 3 fit, for a model created under a tf.distribute scope, first opens an iterator
+        # on the data for a "symbolic build" the already-built model does not need. A second
+        # iterator on a dataset shuffled with reshuffle_each_iteration sees a *different*
+        # permutation, so fit would not train on the batches the custom loop (or a resumed run)
+        # sees. Without a recorded strategy Keras skips that step and takes the strategy from
+        # the enclosing scope instead.
+        model = trainer.model
+        recorded = getattr(model, "_distribute_strategy", None)
+        model._distribute_strategy = None
+        if strategy.name == "multiworker":
+            # Keras 3 reduces fit's logs across workers with reduce(MEAN, axis=0), which fails
+            # on scalar logs; one-element logs reduce to the scalar mean over all replicas.
+            step = model.train_step
+            model.train_step = lambda data: {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+        try:
+            with strategy.scope():
+                model.fit(
+                    data,
+                    epochs=1,
+                    steps_per_epoch=trainer.steps - start,
+                    callbacks=all_callbacks,
+                    verbose=verbose,
+                    shuffle=False,  # the dataset function shuffles (seeded, before sharding)
+                )
+        finally:
+            model._distribute_strategy = recorded
+            model.__dict__.pop("train_step", None)
+    strategy.sync_non_trainable(trainer.model.non_trainable_variables)
+    strategy.barrier()  # the chief's final checkpoint is complete before anyone reads it
+    if eval_dataset_fn is None:
+        return {}
+    if bridge.last_eval is not None and bridge.last_eval[0] == trainer.steps:
+        return bridge.last_eval[1]
+    return trainer.evaluate(eval_dataset_fn, step=trainer.steps)
 
 
 __all__ = ["BroadcastInitialState", "TrainerBridge", "distribute_optimizer", "train"]

@@ -18,8 +18,9 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,13 +127,16 @@ def mpirun_command(
     network_interface: str | None = None,
     allow_run_as_root: bool | None = None,
     forward_env: Sequence[str] = MPI_FORWARD_ENV,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Open MPI's ``mpirun`` with the flags the Horovod docs recommend.
 
     ``-bind-to none -map-by slot``: Horovod processes use many threads, binding them to one core
     starves them. ``-mca pml ob1 -mca btl ^openib``: avoid the openib transport that hangs with
-    fork()ing data loaders.
+    fork()ing data loaders. Of ``forward_env`` only the variables set in ``env`` (default: this
+    process's environment) are forwarded, as Open MPI warns about the others.
     """
+    env = os.environ if env is None else env
     n = _check_np(hosts, num_proc)
     if allow_run_as_root is None:
         allow_run_as_root = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -169,7 +173,8 @@ def mpirun_command(
             f"HOROVOD_GLOO_IFACE={network_interface}",
         ]
     for name in forward_env:
-        argv += ["-x", name]
+        if name in env:
+            argv += ["-x", name]
     return argv + list(command)
 
 
@@ -262,3 +267,102 @@ def run_multiworker(workers: Sequence[WorkerLaunch]) -> int:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
                 p.wait()
+
+
+# -- Horovod over Gloo without horovodrun (containers that cannot ssh to each other) -----------
+def gloo_slot_env(
+    hosts: Sequence[Host], rank: int, rendezvous_addr: str, rendezvous_port: int, iface: str
+) -> dict[str, str]:
+    """The environment horovodrun --gloo would give ``rank``: its place in the host plan plus
+    where the rendezvous server is. Ranks fill hosts in order, like horovodrun's plan."""
+    size = total_slots(hosts)
+    if not 0 <= rank < size:
+        raise ConfigError(
+            "--rank",
+            f"rank {rank} is not in range(0, {size}) for hosts {','.join(map(str, hosts))}",
+        )
+    owners = [(i, local) for i, h in enumerate(hosts) for local in range(h.slots)]
+    host_index, local_rank = owners[rank]
+    host = hosts[host_index]
+    cross = [i for i, h in enumerate(hosts) if h.slots > local_rank]
+    return {
+        "HOROVOD_HOSTNAME": host.name,
+        "HOROVOD_RANK": str(rank),
+        "HOROVOD_SIZE": str(size),
+        "HOROVOD_LOCAL_RANK": str(local_rank),
+        "HOROVOD_LOCAL_SIZE": str(host.slots),
+        "HOROVOD_CROSS_RANK": str(cross.index(host_index)),
+        "HOROVOD_CROSS_SIZE": str(len(cross)),
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR": rendezvous_addr,
+        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(rendezvous_port),
+        "HOROVOD_CONTROLLER": "gloo",
+        "HOROVOD_CPU_OPERATIONS": "gloo",
+        "HOROVOD_GLOO_IFACE": iface,
+        "NCCL_SOCKET_IFNAME": iface,
+    }
+
+
+def serve_rendezvous(
+    hosts: Sequence[Host], port: int, ready: Callable[[int], None] | None = None
+) -> None:
+    """Run the HTTP rendezvous that horovodrun --gloo would start, on a fixed port, until killed.
+
+    Uses Horovod's own server (pinned Horovod 0.28.1), so the workers see exactly what
+    horovodrun gives them; only the ssh-based process start is replaced.
+    """
+    from horovod.runner.common.util.hosts import get_host_assignments
+    from horovod.runner.common.util.hosts import parse_hosts as hvd_hosts
+    from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
+
+    plan = get_host_assignments(hvd_hosts(",".join(map(str, hosts))), total_slots(hosts))
+    server = RendezvousHTTPServer(("", port), RendezvousHandler, 0)
+    server.init(plan)
+    if ready is not None:
+        ready(server.server_address[1])
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_share.launching",
+        description="Horovod/Gloo rendezvous for launches without horovodrun",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser(
+        "rendezvous", help="serve the Gloo rendezvous for HOSTS on PORT (until killed)"
+    )
+    p.add_argument("--hosts", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p = sub.add_parser("gloo-env", help="print 'export K=V' lines for one rank")
+    p.add_argument("--hosts", required=True)
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--rendezvous", required=True, help="ADDR:PORT of the rendezvous server")
+    p.add_argument("--iface", default="eth0", help="network interface for Gloo (lo on one machine)")
+    args = parser.parse_args(argv)
+    try:
+        hosts = parse_hosts(args.hosts)
+        if args.cmd == "rendezvous":
+            serve_rendezvous(
+                hosts,
+                args.port,
+                lambda port: print(f"rendezvous listening on port {port}", flush=True),
+            )
+            return 0
+        addr, _, port = args.rendezvous.rpartition(":")
+        if not addr or not port.isdigit():
+            raise ConfigError("--rendezvous", f"got {args.rendezvous!r}, expected ADDR:PORT")
+        for key, value in gloo_slot_env(hosts, args.rank, addr, int(port), args.iface).items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -105,7 +105,7 @@ class InBatchSoftmaxLoss(PerExample):
     a positive pair and the other rows' candidates as negatives (within one replica's batch).
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 0.1) -> None:
         self.temperature = float(temperature)
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:

@@ -95,16 +95,26 @@ class Strategy:
         return dict(values)
 
     def reduce_gradients(
-        self, grads: list[Any], variables: list[tf.Variable]
+        self,
+        grads: list[Any],
+        variables: list[tf.Variable],
+        options: GradientOptions | None = None,
     ) -> tuple[list[Any], tf.Tensor]:
         """In replica context: dedup/densify/compress, then all-reduce. Returns (grads, bytes sent)."""
-        return reduce_gradients(grads, variables, self.gradient_options, backend="tf_distribute")
+        opts = options or self.gradient_options
+        return reduce_gradients(grads, variables, opts, backend="tf_distribute")
 
     def broadcast_variables(self, variables: list[Any]) -> None:
         """Make the initial state identical everywhere (tf.distribute strategies already do)."""
 
     def barrier(self) -> None:
         """Wait for every process (before reading files another process wrote)."""
+
+    def sync_non_trainable(self, variables: list[Any]) -> None:
+        """Make statistics that replicas update locally (batch-norm moving averages) agree.
+
+        tf.distribute strategies aggregate those updates already; Horovod ranks drift apart.
+        """
 
     def checkpoint_dir(self, directory: str) -> str | None:
         """Where this process writes checkpoints; None: this process does not write."""
@@ -250,11 +260,13 @@ class HorovodStrategy(Strategy):
         return {k: float(v) for k, v in zip(keys, total, strict=True)}
 
     def reduce_gradients(
-        self, grads: list[Any], variables: list[tf.Variable]
+        self,
+        grads: list[Any],
+        variables: list[tf.Variable],
+        options: GradientOptions | None = None,
     ) -> tuple[list[Any], tf.Tensor]:
-        return reduce_gradients(
-            grads, variables, self.gradient_options, backend="horovod", hvd=self.hvd
-        )
+        opts = options or self.gradient_options
+        return reduce_gradients(grads, variables, opts, backend="horovod", hvd=self.hvd)
 
     def broadcast_variables(self, variables: list[Any]) -> None:
         # Keras 3 variables wrap a tf.Variable; Horovod needs the tf.Variable (it calls .ref()).
@@ -265,6 +277,20 @@ class HorovodStrategy(Strategy):
 
     def barrier(self) -> None:
         self.hvd.allreduce(tf.constant(0.0), name="dist_share_barrier")
+
+    def sync_non_trainable(self, variables: list[Any]) -> None:
+        tf_vars = [
+            getattr(v, "value", v) if not isinstance(v, tf.Variable) else v for v in variables
+        ]
+        floats = [v for v in tf_vars if v.dtype.is_floating]
+        if floats and self.world_size > 1:
+            averaged = self.hvd.grouped_allreduce(
+                [tf.convert_to_tensor(v) for v in floats],
+                op=self.hvd.Average,
+                name="dist_share_sync",
+            )
+            for v, a in zip(floats, averaged, strict=True):
+                v.assign(a)
 
 
 # -- construction ---------------------------------------------------------------------------
@@ -336,9 +362,11 @@ def _tf_config_from_mpi() -> dict:
     return _tf_config(workers, comm.Get_rank())
 
 
-def expand_nodelist(nodelist: str) -> list[str]:
+def expand_nodelist(nodelist: str, use_scontrol: bool | None = None) -> list[str]:
     """Expand a Slurm nodelist (``node[01-03,07],gpu5``); uses scontrol when it is installed."""
-    if shutil.which("scontrol"):
+    if use_scontrol is None:
+        use_scontrol = shutil.which("scontrol") is not None
+    if use_scontrol:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
         )

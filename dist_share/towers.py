@@ -124,7 +124,10 @@ class SharedTower(keras.layers.Layer):
             names = [f"group_{g}" for g in range(len(self.groups))]
         else:
             names = ["shared"] + [f"stream_{i}" for i in range(n)]
-        self.blocks = [build_block(self.block_spec, self.output_dim, name=nm, dtype=self.dtype_policy) for nm in names]
+        self.blocks = [
+            build_block(self.block_spec, self.output_dim, name=nm, dtype=self.dtype_policy)
+            for nm in names
+        ]
         self.use_shared = None
 
     # -- weight sets -------------------------------------------------------------------------
@@ -193,10 +196,8 @@ class SharedTower(keras.layers.Layer):
                 out[s] = block(x, training=training)
             return out
         if stacked:
-            if streams == list(range(self.num_streams)):
-                part = xs
-            else:
-                part = ops.take(xs, streams, axis=1)
+            everything = streams == list(range(self.num_streams))
+            part = xs if everything else ops.take(xs, streams, axis=1)
             per_example = tuple(part.shape[2:])
             # [B, k, ...] -> [B*k, ...] is a free reshape; the block sees stream-minor order.
             y = block(

@@ -25,12 +25,17 @@ from typing import Any, Protocol
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
 
 from dist_share.errors import ConfigError, DataError
 from dist_share.gradients import take_over_reduction
 from dist_share.strategies import DatasetFn, Strategy
 
 log = logging.getLogger(__name__)
+
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+).SerializeToString()
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "optimizer": {
@@ -194,6 +199,10 @@ class Trainer:
         self._eval_fn = None
         self._metrics_file = None
         self.last_logs: dict[str, float] = {}
+        self.start_step = 0
+        # Extra Keras callbacks for `training.loop: keras_fit` (every process / chief only).
+        self.fit_callbacks: list[keras.callbacks.Callback] = []
+        self.fit_chief_callbacks: list[keras.callbacks.Callback] = []
 
     # -- batch semantics ---------------------------------------------------------------------
     @property
@@ -226,7 +235,10 @@ class Trainer:
             )
 
     def _train_input(self, dataset_fn: DatasetFn, start_step: int) -> DatasetFn:
-        """Repeat, and skip what a resumed run already consumed (per pipeline)."""
+        """Repeat, and skip what a resumed run already consumed.
+
+        Skipping is per input pipeline: one pipeline feeds num_replicas / num_pipelines replicas.
+        """
 
         def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
             ds = dataset_fn(ctx)
@@ -300,8 +312,12 @@ class Trainer:
         return logs
 
     def train_loop_end(self) -> None:
+        """Agree on local statistics, flush logs, and wait until the chief's final checkpoint is
+        on disk before anyone reads it."""
+        self.strategy.sync_non_trainable(self.model.non_trainable_variables)
         if self._writer is not None:
             self._writer.flush()
+        self.strategy.barrier()
 
     def eval_begin(self) -> dict[str, float]:
         if self._eval_fn is None:
@@ -334,13 +350,19 @@ class Trainer:
         if self.config["training"]["loop"] == "keras_fit":
             from dist_share import keras_fit
 
-            return keras_fit.train(self, train_dataset_fn, eval_dataset_fn)
+            return keras_fit.train(
+                self,
+                train_dataset_fn,
+                eval_dataset_fn,
+                callbacks=self.fit_callbacks,
+                chief_callbacks=self.fit_chief_callbacks,
+            )
         if self.config["training"]["loop"] != "custom":
             raise ConfigError(
                 "training.loop",
                 f"expected custom or keras_fit, got {self.config['training']['loop']!r}",
             )
-        start = self.restore()
+        start = self.start_step = self.restore()
         tc = self.config["training"]
         log_every, eval_every = int(tc["log_every"] or 0), int(tc["eval_every"] or 0)
         ckpt_every = int(self.config["checkpoint"]["every"] or 0)
@@ -387,6 +409,7 @@ class Trainer:
             self._check_features(ds.element_spec)
             return ds.take(int(limit)) if limit is not None else ds
 
+        self.strategy.sync_non_trainable(self.model.non_trainable_variables)
         state = self.eval_begin()
         for batch in self.strategy.distribute_dataset(fn):
             state = self.eval_step(batch, state)
@@ -404,6 +427,8 @@ class Trainer:
         """Save on the chief (and, under MultiWorkerMirrored, scratch saves on the others)."""
         if self.checkpoint_directory is None:
             return None
+        # Every process calls save() at the same step, so this collective lines up.
+        self.strategy.sync_non_trainable(self.model.non_trainable_variables)
         target = self.strategy.checkpoint_dir(str(self.checkpoint_directory))
         if target is None:
             return None
@@ -424,13 +449,22 @@ class Trainer:
         if directory is not None and self.config["checkpoint"]["resume"]:
             state = tf.train.get_checkpoint_state(str(directory))
             paths = list(state.all_model_checkpoint_paths) if state else []
+            errors = []
             for path in reversed(paths):
                 try:
                     self._checkpoint.restore(path).assert_existing_objects_matched()
                     log.info("resumed from %s", path)
                     break
-                except (tf.errors.OpError, ValueError, AssertionError) as e:
+                except Exception as e:  # a torn file fails in the reader in many ways
                     log.warning("checkpoint %s unreadable (%s); trying an older one", path, e)
+                    errors.append(f"{path}: {e}")
+            else:
+                if paths:
+                    raise RuntimeError(
+                        "no readable checkpoint in "
+                        f"{directory} (set checkpoint.resume: false to start over):\n"
+                        + "\n".join(errors)
+                    )
         # Horovod: make rank 0's state (restored or freshly initialised) everyone's.
         self.strategy.broadcast_variables(
             list(self.model.variables) + list(self.optimizer.variables) + [self.global_step]
@@ -456,7 +490,11 @@ class Trainer:
         if self._writer is not None:
             with self._writer.as_default():
                 for k, v in values.items():
-                    tf.summary.scalar(f"{split}/{k}", v, step=step)
+                    # tf.summary.scalar needs the tensorboard package; the scalar plugin's
+                    # metadata written by hand gives TensorBoard the same event without it.
+                    tf.summary.write(
+                        f"{split}/{k}", tf.constant(float(v)), step=step, metadata=_SCALAR_METADATA
+                    )
 
     def close(self) -> None:
         if self._metrics_file is not None:

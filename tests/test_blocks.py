@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from keras.src.testing import TestCase
 
-import keras
 from dist_share.blocks import (
     CombineFields,
     Conv2DBlock,
@@ -92,10 +92,14 @@ def test_stream_batch_norm_statistics_are_per_stream() -> None:
     y_seq = np.concatenate([single(s, training=True).numpy() for s in streams])
     np.testing.assert_allclose(y_fold.numpy(), y_seq, atol=1e-5)
     np.testing.assert_allclose(folded.moving_mean.numpy(), single.moving_mean.numpy(), atol=1e-5)
-    np.testing.assert_allclose(folded.moving_variance.numpy(), single.moving_variance.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        folded.moving_variance.numpy(), single.moving_variance.numpy(), atol=1e-5
+    )
     # Stream-minor layout ([B, N] flattened) gives the same per-stream answer.
     minor = StreamBatchNormalization(momentum=0.8)
-    y_minor = minor(np.stack(streams, 1).reshape(-1, 3), training=True, num_streams=3, stream_major=False)
+    y_minor = minor(
+        np.stack(streams, 1).reshape(-1, 3), training=True, num_streams=3, stream_major=False
+    )
     np.testing.assert_allclose(
         y_minor.numpy().reshape(8, 3, 3).transpose(1, 0, 2).reshape(-1, 3), y_seq, atol=1e-5
     )
@@ -104,7 +108,9 @@ def test_stream_batch_norm_statistics_are_per_stream() -> None:
         np.testing.assert_allclose(part.mean(0), 0.0, atol=1e-5)
     # Inference uses the moving statistics.
     y_inf = folded(streams[0], training=False).numpy()
-    expected = (streams[0] - folded.moving_mean.numpy()) / np.sqrt(folded.moving_variance.numpy() + 1e-3)
+    expected = (streams[0] - folded.moving_mean.numpy()) / np.sqrt(
+        folded.moving_variance.numpy() + 1e-3
+    )
     np.testing.assert_allclose(y_inf, expected, atol=1e-5)
 
 
@@ -132,7 +138,11 @@ def test_build_block_from_plain_data_round_trips(spec: dict) -> None:
     clone = type(block).from_config(block.get_config())
     assert clone.get_config() == block.get_config()
     shape = {"mlp": (2, 5), "conv2d": (2, 8, 8, 1), "gru": (2, 4, 3), "transformer": (2, 4, 3)}
-    x = np.array([1, 2], "int32") if spec["type"] == "embedding" else np.random.rand(*shape[spec["type"]]).astype("float32")
+    x = (
+        np.array([1, 2], "int32")
+        if spec["type"] == "embedding"
+        else np.random.rand(*shape[spec["type"]]).astype("float32")
+    )
     assert tuple(block(x).shape) == (2, 2)
     assert block.compute_output_shape(x.shape) == (2, 2)
 
@@ -158,7 +168,12 @@ def test_bad_block_spec_names_key(spec: dict, path: str) -> None:
     ("spec", "shape", "dtype", "match"),
     [
         ({"type": "conv2d"}, (64,), "float32", "height, width, channels"),
-        ({"type": "conv2d", "filters": [4, 4, 4, 4], "pool_size": 2}, (8, 8, 1), "float32", "too small"),
+        (
+            {"type": "conv2d", "filters": [4, 4, 4, 4], "pool_size": 2},
+            (8, 8, 1),
+            "float32",
+            "too small",
+        ),
         ({"type": "embedding"}, (3,), "float32", "integer ids"),
         ({"type": "mlp"}, (3,), "int32", "float input"),
         ({"type": "gru"}, (3,), "float32", "time, features"),

@@ -8,12 +8,12 @@ gradients, and the outputs agree.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from keras.src.testing import TestCase
 
-import keras
 from dist_share.blocks import build_block
 from dist_share.errors import ConfigError
 from dist_share.towers import SharedTower
@@ -24,16 +24,30 @@ GROUPS = [[0, 2], [1]]
 BLOCKS = {
     "mlp": ({"type": "mlp", "units": [6, 5], "norm": "batch"}, (B, 7), "float32"),
     "conv2d": (
-        {"type": "conv2d", "filters": [3, 4], "kernel_size": 3, "pool_size": 2, "norm": "batch", "dense": [6]},
+        {
+            "type": "conv2d",
+            "filters": [3, 4],
+            "kernel_size": 3,
+            "pool_size": 2,
+            "norm": "batch",
+            "dense": [6],
+        },
         (B, 8, 8, 2),
         "float32",
     ),
     "embedding": (
-        {"type": "embedding", "vocab_size": 20, "embedding_dim": 4, "combiner": "mean", "units": [5]},
+        {
+            "type": "embedding",
+            "vocab_size": 20,
+            "embedding_dim": 4,
+            "combiner": "mean",
+            "units": [5],
+        },
         (B, 3),
         "int32",
     ),
     "gru": ({"type": "gru", "units": 5}, (B, 4, 3), "float32"),
+    "transformer": ({"type": "transformer", "units": 4, "num_heads": 2}, (B, 4, 3), "float32"),
 }
 OUT_DIM = 4
 
@@ -80,7 +94,9 @@ def _count(weights) -> int:
 def test_gradients_equal_sum_over_per_stream_copies(sharing: str, block_name: str) -> None:
     spec, shape, dtype = BLOCKS[block_name]
     keras.utils.set_random_seed(1)
-    tower = SharedTower(spec, N, sharing, groups=GROUPS if sharing == "grouped" else None, output_dim=OUT_DIM)
+    tower = SharedTower(
+        spec, N, sharing, groups=GROUPS if sharing == "grouped" else None, output_dim=OUT_DIM
+    )
     ref = SharedTower(spec, N, "separate", fold=False, output_dim=OUT_DIM)
     xs = _streams(shape, dtype)
     tower(xs)
@@ -95,7 +111,7 @@ def test_gradients_equal_sum_over_per_stream_copies(sharing: str, block_name: st
 
     rng = np.random.default_rng(2)
     coeffs = [tf.constant(rng.normal(size=(B, OUT_DIM)), tf.float32) for _ in range(N)]
-    for use_shared in ([True, False] if sharing == "switchable" else [True]):
+    for use_shared in [True, False] if sharing == "switchable" else [True]:
         for i in range(N):
             ref.blocks[i].set_weights(tower.blocks[_set_of(tower, i, use_shared)].get_weights())
         flag = tf.Variable(use_shared)
@@ -116,7 +132,8 @@ def test_gradients_equal_sum_over_per_stream_copies(sharing: str, block_name: st
             for j, (g, w) in enumerate(zip(grads, block.trainable_weights, strict=True)):
                 expected = sum((ref_grads[i][j] for i in users), tf.zeros(w.shape))
                 _close(
-                    (g + tf.zeros(w.shape)).numpy(), expected.numpy(),
+                    (g + tf.zeros(w.shape)).numpy(),
+                    expected.numpy(),
                     f"set {block.name} variable {w.path} (streams {users})",
                 )
                 if not users:
@@ -126,7 +143,9 @@ def test_gradients_equal_sum_over_per_stream_copies(sharing: str, block_name: st
 @pytest.mark.parametrize("block_name", ["mlp", "conv2d"])
 @pytest.mark.parametrize("sharing", ["shared", "grouped"])
 @pytest.mark.parametrize("stacked", [False, True])
-def test_folded_equals_per_stream_with_batch_norm(sharing: str, block_name: str, stacked: bool) -> None:
+def test_folded_equals_per_stream_with_batch_norm(
+    sharing: str, block_name: str, stacked: bool
+) -> None:
     """Folding changes nothing: outputs, gradients and moving statistics all agree."""
     spec, shape, dtype = BLOCKS[block_name]
     groups = GROUPS if sharing == "grouped" else None
@@ -137,7 +156,10 @@ def test_folded_equals_per_stream_with_batch_norm(sharing: str, block_name: str,
     folded(inp)
     plain(inp)
     plain.set_weights(folded.get_weights())
-    coeffs = [tf.constant(np.random.default_rng(i).normal(size=(B, OUT_DIM)), tf.float32) for i in range(N)]
+    coeffs = [
+        tf.constant(np.random.default_rng(i).normal(size=(B, OUT_DIM)), tf.float32)
+        for i in range(N)
+    ]
 
     def run(tower):
         with tf.GradientTape() as tape:
@@ -171,8 +193,12 @@ def test_naive_batch_norm_would_differ_under_folding() -> None:
     assert not np.allclose(tf.concat(per_stream, 0).numpy(), mixed.numpy(), atol=1e-3)
 
 
-@pytest.mark.parametrize("external", [False, True])
-def test_switchable_flip_without_retracing(external: bool) -> None:
+@pytest.mark.parametrize(
+    ("external", "jit"),
+    [(False, False), (True, False), (False, True)],
+    ids=["own", "external", "xla"],
+)
+def test_switchable_flip_without_retracing(external: bool, jit: bool) -> None:
     tower = SharedTower({"type": "mlp", "units": [5]}, 2, "switchable", output_dim=3)
     xs = [tf.random.normal((B, 4)), tf.random.normal((B, 4))]
     tower(xs)
@@ -180,11 +206,13 @@ def test_switchable_flip_without_retracing(external: bool) -> None:
     opt = keras.optimizers.SGD(0.1)
     opt.build(tower.trainable_variables)
 
-    @tf.function
+    @tf.function(jit_compile=jit)
     def step(a, b):
         with tf.GradientTape() as tape:
             outs = tower([a, b], training=True, use_shared=flag if external else None)
-            loss = tf.reduce_mean(tf.square(outs[0] - 1.0)) + tf.reduce_mean(tf.square(outs[1] + 1.0))
+            loss = tf.reduce_mean(tf.square(outs[0] - 1.0)) + tf.reduce_mean(
+                tf.square(outs[1] + 1.0)
+            )
         grads = tape.gradient(loss, tower.trainable_variables)
         opt.apply(grads, tower.trainable_variables)
         return loss
@@ -193,7 +221,10 @@ def test_switchable_flip_without_retracing(external: bool) -> None:
         before = [[w.numpy().copy() for w in b.trainable_weights] for b in tower.blocks]
         step(*xs)
         return [
-            any(not np.array_equal(v0, w.numpy()) for v0, w in zip(b0, b.trainable_weights, strict=True))
+            any(
+                not np.array_equal(v0, w.numpy())
+                for v0, w in zip(b0, b.trainable_weights, strict=True)
+            )
             for b0, b in zip(before, tower.blocks, strict=True)
         ]
 
@@ -214,7 +245,8 @@ def test_switchable_python_bool_and_stacked_input() -> None:
     assert y_flag.shape == (B, 3, 5)
     np.testing.assert_allclose(y_flag.numpy(), y_sep.numpy())
     np.testing.assert_allclose(
-        y_shared.numpy(), tf.stack(tower.blocks[0](tf.reshape(x, (-1, 4))).numpy().reshape(B, 3, 5)).numpy(),
+        y_shared.numpy(),
+        tf.stack(tower.blocks[0](tf.reshape(x, (-1, 4))).numpy().reshape(B, 3, 5)).numpy(),
         rtol=1e-6,
     )
 
@@ -247,7 +279,11 @@ def test_bad_config_raises_config_error(kwargs: dict, path: str) -> None:
 
 def test_get_config_round_trip_and_save_load(tmp_path) -> None:
     tower = SharedTower(
-        {"type": "conv2d", "filters": [3], "norm": "batch"}, 3, "grouped", groups=GROUPS, output_dim=4
+        {"type": "conv2d", "filters": [3], "norm": "batch"},
+        3,
+        "grouped",
+        groups=GROUPS,
+        output_dim=4,
     )
     inputs = [keras.Input((8, 8, 1)) for _ in range(3)]
     model = keras.Model(inputs, tower(inputs))
@@ -279,7 +315,11 @@ class SharedTowerLayerTest(TestCase):
     def test_shared_stacked(self) -> None:
         self.run_layer_test(
             SharedTower,
-            init_kwargs={"block": {"type": "mlp", "units": [5], "norm": "batch"}, "num_streams": 3, "output_dim": 4},
+            init_kwargs={
+                "block": {"type": "mlp", "units": [5], "norm": "batch"},
+                "num_streams": 3,
+                "output_dim": 4,
+            },
             input_shape=(2, 3, 6),
             expected_output_shape=(2, 3, 4),
             expected_num_trainable_weights=6,
@@ -289,7 +329,12 @@ class SharedTowerLayerTest(TestCase):
     def test_grouped_stacked(self) -> None:
         self.run_layer_test(
             SharedTower,
-            init_kwargs={"block": {"type": "mlp", "units": [5]}, "num_streams": 3, "sharing": "grouped", "groups": GROUPS},
+            init_kwargs={
+                "block": {"type": "mlp", "units": [5]},
+                "num_streams": 3,
+                "sharing": "grouped",
+                "groups": GROUPS,
+            },
             input_shape=(2, 3, 6),
             expected_output_shape=(2, 3, 5),
             expected_num_trainable_weights=4,
@@ -298,7 +343,11 @@ class SharedTowerLayerTest(TestCase):
     def test_switchable_stacked(self) -> None:
         self.run_layer_test(
             SharedTower,
-            init_kwargs={"block": {"type": "mlp", "units": [5]}, "num_streams": 2, "sharing": "switchable"},
+            init_kwargs={
+                "block": {"type": "mlp", "units": [5]},
+                "num_streams": 2,
+                "sharing": "switchable",
+            },
             input_shape=(2, 2, 6),
             expected_output_shape=(2, 2, 5),
             expected_num_trainable_weights=6,
@@ -309,7 +358,9 @@ class SharedTowerLayerTest(TestCase):
 def test_mixed_precision_tower_runs_in_float16() -> None:
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:
-        tower = SharedTower({"type": "conv2d", "filters": [3], "norm": "batch"}, 2, "shared", output_dim=4)
+        tower = SharedTower(
+            {"type": "conv2d", "filters": [3], "norm": "batch"}, 2, "shared", output_dim=4
+        )
         x = tf.random.normal((B, 2, 8, 8, 1))
         y = tower(x, training=True)
         assert y.dtype == tf.float16

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from pathlib import Path
 
 from benchmarks.workers.wlib import (
     bench_config,
@@ -83,7 +82,7 @@ def main() -> None:
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean(plain.loss(labels, plain.model(features, training=True)))
             grads = tape.gradient(loss, plain.model.trainable_variables)
-            plain_opt.apply_gradients(zip(grads, plain.model.trainable_variables))
+            plain_opt.apply_gradients(zip(grads, plain.model.trainable_variables, strict=True))
             return loss
 
     else:
@@ -100,16 +99,17 @@ def main() -> None:
             tape = hvd.DistributedGradientTape(tape)
             # Horovod 0.28 keys gradients by tf.Variable.ref(): hand it the wrapped variables.
             grads = tape.gradient(loss, tf_vars(plain.model.trainable_variables))
-            plain_opt.apply_gradients(zip(grads, plain.model.trainable_variables))
+            plain_opt.apply_gradients(zip(grads, plain.model.trainable_variables, strict=True))
             if first_batch:
                 hvd.broadcast_variables(tf_vars(plain.model.variables), root_rank=0)
                 hvd.broadcast_variables(tf_vars(plain_opt.variables), root_rank=0)
             return loss
 
     plain_times: list[float] = []
+    plain_cpu: list[float] = []
 
     def plain_block() -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = None
         for _ in range(args.block):
             features, labels = next(plain_iter)
@@ -119,13 +119,12 @@ def main() -> None:
                 loss = plain_step(features, labels)
         float(loss)
         plain_times.append(time.perf_counter() - t0)
+        plain_cpu.append(time.process_time() - c0)
 
     # ---- the trainer, with the plain blocks interleaved --------------------------------------
     Timed = make_timed_trainer(args.block, between=plain_block)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Timed(
-            build_spec, strategy, cfg, run_dir if args.variant == "default" else None
-        )
+        trainer = Timed(build_spec, strategy, cfg, run_dir if args.variant == "default" else None)
         trainer.train(dataset_fn)
         trainer.close()
 
@@ -143,6 +142,8 @@ def main() -> None:
         "threads": threads,
         "trainer_examples_per_sec": [examples / t for t in trainer.windows[w:]],
         "plain_examples_per_sec": [examples / t for t in plain_times[w:]],
+        "trainer_cpu_ms_per_step": [1e3 * t / args.block for t in trainer.cpu_windows[w:]],
+        "plain_cpu_ms_per_step": [1e3 * t / args.block for t in plain_cpu[w:]],
         "parameters": int(sum(int(v.numpy().size) for v in plain.model.trainable_variables)),
     }
     write_result(args.out_dir, f"overhead_{args.strategy}_{args.variant}_rank{rank}", result)

@@ -56,14 +56,13 @@ def bench_config(
     return validate(apply_overrides(raw, overrides))
 
 
-def make_timed_trainer(
-    block: int, between: Callable[[], None] | None = None
-) -> Callable[..., Any]:
+def make_timed_trainer(block: int, between: Callable[[], None] | None = None) -> Callable[..., Any]:
     """A Trainer subclass whose ``train_step`` hook timestamps every `block` steps.
 
     Window i is the wall time from the start of step i*block to the start of step (i+1)*block,
     so it includes everything ``Trainer.train`` does around its steps (progress bar, logging,
-    step counter, checkpoints). `between`, if given, runs between windows (untimed by the
+    step counter, checkpoints). Process CPU time is recorded as well: on a shared machine it is
+    much less disturbed by other processes than wall time. `between`, if given, runs between windows (untimed by the
     trainer): that is where the overhead benchmark interleaves the hand-written loop.
     """
     from dist_share.training import Trainer
@@ -72,18 +71,20 @@ def make_timed_trainer(
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.windows: list[float] = []
+            self.cpu_windows: list[float] = []
             self._count = 0
-            self._t0 = 0.0
+            self._t0 = self._c0 = 0.0
 
         def train_step(self, iterator: Any) -> dict[str, float]:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if self._count and self._count % block == 0:
                 self.windows.append(now - self._t0)
+                self.cpu_windows.append(cpu - self._c0)
                 if between is not None:
                     between()
-                now = time.perf_counter()
+                now, cpu = time.perf_counter(), time.process_time()
             if self._count % block == 0:
-                self._t0 = now
+                self._t0, self._c0 = now, cpu
             self._count += 1
             return super().train_step(iterator)
 

@@ -17,7 +17,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-STREAMS = {"shared": ["a", "b", "c"], "two_tower": ["user", "history", "item"]}
+STREAMS = {
+    "shared": ["a", "b", "c"],
+    "shared_bn": ["a", "b", "c"],
+    "two_tower": ["user", "history", "item"],
+}
 NUM_EXAMPLES = 64
 VOCAB = 200
 IN_DIM = 4
@@ -67,12 +71,25 @@ def build_two_tower() -> Spec:
     return Spec(model, logistic_loss, {}, list(STREAMS["two_tower"]))
 
 
-BUILDERS = {"shared": build_shared, "two_tower": build_two_tower}
+def build_shared_bn() -> Spec:
+    """Shared Dense + BatchNormalization: moving statistics that each replica updates locally."""
+    inputs = {s: keras.Input((IN_DIM,), name=s) for s in STREAMS["shared"]}
+    shared = keras.layers.Dense(3, name="shared")
+    norm = keras.layers.BatchNormalization(momentum=0.5, name="norm")
+    merged = keras.layers.Concatenate(name="concat")(
+        [norm(shared(inputs[s])) for s in STREAMS["shared"]]
+    )
+    out = keras.layers.Dense(1, name="head")(merged)
+    model = keras.Model(inputs, out, name="shared_bn")
+    return Spec(model, squared_error, {}, list(STREAMS["shared"]))
+
+
+BUILDERS = {"shared": build_shared, "two_tower": build_two_tower, "shared_bn": build_shared_bn}
 
 
 def arrays(family: str, n: int = NUM_EXAMPLES, seed: int = 1) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(seed)
-    if family == "shared":
+    if family in ("shared", "shared_bn"):
         feats = {s: rng.normal(size=(n, IN_DIM)).astype("float32") for s in STREAMS["shared"]}
         labels = rng.normal(size=(n,)).astype("float32")
     else:

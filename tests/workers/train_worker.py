@@ -33,6 +33,9 @@ RUNS = {
     ),
     "two_tower_fp16": ("two_tower", "custom", {"horovod": {"compression": "fp16"}}),
     "shared_fit": ("shared", "keras_fit", {}),
+    "shared_bn": ("shared_bn", "custom", {}),
+    # 3 steps with a checkpoint, then a new trainer on the same run dir trains to 5.
+    "shared_resume": ("shared", "custom", {}),
     "two_tower_fit": ("two_tower", "keras_fit", {}),
 }
 
@@ -58,6 +61,7 @@ def main() -> None:
     # First thing: logical devices / TF_CONFIG / hvd.init must happen before TF initialises.
     strategy = get_strategy({"name": a.strategy, "num_cpu_devices": a.num_cpu_devices})
 
+    import keras
     import numpy as np
     import train_common as tc
 
@@ -108,12 +112,28 @@ def main() -> None:
             "checkpoint": {"every": a.ckpt_every, "keep": 3, "resume": True},
             "logging": {"tensorboard": a.run_dir is not None, "progress_bar": False},
         }
-        trainer = SlowTrainer(tc.BUILDERS[family], strategy, config, a.run_dir)
+        run_dir = a.run_dir
+        if name.endswith("_resume"):
+            run_dir = os.path.join(os.path.dirname(os.path.abspath(a.out)), name)
+            first = dict(config, training={**config["training"], "steps": 3})
+            trainer = SlowTrainer(tc.BUILDERS[family], strategy, first, run_dir)
+            trainer.train(tc.make_dataset_fn(family, a.batch))
+            trainer.close()
+        trainer = SlowTrainer(tc.BUILDERS[family], strategy, config, run_dir)
+        chief_logs: list[dict] = []
+        trainer.fit_chief_callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda e, logs, out=chief_logs: out.append(logs)
+            )
+        )
         run: dict = {
             "initial": {v.path: np.asarray(v.numpy()).tolist() for v in trainer.model.weights}
         }
-        eval_fn = tc.make_dataset_fn(family, a.batch, drop_remainder=False) if a.eval else None
+        # Global eval batch 12: shards of 32 examples end in a partial batch on every replica.
+        eval_fn = tc.make_dataset_fn(family, 12, drop_remainder=False) if a.eval else None
         run["eval"] = trainer.train(tc.make_dataset_fn(family, a.batch), eval_fn)
+        run["start_step"] = trainer.start_step
+        run["chief_callback_logs"] = [{k: float(v) for k, v in x.items()} for x in chief_logs]
         run["last_logs"] = trainer.last_logs
         run["variables"] = {v.path: np.asarray(v.numpy()).tolist() for v in trainer.model.weights}
         # Every local copy of every variable (MirroredStrategy keeps one per device).

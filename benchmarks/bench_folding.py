@@ -1,0 +1,176 @@
+"""Stream folding: one block call on N streams stacked on the batch axis vs N block calls.
+
+For a dense tower (3 x 512, batch 64 per stream) and a small conv tower, at N = 1, 2, 4, 8, 16
+streams, each variant's full training step (forward, backward, SGD apply) runs in a
+``tf.function``; tracing/warm-up is excluded, then timed blocks of steps of every variant are
+interleaved and the median is taken (so load from other processes on the shared cores hits all
+variants alike). Variants:
+
+* ``per_stream``      -- fold=False, list input: N block calls, gradients summed by AddN.
+* ``folded_list``     -- fold=True, list input: concat -> one call -> split.
+* ``folded_stacked``  -- fold=True, stacked ``[B, N, ...]`` input: reshape -> one call -> reshape.
+* ``*_jit``           -- the same step with ``jit_compile=True`` (XLA).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.common import bench_main
+
+NAME = "folding"
+
+DENSE = {"type": "mlp", "units": [512, 512], "activation": "relu"}  # + a 512 projection = 3 layers
+DENSE_IN, DENSE_OUT, DENSE_BATCH = 512, 512, 64
+CONV = {"type": "conv2d", "filters": [32, 32], "kernel_size": 3, "pool_size": 2, "dense": [128]}
+CONV_IN, CONV_OUT, CONV_BATCH = (16, 16, 8), 64, 32
+VARIANTS = ("per_stream", "folded_list", "folded_stacked", "per_stream_jit", "folded_stacked_jit")
+
+
+def make_step(
+    tower_kind: str, n: int, variant: str, batch: int | None = None
+) -> tuple[Callable, int]:
+    """A compiled training step for one variant; returns (step, examples per step)."""
+    import keras
+    import tensorflow as tf
+
+    from dist_share.towers import SharedTower
+
+    keras.utils.set_random_seed(0)
+    if tower_kind == "dense":
+        spec, shape, out_dim, b = DENSE, (DENSE_IN,), DENSE_OUT, batch or DENSE_BATCH
+    else:
+        spec, shape, out_dim, b = CONV, CONV_IN, CONV_OUT, batch or CONV_BATCH
+    fold = variant.startswith("folded")
+    stacked = "stacked" in variant
+    jit = variant.endswith("_jit")
+    tower = SharedTower(spec, n, "shared", fold=fold, output_dim=out_dim)
+    x = tf.random.normal((b, n, *shape))
+    inputs = x if stacked else tf.unstack(x, axis=1)
+    tower(inputs)
+    variables = tower.trainable_variables
+    opt = keras.optimizers.SGD(1e-4)
+    opt.build(variables)
+
+    @tf.function(jit_compile=jit)
+    def step(inp):
+        with tf.GradientTape() as tape:
+            out = tower(inp, training=True)
+            if isinstance(out, list):
+                loss = tf.add_n([tf.reduce_mean(tf.square(o)) for o in out])
+            else:
+                loss = tf.reduce_mean(tf.square(out)) * n
+        grads = tape.gradient(loss, variables)
+        opt.apply(grads, variables)
+        return loss
+
+    def run_once():
+        return step(inputs)
+
+    return run_once, b * n
+
+
+def time_variants(
+    steps: dict[str, Callable],
+    repeats: int,
+    block: int,
+    warmup: int = 2,
+    cpu_ms: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Median wall milliseconds per step of each variant, timed in interleaved blocks.
+
+    If `cpu_ms` is given it receives the median process CPU milliseconds per step too: less
+    sensitive to other processes taking the shared cores (time spent preempted is not counted),
+    though TF's spinning worker threads are.
+    """
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn().numpy()
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(repeats):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            fn = steps[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                out = fn()
+            out.numpy()
+            wall[name].append(1000.0 * (time.perf_counter() - t0) / block)
+            cpu[name].append(1000.0 * (time.process_time() - c0) / block)
+    if cpu_ms is not None:
+        cpu_ms.update({k: statistics.median(v) for k, v in cpu.items()})
+    return {k: statistics.median(v) for k, v in wall.items()}
+
+
+def conditions() -> dict[str, Any]:
+    """Load and the busiest other processes now: the cores are shared, so say what ran beside."""
+    import os
+
+    from benchmarks.run_all import busy_processes
+
+    return {"load_average": list(os.getloadavg()), "busy_processes": busy_processes()}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    before = conditions()
+    streams = [4] if quick else [1, 2, 4, 8, 16]
+    repeats, block = (3, 2) if quick else (7, 5)
+    rows = []
+    for tower_kind in ("dense", "conv"):
+        for n in streams:
+            steps = {}
+            for variant in VARIANTS:
+                steps[variant], examples = make_step(tower_kind, n, variant)
+            cpu: dict[str, float] = {}
+            ms = time_variants(steps, repeats, block, cpu_ms=cpu)
+            row: dict[str, Any] = {"tower": tower_kind, "streams": n, "examples_per_step": examples}
+            for variant in VARIANTS:
+                row[f"{variant}_ms"] = ms[variant]
+            row["speedup_folded_stacked"] = ms["per_stream"] / ms["folded_stacked"]
+            row["speedup_folded_list"] = ms["per_stream"] / ms["folded_list"]
+            row["speedup_folded_stacked_jit"] = ms["per_stream"] / ms["folded_stacked_jit"]
+            row["jit_speedup_per_stream"] = ms["per_stream"] / ms["per_stream_jit"]
+            row["speedup_folded_stacked_cpu_time"] = cpu["per_stream"] / cpu["folded_stacked"]
+            rows.append(row)
+    return {
+        "name": NAME,
+        "description": "ms per training step (fwd+bwd+SGD, tf.function, median); speedup = per_stream / variant",
+        "config": {
+            "dense": {
+                "block": DENSE,
+                "input": DENSE_IN,
+                "output_dim": DENSE_OUT,
+                "batch_per_stream": DENSE_BATCH,
+            },
+            "conv": {
+                "block": CONV,
+                "input": list(CONV_IN),
+                "output_dim": CONV_OUT,
+                "batch_per_stream": CONV_BATCH,
+            },
+            "repeats": repeats,
+            "steps_per_timed_block": block,
+        },
+        "conditions": {"before": before, "after": conditions()},
+        "table": rows,
+        "plot": {
+            "x": "streams",
+            "y": ["speedup_folded_stacked", "speedup_folded_list", "speedup_folded_stacked_jit"],
+            "group": "tower",
+            "logx": True,
+            "ylabel": "speedup over per-stream",
+            "title": "Stream folding: speedup of the training step",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(NAME, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Entrypoint of the dist_share images. DIST_SHARE_ROLE picks what the container is:
+#
+#   (unset)     run the command as given                   (default CMD: dist-share --help)
+#   rendezvous  serve Horovod's Gloo rendezvous (what horovodrun --gloo starts internally) for
+#               HOROVOD_HOSTS on HOROVOD_GLOO_RENDEZVOUS_PORT, until stopped
+#   worker      become Horovod rank DIST_SHARE_RANK of HOROVOD_HOSTS: wait for the rendezvous at
+#               HOROVOD_GLOO_RENDEZVOUS_ADDR:HOROVOD_GLOO_RENDEZVOUS_PORT, export the HOROVOD_*
+#               variables horovodrun would set (python -m dist_share.launching gloo-env), run
+#               the command. No ssh between containers is needed.
+#   sshd        run sshd in the foreground (workers of a Kubeflow MPIJob, reached by mpirun)
+#
+# Variables: HOROVOD_HOSTS (host:slots,... e.g. worker0:1,worker1:1), DIST_SHARE_RANK,
+#   HOROVOD_GLOO_RENDEZVOUS_ADDR (an IP), HOROVOD_GLOO_RENDEZVOUS_PORT, HOROVOD_GLOO_IFACE
+#   (default eth0), RENDEZVOUS_WAIT seconds (default 120), DIST_SHARE_PYTHON (default python).
+#   DRY_RUN=1 prints the environment it would set and the command, and runs nothing.
+set -euo pipefail
+
+PYTHON="${DIST_SHARE_PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"
+
+quote() {
+  case "$1" in
+    '' | *[!A-Za-z0-9_@%+=:,./-]*) printf "'%s'" "${1//\'/\'\"\'\"\'}" ;;
+    *) printf '%s' "$1" ;;
+  esac
+}
+
+run() {
+  if [ "$DRY_RUN" = 1 ]; then
+    local out="" arg
+    for arg in "$@"; do out+="$(quote "$arg") "; done
+    printf '%s\n' "${out% }"
+    exit 0
+  fi
+  exec "$@"
+}
+
+die() { printf 'dist-share-entrypoint: %s\n' "$*" >&2; exit 2; }
+
+need() {
+  local name
+  for name in "$@"; do [ -n "${!name:-}" ] || die "DIST_SHARE_ROLE=$ROLE needs $name"; done
+}
+
+wait_for() {  # host port seconds: until a TCP connection succeeds
+  local deadline=$((SECONDS + $3))
+  until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do
+    [ "$SECONDS" -lt "$deadline" ] || die "rendezvous $1:$2 not reachable after $3 s"
+    sleep 1
+  done
+}
+
+ROLE="${DIST_SHARE_ROLE:-}"
+case "$ROLE" in
+  "")
+    [ $# -gt 0 ] || set -- dist-share --help
+    run "$@"
+    ;;
+  rendezvous)
+    need HOROVOD_HOSTS HOROVOD_GLOO_RENDEZVOUS_PORT
+    run "$PYTHON" -m dist_share.launching rendezvous --hosts "$HOROVOD_HOSTS" --port "$HOROVOD_GLOO_RENDEZVOUS_PORT"
+    ;;
+  worker)
+    need HOROVOD_HOSTS DIST_SHARE_RANK HOROVOD_GLOO_RENDEZVOUS_ADDR HOROVOD_GLOO_RENDEZVOUS_PORT
+    [ $# -gt 0 ] || die "DIST_SHARE_ROLE=worker needs a command, e.g. dist-share train CONFIG --strategy horovod"
+    exports="$("$PYTHON" -m dist_share.launching gloo-env --hosts "$HOROVOD_HOSTS" --rank "$DIST_SHARE_RANK" \
+      --rendezvous "$HOROVOD_GLOO_RENDEZVOUS_ADDR:$HOROVOD_GLOO_RENDEZVOUS_PORT" \
+      --iface "${HOROVOD_GLOO_IFACE:-eth0}")" || die "cannot compute the Horovod environment"
+    eval "$exports"
+    if [ "$DRY_RUN" = 1 ]; then
+      printf '%s\n' "$exports"
+    else
+      wait_for "$HOROVOD_GLOO_RENDEZVOUS_ADDR" "$HOROVOD_GLOO_RENDEZVOUS_PORT" "${RENDEZVOUS_WAIT:-120}"
+    fi
+    run "$@"
+    ;;
+  sshd)
+    run /usr/sbin/sshd -De
+    ;;
+  *)
+    die "unknown DIST_SHARE_ROLE '$ROLE' (expected rendezvous, worker, sshd or unset)"
+    ;;
+esac

@@ -1,0 +1,114 @@
+"""The benchmark harness works: one quick run of every benchmark writes JSON, PNG and docs.
+
+No timing is asserted (the cores are shared); what is asserted is structure, and the byte
+counts of bench_comm, which are exact and follow from the models, not from the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import common, run_all
+
+REPO = Path(__file__).resolve().parent.parent
+
+EXPECTED_COLUMNS = {
+    "comm": {"case", "streams", "batch", "bytes_per_step", "relative"},
+    "overhead": {"case", "trainer_ex_per_s", "plain_ex_per_s", "trainer_over_plain"},
+    "scaling": {"case", "launcher", "processes", "replicas", "examples_per_s"},
+}
+
+
+def test_markdown_table_and_docs_section_keep_hand_written_text(tmp_path: Path) -> None:
+    table = common.markdown_table([{"a": 1, "b": 2.5}, {"a": 12345, "c": "x"}])
+    assert table.splitlines()[0] == "| a | b | c |"
+    assert "12,345" in table and "2.500" in table
+
+    docs = tmp_path / "PERF.md"
+    docs.write_text(
+        "# Perf\n\nanalysis before\n\n" + run_all.BEGIN + "\nold\n" + run_all.END + "\nafter\n"
+    )
+    run_all.update_docs(docs, run_all.BEGIN + "\nnew table\n" + run_all.END + "\n")
+    text = docs.read_text()
+    assert "analysis before" in text and "after" in text
+    assert "new table" in text and "old" not in text
+    assert text.count(run_all.BEGIN) == 1
+
+
+def test_plot_without_a_spec_and_with_grouped_series(tmp_path: Path) -> None:
+    rows = [
+        {"case": "a", "n": 1, "v": 2.0},
+        {"case": "a", "n": 2, "v": 3.0},
+        {"case": "b", "n": 1, "v": 1.0},
+    ]
+    common.plot_result("generic", {"table": rows}, tmp_path / "generic.png")
+    spec = {"x": "n", "y": ["v"], "group": ["case"], "logx": True}
+    common.plot_result("lines", {"table": rows, "plot": spec}, tmp_path / "lines.png")
+    for name in ("generic", "lines"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_machine_info_names_cpu_versions_and_threads() -> None:
+    m = common.machine_info()
+    assert m["cpu_model"] and m["logical_cores"] >= 1
+    assert m["tensorflow"] and m["horovod"]
+    assert "TF_NUM_INTRAOP_THREADS" in m["thread_env"]
+
+
+def test_discover_finds_every_bench_module() -> None:
+    names = run_all.discover()
+    assert {"comm", "overhead", "scaling"} <= set(names)
+    assert names == sorted(names)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
+    results, docs = tmp_path / "results", tmp_path / "PERFORMANCE.md"
+    cmd = [sys.executable, "-m", "benchmarks.run_all", "--quick", "--results-dir", str(results)]
+    out = subprocess.run(
+        [*cmd, "--docs", str(docs)], capture_output=True, text=True, timeout=280, cwd=REPO
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+
+    names = run_all.discover()
+    for name in names:
+        data = json.loads((results / f"{name}.json").read_text())
+        assert "error" not in data, data.get("error")
+        assert data["quick"] is True
+        assert data["machine"]["cpu_model"] and data["machine"]["tensorflow"]
+        assert data["table"], f"{name}: empty table"
+        assert (results / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        missing = EXPECTED_COLUMNS.get(name, set()) - set(data["table"][0])
+        assert not missing, f"{name}: table lacks {missing}"
+
+    text = docs.read_text()
+    assert run_all.BEGIN in text and run_all.END in text
+    assert "--quick" in text and common.cpu_model() in text
+    for name in names:
+        assert f"### {name}" in text
+
+    # The byte counts are exact: a shared tower sends its parameters once whatever N is,
+    # separate towers N times; dedup never sends more than the naive IndexedSlices.
+    comm = json.loads((results / "comm.json").read_text())
+    towers = {(r["sharing"], r["streams"]): r["bytes_per_step"] for r in comm["towers"]}
+    one = towers[("shared", 1)]
+    for (sharing, n), nbytes in towers.items():
+        assert nbytes == (one if sharing == "shared" else n * one), (sharing, n, nbytes)
+    vocab, dim = comm["params"]["vocab"], comm["params"]["dim"]
+    for r in comm["embeddings"]:
+        assert r["dense_bytes"] == vocab * dim * 4
+        assert r["naive_bytes"] == r["lookups"] * (dim * 4 + 4)  # float32 row + int32 index
+        assert r["dedup_bytes"] == r["distinct_ids"] * (dim * 4 + 4)
+        assert r["framework_bytes"] <= r["naive_bytes"]
+
+    overhead = json.loads((results / "overhead.json").read_text())
+    assert all(r["trainer_ex_per_s"] > 0 and r["plain_ex_per_s"] > 0 for r in overhead["table"])
+    scaling = json.loads((results / "scaling.json").read_text())
+    assert {r["replicas"] for r in scaling["table"]} >= {2}

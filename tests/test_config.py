@@ -1,0 +1,290 @@
+"""Config loading, defaults, overrides and the error messages users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_share import config
+from dist_share.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(raw: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        config.validate(raw)
+    return info.value
+
+
+def test_the_four_families_ship_a_config() -> None:
+    names = {p.stem for p in CONFIGS}
+    assert {"siamese_digits", "triplet_digits", "multiview_digits", "two_tower_synthetic"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_validates_and_round_trips(path: Path) -> None:
+    cfg = config.load_config(path)
+    assert list(cfg)[:7] == list(config.SECTIONS)
+    assert cfg["data"]["family"] == cfg["model"]["family"]
+    # The saved (dumped) resolved config loads back to exactly the same dict.
+    assert config.validate(yaml.safe_load(config.dump(cfg))) == cfg
+
+
+def test_defaults_are_filled_from_a_minimal_config() -> None:
+    cfg = config.validate({"model": {"family": "siamese"}})
+    assert cfg["training"]["batch_size"] == 64
+    assert cfg["strategy"] == {
+        "name": "local",
+        "num_cpu_devices": None,
+        "horovod": {
+            "compression": "none",
+            "op": "average",
+            "grouped_allreduce": True,
+            "sparse_as_dense": False,
+        },
+        "sparse": {"dedup": True, "dense_threshold": 0.5},
+    }
+    assert cfg["model"]["tower"]["block"]["type"] == "conv2d"
+    assert cfg["model"]["loss"] == {"type": "contrastive", "margin": 1.0}
+    assert cfg["data"]["source"] == "digits"
+    tt = config.validate({"model": {"family": "two_tower"}})
+    assert tt["data"]["source"] == "two_tower_synthetic"
+    assert "tower" not in tt["model"] and "head" not in tt["model"]
+
+
+def test_a_users_block_replaces_the_default_block_instead_of_merging() -> None:
+    cfg = config.validate(
+        {
+            "model": {"family": "siamese", "tower": {"block": {"type": "mlp", "units": [8]}}},
+            "data": {"source": "random", "random": {"image_shape": [4]}},
+        }
+    )
+    assert cfg["model"]["tower"]["block"] == {"type": "mlp", "units": [8]}
+
+
+def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model: {family: siamese}\n")
+    cfg = config.load_config(
+        path,
+        [
+            "training.steps=3",
+            "optimizer.learning_rate=1e-3",  # YAML 1.1 reads this as a string; accepted as a number
+            "model.tower.block.filters=[4, 8]",
+            "strategy.horovod.compression=fp16",
+            "logging.tensorboard=false",
+        ],
+    )
+    assert cfg["training"]["steps"] == 3
+    assert cfg["optimizer"]["learning_rate"] == pytest.approx(1e-3)
+    assert cfg["model"]["tower"]["block"]["filters"] == [4, 8]
+    assert cfg["strategy"]["horovod"]["compression"] == "fp16"
+    assert cfg["logging"]["tensorboard"] is False
+
+
+def test_override_errors_name_the_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model: {family: siamese}\n")
+    with pytest.raises(ConfigError, match=r"--set.*KEY.PATH=VALUE"):
+        config.load_config(path, ["training.steps"])
+    with pytest.raises(ConfigError) as info:
+        config.load_config(path, ["training.steps.x=1"])
+    assert info.value.path == "training.steps"
+    with pytest.raises(ConfigError) as info:
+        config.load_config(path, ["training.stpes=3"])
+    assert info.value.path == "training.stpes" and "did you mean 'steps'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw, path, words",
+    [
+        (
+            {"model": {"family": "siamese"}, "training": {"batch_size": "abc"}},
+            "training.batch_size",
+            ["'abc'", "integer"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "training": {"batch_size": -8}},
+            "training.batch_size",
+            ["-8", "> 0"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "training": {"batch_size": True}},
+            "training.batch_size",
+            ["True", "integer"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "optimizer": {"learning_rate": "fast"}},
+            "optimizer.learning_rate",
+            ["'fast'", "number"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "trainig": {}},
+            "trainig",
+            ["unknown key", "did you mean 'training'"],
+        ),
+        (
+            {"model": {"family": "siamese", "tower": {"sharng": "shared"}}},
+            "model.tower.sharng",
+            ["did you mean 'sharing'"],
+        ),
+        (
+            {"model": {"family": "siamese", "tower": {"sharing": "share"}}},
+            "model.tower.sharing",
+            ["'share'", "shared"],
+        ),
+        ({"model": {}}, "model.family", ["required", "siamese"]),
+        ({"data": {}}, "model", ["required"]),
+        (
+            {"model": {"family": "pairs"}},
+            "model.family",
+            ["'pairs'", "siamese, triplet, multiview, two_tower"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "strategy": {"name": "horovd"}},
+            "strategy.name",
+            ["did you mean 'horovod'"],
+        ),
+        ({"model": {"family": "siamese", "head": "dot"}}, "model.head", ["'dot'", "l2, cosine"]),
+        (
+            {"model": {"family": "siamese", "loss": {"type": "triplet"}}},
+            "model.loss.type",
+            ["'triplet'", "contrastive"],
+        ),
+        (
+            {"model": {"family": "siamese", "loss": {"type": "contrastive", "margn": 1}}},
+            "model.loss.margn",
+            ["did you mean 'margin'"],
+        ),
+        (
+            {"model": {"family": "siamese", "tower": {"block": {"type": "conv2d", "filter": [8]}}}},
+            "model.tower.block.filter",
+            ["did you mean 'filters'"],
+        ),
+        (
+            {"model": {"family": "siamese", "tower": {"block": {"type": "resnet"}}}},
+            "model.tower.block.type",
+            ["'resnet'", "conv2d"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "data": {"source": "two_tower_synthetic"}},
+            "data.source",
+            ["two_tower_synthetic", "digits"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "data": {"source": "npz"}},
+            "data.train_path",
+            ["required"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "data": {"family": "triplet"}},
+            "data.family",
+            ["triplet", "siamese"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "training": {"batch_size": 64, "grad_accum_steps": 3}},
+            "training.grad_accum_steps",
+            ["3", "64"],
+        ),
+        (
+            {
+                "model": {
+                    "family": "two_tower",
+                    "tables": {"users": {"vocab_size": 10}, "items": {"vocab_size": 2000}},
+                }
+            },
+            "model.tables.users.vocab_size",
+            ["10", "data.synthetic.num_users"],
+        ),
+        (
+            {"model": {"family": "two_tower", "query": {"features": {"query_usr": "users"}}}},
+            "model.query.features.query_usr",
+            ["did you mean 'query_user'"],
+        ),
+    ],
+)
+def test_bad_values_name_the_key_the_value_and_what_was_expected(
+    raw: dict, path: str, words: list[str]
+) -> None:
+    err = _error(raw)
+    assert err.path == path, str(err)
+    for word in words:
+        assert word in str(err), str(err)
+
+
+def test_stream_count_mismatch_in_grouped_sharing_names_the_streams() -> None:
+    raw = {
+        "model": {
+            "family": "multiview",
+            "tower": {"sharing": "grouped", "groups": [[0, 1], [2, 3]]},
+        },
+        "data": {"num_views": 3},
+    }
+    err = _error(raw)
+    assert err.path == "model.tower.groups"
+    assert "view0" in str(err) and "view2" in str(err)
+    raw["data"]["num_views"] = 4
+    assert config.validate(raw)["model"]["tower"]["groups"] == [[0, 1], [2, 3]]
+
+
+def test_unparsable_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model:\n  family: siamese\ntraining: {steps: 3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        config.load_config(path)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        config.load_config(_write(tmp_path, "- a\n- b\n", "list.yaml"))
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load_config(path)
+
+
+def test_base_configs_merge_and_cycles_are_reported(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        "model: {family: siamese, embedding_dim: 16}\ntraining: {steps: 10, batch_size: 32}\n",
+        "base.yaml",
+    )
+    child = _write(tmp_path, "base: base.yaml\ntraining: {steps: 20}\n", "child.yaml")
+    cfg = config.load_config(child)
+    assert (
+        cfg["model"]["embedding_dim"],
+        cfg["training"]["steps"],
+        cfg["training"]["batch_size"],
+    ) == (16, 20, 32)
+    _write(tmp_path, "base: b.yaml\n", "a.yaml")
+    _write(tmp_path, "base: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        config.load_config(tmp_path / "a.yaml")
+
+
+def test_diff_lists_changed_key_paths() -> None:
+    a = config.validate({"model": {"family": "siamese"}})
+    b = config.validate({"model": {"family": "siamese"}, "training": {"steps": 7}})
+    assert config.diff(a, b) == ["training.steps: 600 -> 7"]
+
+
+def test_block_and_loss_tables_agree_with_the_model_code() -> None:
+    """config.py checks blocks and losses without importing Keras; its tables must not drift."""
+    from dist_share import blocks, losses, models
+
+    assert config.BLOCK_KEYS == blocks._BLOCK_KEYS
+    assert set(config.BLOCK_TYPES) == set(blocks.BLOCK_TYPES)
+    assert set(config.LOSS_OPTIONS) == set(losses.LOSS_TYPES)
+    assert {k: set(v) for k, v in config.LOSSES.items()} == {
+        k: set(v) for k, v in models._FAMILY_LOSSES.items()
+    }
+    assert {k: set(v) for k, v in config.HEADS.items()} == {
+        k: set(v) for k, v in models._FAMILY_HEADS.items()
+    }

@@ -1,0 +1,91 @@
+"""Strategy selection, TF_CONFIG discovery from launchers, and the lazy Horovod import."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_share import processes
+from dist_share.errors import ConfigError
+from dist_share.strategies import (
+    discover_tf_config,
+    expand_nodelist,
+    get_strategy,
+    tf_config_from_slurm,
+)
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+
+import train_jobs  # noqa: E402
+
+DISCOVER = [sys.executable, str(Path(__file__).parent / "workers" / "train_discover.py")]
+
+
+def test_import_leaves_horovod_out_and_multiworker_needs_a_launcher() -> None:
+    """One fresh interpreter (TF start-up is the cost): importing the package, the strategies
+    and the trainer must not load Horovod, and `multiworker` with no TF_CONFIG, MPI, Slurm or
+    horovodrun variables is a ConfigError naming strategy.name (still without Horovod)."""
+    code = (
+        "import sys, dist_share, dist_share.strategies, dist_share.training, dist_share.gradients\n"
+        "print('HVD', sorted(m for m in sys.modules if m.split('.')[0] == 'horovod'))\n"
+        "from dist_share.errors import ConfigError\n"
+        "try:\n    dist_share.strategies.get_strategy({'name': 'multiworker'})\n"
+        "except ConfigError as e:\n    print('PATH', e.path)\n"
+        "print('HVD', sorted(m for m in sys.modules if m.split('.')[0] == 'horovod'))\n"
+    )
+    prefixes = ("TF_CONFIG", "OMPI_", "PMI", "SLURM_", "HOROVOD_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    lines = [x for x in out.stdout.splitlines() if x.startswith(("HVD", "PATH"))]
+    assert lines == ["HVD []", "PATH strategy.name", "HVD []"], out.stderr[-3000:]
+
+
+def test_expand_nodelist_without_scontrol() -> None:
+    hosts = expand_nodelist("node[01-03,07],gpu5,a[8-10]", use_scontrol=False)
+    assert hosts == ["node01", "node02", "node03", "node07", "gpu5", "a8", "a9", "a10"]
+
+
+def test_tf_config_from_slurm_places_tasks_blockwise() -> None:
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n[1-2]"}
+    cfg = tf_config_from_slurm(env, base_port=30000)
+    assert cfg["cluster"]["worker"] == ["n1:30000", "n1:30001", "n2:30000", "n2:30001"]
+    assert cfg["task"] == {"type": "worker", "index": 3}
+    assert discover_tf_config({}) is None
+
+
+@pytest.mark.parametrize(
+    ("cfg", "path"),
+    [
+        ({"name": "tpu"}, "strategy.name"),
+        ({"name": "mirrored", "num_cpu_devices": 0}, "strategy.num_cpu_devices"),
+    ],
+)
+def test_bad_strategy_config(cfg: dict, path: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        get_strategy(cfg)
+    assert e.value.path == path
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+def test_multiworker_finds_its_cluster_from_the_launcher(launcher: str, tmp_path: Path) -> None:
+    out = str(tmp_path / "d")
+    if launcher == "mpirun":
+        cmd = processes.mpirun_command(2, [*DISCOVER, out])
+    else:
+        cmd = processes.horovodrun_command(2, [*DISCOVER, out])
+    processes.run_job(cmd, 180, train_jobs._env(), train_jobs.ROOT).check()
+    results = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["world_size"] == 2
+        assert res["total"] == 3.0  # 1 + 2: the collective really spanned both processes
+        assert res["tf_config"]["cluster"] == results[0]["tf_config"]["cluster"]

@@ -1,0 +1,211 @@
+"""The custom-loop Trainer: logs, evaluation, checkpoints, crash-and-resume, input checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dist_share import processes
+from dist_share.errors import ConfigError, DataError
+from dist_share.strategies import get_strategy
+from dist_share.training import Trainer, resolve_config
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+
+import train_common as tc  # noqa: E402
+import train_jobs  # noqa: E402
+
+STRATEGY = get_strategy({"name": "local"})
+
+
+def config(**training) -> dict:
+    return {
+        "optimizer": {"name": "sgd", "learning_rate": 0.05},
+        "training": {"steps": 4, "batch_size": 8, "log_every": 2, "eval_every": 2, **training},
+        "checkpoint": {"every": 2, "keep": 2},
+        "logging": {"progress_bar": False},
+    }
+
+
+def test_partial_config_gets_documented_defaults() -> None:
+    cfg = resolve_config({"training": {"steps": 3}})
+    assert cfg["training"]["steps"] == 3 and cfg["training"]["batch_size"] == 64
+    assert cfg["strategy"]["sparse"] == {"dedup": True, "dense_threshold": 0.5}
+    assert cfg["optimizer"]["scale_lr_by_world_size"] is False
+
+
+def test_logs_eval_tensorboard_and_resume(tmp_path: Path) -> None:
+    trainer = Trainer(tc.build_two_tower, STRATEGY, config(), tmp_path)
+    data = tc.make_dataset_fn("two_tower", 8)
+    result = trainer.train(data, tc.make_dataset_fn("two_tower", 8, drop_remainder=False))
+    trainer.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4] and [r["step"] for r in evals] == [2, 4]
+    assert all(r["comm_bytes_per_step"] > 0 and np.isfinite(r["loss"]) for r in train)
+    assert result["loss"] == pytest.approx(evals[-1]["loss"])
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-4")
+
+    # A second trainer on the same run dir resumes at step 4 and trains to 6.
+    again = Trainer(tc.build_two_tower, STRATEGY, config(steps=6), tmp_path)
+    again.train(data)
+    again.close()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and 5 not in steps[:-1] and int(again.global_step.numpy()) == 6
+
+
+def test_batch_and_stream_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        Trainer(tc.build_shared, STRATEGY, config(grad_accum_steps=3), None)
+    assert e.value.path == "training.grad_accum_steps"
+    with pytest.raises(ConfigError) as e:
+        Trainer(tc.build_shared, STRATEGY, {"optimizer": {"name": "lion"}}, None)
+    assert e.value.path == "optimizer.name"
+    trainer = Trainer(tc.build_shared, STRATEGY, config(), None)
+    with pytest.raises(DataError, match=r"missing \['a', 'b', 'c'\]"):
+        trainer.train(tc.make_dataset_fn("two_tower", 8))
+
+
+def test_mixed_precision_trains(tmp_path: Path) -> None:
+    try:
+        trainer = Trainer(tc.build_shared, STRATEGY, config(mixed_precision=True, steps=2), None)
+        trainer.train(tc.make_dataset_fn("shared", 8))
+        assert np.isfinite(trainer.last_logs["loss"])
+        assert trainer.model.get_layer("shared").compute_dtype == "float16"
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("launcher", ["mirrored", "horovod_gloo", "multiworker"])
+def test_resume_under_every_strategy(launcher: str) -> None:
+    """3 steps and a checkpoint, then a new trainer on the same run dir: it starts at step 3 on
+    every rank (chief wrote, everyone restored, Horovod broadcast) at the right data position,
+    and ends where an uninterrupted 5-step run ends."""
+    for rank, result in train_jobs.run(launcher).items():
+        resumed, plain = result["runs"]["shared_resume"], result["runs"]["shared"]
+        assert resumed["start_step"] == 3 and resumed["step"] == 5, rank
+        for k, v in plain["variables"].items():
+            np.testing.assert_allclose(resumed["variables"][k], v, atol=1e-6)
+        copies = resumed["replica_checksums"]
+        assert all(c == copies[0] for c in copies)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("launcher", ["mirrored", "horovod_gloo", "horovod_mpirun", "multiworker"])
+def test_evaluation_covers_the_split_once_everywhere(launcher: str) -> None:
+    """Sharded evaluation with partial last batches (uneven step counts are fine for Horovod,
+    which reduces once at the end) gives the single-device mean over the whole split."""
+    ref = train_jobs.run("local")[0]["runs"]
+    for result in train_jobs.run(launcher).values():
+        for family in ("shared", "two_tower"):
+            got, want = result["runs"][family]["eval"], ref[family]["eval"]
+            assert set(got) == set(want) and want
+            for k in want:
+                assert got[k] == pytest.approx(want[k], rel=1e-5), (launcher, family, k)
+
+
+def test_lr_scaling_and_clipping(tmp_path: Path) -> None:
+    from dist_share.training import make_optimizer
+
+    opt = make_optimizer({"name": "sgd", "learning_rate": 0.1, "scale_lr_by_world_size": True}, 4)
+    assert float(opt.learning_rate) == pytest.approx(0.4)
+    assert float(
+        make_optimizer({"name": "sgd", "learning_rate": 0.1}, 4).learning_rate
+    ) == pytest.approx(0.1)
+    # clipnorm bounds each variable's step by lr * clipnorm (the reduced gradient is clipped).
+    cfg = config(steps=1)
+    cfg["optimizer"] = {"name": "sgd", "learning_rate": 1.0, "clipnorm": 1e-3}
+    trainer = Trainer(tc.build_shared, STRATEGY, cfg, None)
+    before = [v.numpy().copy() for v in trainer.model.trainable_variables]
+    trainer.train(tc.make_dataset_fn("shared", 8))
+    for b, v in zip(before, trainer.model.trainable_variables, strict=True):
+        step = float(np.linalg.norm(v.numpy() - b))
+        assert 0 < step <= 1e-3 * (1 + 1e-4)
+
+
+def _checkpoint_count(run_dir: Path) -> int:
+    state = run_dir / "checkpoints" / "checkpoint"
+    if not state.exists():
+        return 0
+    return state.read_text().count("all_model_checkpoint_paths")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None:
+    """SIGKILL mid-run, damage the newest checkpoint as a torn write would, restart: the run
+    resumes from the older checkpoint, at the right data position, and ends bit-for-bit close to
+    a run that was never interrupted."""
+    args = ["--strategy", "local", "--runs", "shared", "--steps", "12", "--ckpt-every", "3"]
+    env = processes.worker_env(train_jobs._env())
+    killed_dir = tmp_path / "killed"
+    cmd = [*train_jobs.WORKER, *args, "--run-dir", str(killed_dir), "--out", str(tmp_path / "k")]
+    proc = subprocess.Popen(
+        [*cmd, "--step-delay", "0.5"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_count(killed_dir) < 2:
+            assert proc.poll() is None, "worker ended before it could be killed"
+            assert time.monotonic() < deadline, "no second checkpoint in time"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (tmp_path / "k.rank0.json").exists()
+
+    state = tf.train.get_checkpoint_state(str(killed_dir / "checkpoints"))
+    newest, older = state.all_model_checkpoint_paths[-1], state.all_model_checkpoint_paths[-2]
+    for data in Path(newest).parent.glob(Path(newest).name + ".data-*"):
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+    processes.run_job(cmd, 300, train_jobs._env(), train_jobs.ROOT).check()
+    plain = [
+        *train_jobs.WORKER,
+        *args,
+        "--run-dir",
+        str(tmp_path / "plain"),
+        "--out",
+        str(tmp_path / "p"),
+    ]
+    processes.run_job(plain, 300, train_jobs._env(), train_jobs.ROOT).check()
+
+    resumed = json.loads((tmp_path / "k.rank0.json").read_text())["runs"]["shared"]
+    reference = json.loads((tmp_path / "p.rank0.json").read_text())["runs"]["shared"]
+    assert resumed["step"] == 12
+    for k, v in reference["variables"].items():
+        np.testing.assert_allclose(resumed["variables"][k], v, atol=1e-6)
+    steps = [
+        json.loads(line)["step"]
+        for line in (killed_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == int(older.rsplit("-", 1)[1]) + 1
+    assert steps[-1] == 12

@@ -1,0 +1,70 @@
+"""Worker: build and fit every model family inside a 2-device MirroredStrategy scope.
+
+Runs in its own process because the logical CPU devices must be configured before TensorFlow
+initialises its devices. Writes a JSON result to argv[1].
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import tensorflow as tf
+
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+from dist_share.models import MODEL_FAMILIES, build_model  # noqa: E402
+from tests.test_models import CASES, _batch  # noqa: E402
+
+
+def _snapshot(weights) -> list:
+    return [w.numpy().copy() for w in weights]
+
+
+def _moved(before, weights) -> bool:
+    return any(not np.array_equal(b, w.numpy()) for b, w in zip(before, weights, strict=True))
+
+
+def main(out_path: str) -> None:
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    result: dict = {"num_replicas": strategy.num_replicas_in_sync}
+    for family in MODEL_FAMILIES:
+        cfg, specs = CASES[family]
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            spec = build_model(cfg, specs)
+            spec.model.compile(optimizer=keras.optimizers.SGD(0.05), loss=spec.loss)
+        x, y = _batch(family, specs)
+        before = _snapshot(spec.model.trainable_weights)
+        history = spec.model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        result[family] = {
+            "losses": [float(v) for v in history.history["loss"]],
+            "moved": _moved(before, spec.model.trainable_weights),
+        }
+        if family == "triplet":
+            tower = spec.model.get_layer("tower")
+            shared, streams = (
+                tower.blocks[0].trainable_weights,
+                [w for b in tower.blocks[1:] for w in b.trainable_weights],
+            )
+            switch = {}
+            for label, flag in (("first", True), ("second", False)):
+                tower.use_shared.assign(flag)
+                s0, p0 = _snapshot(shared), _snapshot(streams)
+                spec.model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+                switch[f"shared_moved_{label}"] = _moved(s0, shared)
+                switch[f"streams_moved_{label}"] = _moved(p0, streams)
+            result["switch"] = switch
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
