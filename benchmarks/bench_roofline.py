@@ -95,12 +95,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     before = conditions()
     streams = [8] if quick else [1, 8, 16]
     repeats, block = (3, 2) if quick else (9, 5)
-    peak_size = 1024 if quick else PEAK_SIZE
-    mm, mm_flops = _matmul_peak(peak_size)
+    peak_sizes = [1024] if quick else [1024, PEAK_SIZE]
+    matmuls = {f"matmul_{size}": _matmul_peak(size) for size in peak_sizes}
     rows = []
     flops_check: dict[str, dict[str, float]] = {}
     for n in streams:
-        steps: dict[str, Callable] = {"matmul_peak": mm}
+        steps: dict[str, Callable] = {name: fn for name, (fn, _) in matmuls.items()}
         for variant in ("per_stream", "folded_list", "folded_stacked", "folded_stacked_jit"):
             steps[variant], _ = make_step("dense", n, variant)
         steps["raw_tf"] = _raw_step(n, jit=False)
@@ -109,11 +109,14 @@ def run(quick: bool = False) -> dict[str, Any]:
             "tf_profiler_gflop": profiler_flops(steps["raw_tf"]) / 1e9,
         }
         steps["raw_tf_jit"] = _raw_step(n, jit=True)
-        ms = time_variants(steps, repeats, block)
-        peak = mm_flops / (ms["matmul_peak"] / 1000.0)
+        cpu: dict[str, float] = {}
+        ms = time_variants(steps, repeats, block, cpu_ms=cpu)
+        # Peak = the faster of the large matmuls, by wall time and (separately) by CPU time.
+        peak = max(f / ms[name] for name, (_, f) in matmuls.items()) * 1000.0
+        peak_cpu = max(f / cpu[name] for name, (_, f) in matmuls.items()) * 1000.0
         flops = step_flops(n)
         for variant, t in ms.items():
-            if variant == "matmul_peak":
+            if variant in matmuls:
                 continue
             achieved = flops / (t / 1000.0)
             rows.append(
@@ -125,20 +128,22 @@ def run(quick: bool = False) -> dict[str, Any]:
                     "gflops": achieved / 1e9,
                     "matmul_peak_gflops": peak / 1e9,
                     "fraction_of_peak": achieved / peak,
+                    "fraction_of_peak_cpu_time": flops / cpu[variant] * 1000.0 / peak_cpu,
                 }
             )
     return {
         "name": NAME,
         "description": (
             "dense tower (3 x 512, batch 64/stream) training step: achieved matmul FLOP/s as a "
-            f"fraction of a {peak_size}^2 fp32 matmul measured in the same process"
+            f"fraction of the faster of {peak_sizes} square fp32 matmuls measured in the same "
+            "process, interleaved (by wall time, and by process CPU time)"
         ),
         "config": {
             "block": DENSE,
             "input": DENSE_IN,
             "output_dim": DENSE_OUT,
             "batch_per_stream": DENSE_BATCH,
-            "peak_matmul": peak_size,
+            "peak_matmuls": peak_sizes,
             "repeats": repeats,
             "steps_per_timed_block": block,
         },

@@ -190,8 +190,15 @@ class Trainer:
         self._loss_denominator = float(
             self.global_batch if strategy.gradient_op == "sum" else self.per_replica_batch
         )
+        # The model's variables are listed explicitly: tf.train.Checkpoint(model=...) does not
+        # see Keras 3 layers that hold sublayers in Python lists (SharedTower's weight sets, or
+        # any user layer built that way), so it would save neither their weights nor their
+        # batch-norm statistics. The list is in model.variables order, which depends only on
+        # the architecture, not on layer names.
         self._checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, step=self.global_step
+            model_variables=list(self.model.variables),
+            optimizer=self.optimizer,
+            step=self.global_step,
         )
         self._manager: tf.train.CheckpointManager | None = None
         self._writer = None

@@ -275,12 +275,6 @@ def test_evaluate_a_run_directory(siamese_evaluated: tuple, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="training.py's tf.train.Checkpoint(model=...) saves no model variables (Keras 3 layers "
-    "holding sublayers in lists are not tracked): trainables come back through the optimizer, "
-    "BatchNorm moving statistics do not. Remove this marker when the checkpoint is fixed.",
-)
 def test_evaluating_a_run_reproduces_its_final_eval(siamese_evaluated: tuple) -> None:
     run, out = siamese_evaluated
     final, again = (r for r in _records(run)[-2:])
