@@ -113,17 +113,39 @@ def horovodrun_command(num_proc: int, argv: Sequence[str], transport: str = "glo
 def mpirun_command(num_proc: int, argv: Sequence[str]) -> list[str]:
     """Plain Open MPI `mpirun -np N` on this host, as root, over loopback/shared memory."""
     return [
-        "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(num_proc),
-        "--bind-to", "none", "--mca", "btl", "self,vader,tcp",
-        "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-        "-x", "PATH", "-x", "PYTHONPATH", "-x", "TF_CPP_MIN_LOG_LEVEL", "-x", "PYTHONUNBUFFERED",
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        str(num_proc),
+        "--bind-to",
+        "none",
+        "--mca",
+        "btl",
+        "self,vader,tcp",
+        "--mca",
+        "btl_tcp_if_include",
+        "lo",
+        "--mca",
+        "oob_tcp_if_include",
+        "lo",
+        "-x",
+        "PATH",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "TF_CPP_MIN_LOG_LEVEL",
+        "-x",
+        "PYTHONUNBUFFERED",
         *argv,
     ]
 
 
 def tf_config(workers: Sequence[str], index: int) -> str:
     """TF_CONFIG for worker `index` of a MultiWorkerMirroredStrategy cluster."""
-    return json.dumps({"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}})
+    return json.dumps(
+        {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
+    )
 
 
 def run_multiworker(
@@ -147,8 +169,13 @@ def run_multiworker(
             wenv["TF_CONFIG"] = tf_config(workers, i)
             procs.append(
                 subprocess.Popen(
-                    list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    env=worker_env(wenv), cwd=cwd, start_new_session=True,
+                    list(argv),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=worker_env(wenv),
+                    cwd=cwd,
+                    start_new_session=True,
                 )
             )
         results = []

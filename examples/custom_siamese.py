@@ -9,6 +9,7 @@ for both streams), a ModelSpec (model + per-example loss/metrics), and the Train
 """
 
 import sys
+from pathlib import Path
 
 import keras
 
@@ -24,7 +25,8 @@ from dist_share.training import Trainer
 strategy = get_strategy({"name": sys.argv[1] if len(sys.argv) > 1 else "local"})
 
 # 2. Configs are plain dicts; the default Siamese config gives data, optimizer and training.
-cfg = config.load_config("configs/siamese_digits.yaml", ["training.steps=300", "training.eval_every=300"])
+default_config = Path(__file__).resolve().parents[1] / "configs" / "siamese_digits.yaml"
+cfg = config.load_config(default_config, ["training.steps=300", "training.eval_every=300"])
 
 
 def build_spec() -> ModelSpec:
@@ -38,7 +40,9 @@ def build_spec() -> ModelSpec:
     emb_left, emb_right = tower([keras.layers.Flatten()(left), keras.layers.Flatten()(right)])
     distance = L2Distance()([emb_left, emb_right])
     model = keras.Model({"left": left, "right": right}, distance)
-    return ModelSpec(model, ContrastiveLoss(margin=1.0), {"pair_accuracy": PairAccuracy(0.5)}, ["left", "right"])
+    return ModelSpec(
+        model, ContrastiveLoss(margin=1.0), {"pair_accuracy": PairAccuracy(0.5)}, ["left", "right"]
+    )
 
 
 # 3. Global batch 64: each replica gets 64 / num_replicas; data is sharded per worker.

@@ -233,5 +233,5 @@ def test_checkpoint_holds_every_model_variable_of_list_held_layers(tmp_path: Pat
     assert again.restore() == 0
     names = [v.path for v in again.model.variables]
     assert any("moving_mean" in n for n in names), names
-    for name, want, got in zip(names, saved, again.model.variables):
+    for name, want, got in zip(names, saved, again.model.variables, strict=True):
         np.testing.assert_array_equal(got.numpy(), want, err_msg=name)

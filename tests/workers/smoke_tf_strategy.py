@@ -14,7 +14,9 @@ if kind == "mirrored":
     # Two logical CPU devices stand in for two GPUs; this must happen before TF touches devices.
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    strategy = tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")]
+    )
     task_index = 0
 else:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
