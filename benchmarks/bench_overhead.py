@@ -109,7 +109,9 @@ def run(quick: bool = False) -> dict:
             f"{block} steps, {warmup} warm-up block(s) dropped, median over {repeats} pairs. "
             "quiet: no run_dir/progress bar; default: metrics.jsonl + TensorBoard + progress bar "
             "+ checkpoint every 200 steps. Horovod: horovodrun -np 2 (Gloo), 1 intra-op thread "
-            "per process; plain = Horovod's TF2 example loop."
+            "per process; plain = Horovod's TF2 example loop. trainer_over_plain: median over pairs of the "
+            "wall-clock examples/s ratio (< 1: the Trainer is slower); cpu_per_step_trainer_over_plain: "
+            "ratio of process CPU time per step (> 1: the Trainer costs more)."
         ),
         "params": {"block_steps": block, "repeats": repeats, "warmup_blocks": warmup},
         "cases": rows,

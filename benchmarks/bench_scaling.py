@@ -4,7 +4,8 @@ Weak scaling (the per-replica batch is fixed, so 2 replicas train a global batch
 dist_share's Trainer in every case, started through dist_share.processes with a timeout.
 
 Threads, on a 2-core machine: a 2-process job gets 1 intra-op + 1 inter-op thread per process
-(one core each; more would just oversubscribe the cores and make the processes fight). The
+(one core each; more would just oversubscribe the cores and make the processes fight; the
+Gloo job is also run with 2 threads each to show it). The
 single-process baseline is measured twice: with 1 thread (the same resources as *one* of the
 two workers: efficiency = rate(2 workers) / (2 x rate(1 worker, 1 thread)), the classic
 per-worker scaling efficiency) and with 2 threads (the whole machine for one process: speedup =
@@ -33,6 +34,7 @@ CASES = [
     ("1 worker, 2 threads", "local", "single", 1, 2, None, {}),
     ("1 worker, 1 thread", "local", "single", 1, 1, None, {}),
     ("horovod gloo x2", "horovod", "horovodrun", 2, 1, None, {}),
+    ("horovod gloo x2, 2 threads each", "horovod", "horovodrun", 2, 2, None, {}),
     ("horovod mpirun x2", "horovod", "mpirun", 2, 1, None, {}),
     ("horovod mpirun x2, yield_when_idle", "horovod", "mpirun", 2, 1, None, MPI_YIELD),
     ("mirrored 2 CPU devices", "mirrored", "single", 1, None, 2, {}),

@@ -133,29 +133,6 @@ def run_worker(
         return [json.loads(f.read_text()) for f in files]
 
 
-def time_interleaved(
-    runners: Mapping[str, Callable[[], int]], repeats: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Call each runner `warmup` times, then `repeats` rounds of all runners in turn.
-
-    Each runner does a fixed amount of work and returns how many examples it processed; the result
-    is examples/second per repeat. Interleaving means a burst of load from another process on the
-    shared cores hits both sides of a ratio, instead of whichever happened to run at the time.
-    """
-    for _ in range(warmup):
-        for fn in runners.values():
-            fn()
-    rates: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(repeats):
-        # Alternate the order so neither side always runs right after the other's cache effects.
-        names = list(runners) if r % 2 == 0 else list(reversed(runners))
-        for name in names:
-            t0 = time.perf_counter()
-            n = runners[name]()
-            rates[name].append(n / (time.perf_counter() - t0))
-    return rates
-
-
 def write_json(result: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=False, default=float) + "\n")

@@ -222,6 +222,27 @@ _CHECKPOINT = {
 _LOGGING = {"tensorboard": Field("bool", True), "progress_bar": Field("bool", True)}
 
 SECTIONS = ("model", "data", "optimizer", "training", "strategy", "checkpoint", "logging")
+OPTIMIZERS = _OPTIMIZER["name"].choices
+
+
+def _schema_defaults(schema: Mapping) -> dict:
+    return {
+        k: _schema_defaults(v) if isinstance(v, Mapping) else copy.deepcopy(v.default)
+        for k, v in schema.items()
+    }
+
+
+def runtime_defaults() -> dict:
+    """Defaults of the sections the trainer reads, for code that builds a partial config by hand
+    (tests, notebooks, examples); the schema above stays their only source."""
+    sections = {
+        "optimizer": _OPTIMIZER,
+        "training": _TRAINING,
+        "strategy": _STRATEGY,
+        "checkpoint": _CHECKPOINT,
+        "logging": _LOGGING,
+    }
+    return {name: _schema_defaults(schema) for name, schema in sections.items()}
 
 
 def _top_schema(family: str) -> dict:

@@ -190,10 +190,20 @@ def is_local(host: str) -> bool:
     return host in LOCAL_NAMES or host == socket.gethostname()
 
 
+def tf_config_dict(workers: Sequence[str], index: int) -> dict:
+    """TF_CONFIG of worker ``index`` in a cluster of ``host:port`` workers."""
+    return {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
+
+
 def tf_config(workers: Sequence[str], index: int) -> str:
-    return json.dumps(
-        {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
-    )
+    return json.dumps(tf_config_dict(workers, index))
+
+
+def free_port(host: str = "") -> int:
+    """A TCP port free now on ``host`` ("" = every interface, for workers other hosts reach)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def multiworker_commands(

@@ -7,16 +7,28 @@ combined output is kept so that a failure shows what the workers printed.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from dist_share import launching
+from dist_share.launching import Host, free_port
+
+__all__ = [
+    "JobResult",
+    "free_port",
+    "horovodrun_command",
+    "mpirun_command",
+    "run_job",
+    "run_multiworker",
+    "worker_env",
+]
 
 
 @dataclass
@@ -32,13 +44,6 @@ class JobResult:
                 f"--- output (last 6000 chars) ---\n{self.output[-6000:]}"
             )
         return self
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -67,10 +72,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
 
 
@@ -106,46 +109,16 @@ def run_job(
 
 def horovodrun_command(num_proc: int, argv: Sequence[str], transport: str = "gloo") -> list[str]:
     """`horovodrun -np N` on localhost with Gloo, or with MPI underneath (transport='mpi')."""
-    flag = "--gloo" if transport == "gloo" else "--mpi"
-    return ["horovodrun", "-np", str(num_proc), "-H", f"localhost:{num_proc}", flag, *argv]
+    return launching.horovodrun_command([Host("localhost", num_proc)], argv, transport=transport)
 
 
 def mpirun_command(num_proc: int, argv: Sequence[str]) -> list[str]:
-    """Plain Open MPI `mpirun -np N` on this host, as root, over loopback/shared memory."""
-    return [
-        "mpirun",
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        str(num_proc),
-        "--bind-to",
-        "none",
-        "--mca",
-        "btl",
-        "self,vader,tcp",
-        "--mca",
-        "btl_tcp_if_include",
-        "lo",
-        "--mca",
-        "oob_tcp_if_include",
-        "lo",
-        "-x",
-        "PATH",
-        "-x",
-        "PYTHONPATH",
-        "-x",
-        "TF_CPP_MIN_LOG_LEVEL",
-        "-x",
-        "PYTHONUNBUFFERED",
-        *argv,
-    ]
-
-
-def tf_config(workers: Sequence[str], index: int) -> str:
-    """TF_CONFIG for worker `index` of a MultiWorkerMirroredStrategy cluster."""
-    return json.dumps(
-        {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
+    """Open MPI's `mpirun -np N` on this host over loopback, as `dist-share launch` writes it."""
+    cmd = launching.mpirun_command(
+        [Host("localhost", num_proc)], argv, network_interface="lo", allow_run_as_root=True
     )
+    # A CI machine may have fewer cores than ranks.
+    return [cmd[0], "--oversubscribe", *cmd[1:]]
 
 
 def run_multiworker(
@@ -160,13 +133,13 @@ def run_multiworker(
     All workers run concurrently (the collective needs every one of them); if any fails or the
     deadline passes, the rest are killed.
     """
-    workers = [f"127.0.0.1:{free_port()}" for _ in range(num_workers)]
+    workers = [f"127.0.0.1:{free_port('127.0.0.1')}" for _ in range(num_workers)]
     procs = []
     deadline = time.monotonic() + timeout
     try:
         for i in range(num_workers):
             wenv = dict(env or {})
-            wenv["TF_CONFIG"] = tf_config(workers, i)
+            wenv["TF_CONFIG"] = launching.tf_config(workers, i)
             procs.append(
                 subprocess.Popen(
                     list(argv),

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from dist_share.errors import ConfigError
 from dist_share.gradients import GradientOptions, reduce_gradients
+from dist_share.launching import free_port, tf_config_dict
 
 STRATEGY_NAMES = ("local", "mirrored", "multiworker", "horovod")
 DatasetFn = Callable[[tf.distribute.InputContext], tf.data.Dataset]
@@ -343,23 +344,13 @@ def discover_tf_config(env: Mapping[str, str]) -> dict | None:
     return None
 
 
-def _tf_config(workers: list[str], index: int) -> dict:
-    return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _tf_config_from_mpi() -> dict:
     """Every rank picks a free port and the ranks allgather host:port over MPI."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    workers = comm.allgather(f"{socket.gethostname()}:{_free_port()}")
-    return _tf_config(workers, comm.Get_rank())
+    workers = comm.allgather(f"{socket.gethostname()}:{free_port()}")
+    return tf_config_dict(workers, comm.Get_rank())
 
 
 def expand_nodelist(nodelist: str, use_scontrol: bool | None = None) -> list[str]:
@@ -392,7 +383,7 @@ def tf_config_from_slurm(env: Mapping[str, str], base_port: int | None = None) -
     per_node = -(-ntasks // len(nodes))
     port = base_port or int(env.get("DIST_SHARE_BASE_PORT", "23456"))
     workers = [f"{nodes[i // per_node]}:{port + i % per_node}" for i in range(ntasks)]
-    return _tf_config(workers, rank)
+    return tf_config_dict(workers, rank)
 
 
 def _tf_config_from_horovodrun(env: Mapping[str, str]) -> dict:
@@ -401,11 +392,11 @@ def _tf_config_from_horovodrun(env: Mapping[str, str]) -> dict:
     base = f"http://{env['HOROVOD_GLOO_RENDEZVOUS_ADDR']}:{env['HOROVOD_GLOO_RENDEZVOUS_PORT']}"
     host = env.get("HOROVOD_HOSTNAME", socket.gethostname())
     host = "127.0.0.1" if host in ("localhost", "127.0.0.1") else host
-    mine = f"{host}:{_free_port()}".encode()
+    mine = f"{host}:{free_port()}".encode()
     req = urllib.request.Request(f"{base}/dist_share_tf_config/{rank}", data=mine, method="PUT")
     urllib.request.urlopen(req, timeout=30).close()
     workers = [_kv_get(f"{base}/dist_share_tf_config/{i}") for i in range(size)]
-    return _tf_config(workers, rank)
+    return tf_config_dict(workers, rank)
 
 
 def _kv_get(url: str, timeout: float = 120.0) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from dist_share.config import OPTIMIZERS, runtime_defaults
 from dist_share.errors import ConfigError, DataError
 from dist_share.gradients import take_over_reduction
 from dist_share.strategies import DatasetFn, Strategy
@@ -37,41 +38,7 @@ _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
 ).SerializeToString()
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "optimizer": {
-        "name": "adam",
-        "learning_rate": 0.001,
-        "scale_lr_by_world_size": False,
-        "clipnorm": None,
-        "weight_decay": None,
-        "momentum": 0.0,
-    },
-    "training": {
-        "steps": 600,
-        "batch_size": 64,
-        "grad_accum_steps": 1,
-        "mixed_precision": False,
-        "loop": "custom",
-        "log_every": 50,
-        "eval_every": 200,
-        "eval_batches": None,
-        "deterministic": False,
-        "seed": 0,
-    },
-    "strategy": {
-        "name": "local",
-        "num_cpu_devices": None,
-        "horovod": {
-            "compression": "none",
-            "op": "average",
-            "grouped_allreduce": True,
-            "sparse_as_dense": False,
-        },
-        "sparse": {"dedup": True, "dense_threshold": 0.5},
-    },
-    "checkpoint": {"every": 200, "keep": 3, "resume": True},
-    "logging": {"tensorboard": True, "progress_bar": True},
-}
+DEFAULTS: dict[str, dict[str, Any]] = runtime_defaults()
 
 
 class ModelSpecLike(Protocol):
@@ -95,9 +62,6 @@ def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
         return given
 
     return merge(DEFAULTS, dict(config or {}))
-
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 
 
 def make_optimizer(opt_cfg: Mapping[str, Any], num_replicas: int = 1) -> keras.optimizers.Optimizer:

@@ -17,26 +17,15 @@
 set -euo pipefail
 
 PYTHON="${DIST_SHARE_PYTHON:-python}"
-DRY_RUN="${DRY_RUN:-0}"
 
-quote() {
-  case "$1" in
-    '' | *[!A-Za-z0-9_@%+=:,./-]*) printf "'%s'" "${1//\'/\'\"\'\"\'}" ;;
-    *) printf '%s' "$1" ;;
-  esac
-}
-
-run() {
-  if [ "$DRY_RUN" = 1 ]; then
-    local out="" arg
-    for arg in "$@"; do out+="$(quote "$arg") "; done
-    printf '%s\n' "${out% }"
-    exit 0
-  fi
-  exec "$@"
-}
-
-die() { printf 'dist-share-entrypoint: %s\n' "$*" >&2; exit 2; }
+# run/quote/die are the launch scripts' own (launch/common.sh): the image copies launch/ to
+# /opt/dist_share/launch; from a checkout it sits beside docker/.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+for common in "${DIST_SHARE_HOME:-/opt/dist_share}/launch/common.sh" "$here/../launch/common.sh"; do
+  # shellcheck source=launch/common.sh
+  [ -f "$common" ] && { . "$common"; break; }
+done
+declare -F run >/dev/null || { echo "dist-share-entrypoint: launch/common.sh not found" >&2; exit 2; }
 
 need() {
   local name

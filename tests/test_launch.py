@@ -21,6 +21,7 @@ ROOT = Path(__file__).parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(
     [*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch"), ROOT / "docker" / "entrypoint.sh"]
+    + [ROOT / "bootstrap", ROOT / ".ci" / "run"]
 )
 EXE = str(Path(sys.executable).parent / "dist-share")
 TRAIN = [
