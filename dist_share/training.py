@@ -269,6 +269,8 @@ class Trainer:
             def train_fn(iterator: Any) -> dict[str, tf.Tensor]:
                 features, labels = next(iterator)
                 out = self.strategy.run(self._replica_train_step, (features, labels))
+                # Counted in the graph: a host-side assign per step costs more than the op.
+                self.global_step.assign_add(1)
                 return self.strategy.reduce_sum(out)
 
             self._train_fn = train_fn
@@ -351,7 +353,6 @@ class Trainer:
         while step < self.steps:
             logs = self.train_step(iterator)
             step += 1
-            self.global_step.assign(step)
             window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
             n_window += 1
             if progbar is not None:

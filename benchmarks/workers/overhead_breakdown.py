@@ -8,6 +8,9 @@ and data, timed in interleaved blocks (wall and process CPU time, median):
 1. ``plain``: ``tf.function`` step (GradientTape, apply_gradients), batch fetched in Python.
 2. ``+ metrics``: the same step also sums the ModelSpec's metrics (the Trainer logs them).
 3. ``+ byte count``: ... and returns ``gradients.comm_bytes`` of the gradients.
+   ``plain, iterator inside tf.function`` / ``plain, tf.distribute iterator + strategy.run``:
+   the plain step fed the way the Trainer feeds it (the dataset distributed by the local
+   strategy, ``strategy.run`` and ``strategy.reduce_sum`` around the step).
 4. ``trainer compiled step``: the Trainer's own ``tf.function`` (iterator inside, strategy.run,
    reduce_gradients, reduce_sum), called directly.
 5. ``+ host floats``: ``Trainer.train_step`` (the hook: converts the outputs to Python floats).
@@ -102,7 +105,36 @@ def main() -> None:
             trainer.train_step(t_iter)
             trainer.global_step.assign(i)
 
+    # The same plain step, fed the way the Trainer feeds its step: the iterator inside the
+    # tf.function, and then tf.distribute's dataset/iterator + strategy.run (OneDeviceStrategy).
+    in_fn_step = steps["plain"]
+
+    @tf.function
+    def plain_iter_in_fn(iterator):
+        features, labels = next(iterator)
+        return in_fn_step(features, labels)["loss"]
+
+    @tf.function
+    def plain_dist_iter(iterator):
+        features, labels = next(iterator)
+        out = strategy.run(lambda f, y: in_fn_step(f, y)["loss"], (features, labels))
+        return strategy.reduce_sum(out)
+
+    i_iter = iter(dataset_fn(tf.distribute.InputContext()))
+    d_iter = iter(strategy.distribute_dataset(dataset_fn))
+
+    def iter_runner(fn, iterator):
+        def run() -> None:
+            out = None
+            for _ in range(args.block):
+                out = fn(iterator)
+            float(out)
+
+        return run
+
     runners = {name: plain_runner(s) for name, s in steps.items()}
+    runners["plain, iterator inside tf.function"] = iter_runner(plain_iter_in_fn, i_iter)
+    runners["plain, tf.distribute iterator + strategy.run"] = iter_runner(plain_dist_iter, d_iter)
     runners["trainer compiled step"] = trainer_fn
     runners["+ host floats (train_step)"] = trainer_step
     runners["+ global_step.assign"] = trainer_step_assign
