@@ -94,7 +94,8 @@ class Field:
         return text + (" or null" if self.nullable else "")
 
 
-def _block_default() -> dict:
+def default_block() -> dict:
+    """The tower block a config gets when it names none (also models.build_model's default)."""
     return {
         "type": "conv2d",
         "filters": [16, 32],
@@ -280,7 +281,7 @@ def _family_defaults(family: str) -> dict:
         "multiview": {"type": "sparse_categorical_crossentropy"},
     }[family]
     return {
-        "model": {"loss": loss, "tower": {"block": _block_default()}},
+        "model": {"loss": loss, "tower": {"block": default_block()}},
         "data": {"source": "digits"},
     }
 

@@ -16,6 +16,7 @@ import keras
 
 from dist_share import heads, losses
 from dist_share.blocks import CombineFields, build_block, check_block_input, validate_block_spec
+from dist_share.config import default_block
 from dist_share.errors import ConfigError
 from dist_share.towers import SHARING_MODES, SharedTower, validate_groups
 
@@ -45,14 +46,6 @@ _FAMILY_KEYS = {
     "triplet": ("tower", "head"),
     "multiview": ("tower", "head", "num_classes"),
     "two_tower": ("tables", "query", "candidate"),
-}
-_DEFAULT_BLOCK = {
-    "type": "conv2d",
-    "filters": [16, 32],
-    "kernel_size": 3,
-    "pool_size": 2,
-    "activation": "relu",
-    "dense": [64],
 }
 
 
@@ -148,7 +141,7 @@ def _tower(
             "model.tower.sharing",
             f"unknown sharing mode {sharing!r}; expected one of {SHARING_MODES}",
         )
-    block = validate_block_spec(tower.get("block", _DEFAULT_BLOCK), "model.tower.block")
+    block = validate_block_spec(tower.get("block") or default_block(), "model.tower.block")
     groups = tower.get("groups")
     if sharing == "grouped":
         groups = validate_groups(groups, len(names), "model.tower.groups")
