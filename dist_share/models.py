@@ -16,23 +16,15 @@ import keras
 
 from dist_share import heads, losses
 from dist_share.blocks import CombineFields, build_block, check_block_input, validate_block_spec
-from dist_share.config import default_block
+from dist_share.config import FAMILIES, HEADS, LOSSES, default_block
 from dist_share.errors import ConfigError
 from dist_share.towers import SHARING_MODES, SharedTower, validate_groups
 
-MODEL_FAMILIES = ("siamese", "triplet", "multiview", "two_tower")
-
-_FAMILY_LOSSES = {
-    "siamese": ("contrastive",),
-    "triplet": ("triplet",),
-    "multiview": ("sparse_categorical_crossentropy",),
-    "two_tower": ("binary", "in_batch_softmax"),
-}
-_FAMILY_HEADS = {
-    "siamese": ("l2", "cosine"),
-    "triplet": ("l2",),
-    "multiview": ("concat", "mean", "sum"),
-}
+# The families and which losses and heads fit each are config.py's tables (Keras-free, so that
+# `dist-share config` validates without loading TensorFlow); the builders use the same ones.
+MODEL_FAMILIES = FAMILIES
+_FAMILY_LOSSES = LOSSES
+_FAMILY_HEADS = HEADS
 _DEFAULT_LOSS = {
     "siamese": {"type": "contrastive", "margin": 1.0},
     "triplet": {"type": "triplet", "margin": 1.0},
