@@ -77,15 +77,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_job(
-    command: Sequence[str],
-    timeout: float,
-    env: Mapping[str, str] | None = None,
-    cwd: str | os.PathLike | None = None,
-) -> JobResult:
-    """Run `command` in a new process group; on timeout kill the whole group and raise."""
-    proc = subprocess.Popen(
-        list(command),
+def _start(
+    argv: Sequence[str], env: Mapping[str, str] | None, cwd: str | os.PathLike | None
+) -> subprocess.Popen:
+    """Start `argv` as the leader of a new process group, output captured in one stream."""
+    return subprocess.Popen(
+        list(argv),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -93,6 +90,16 @@ def run_job(
         cwd=cwd,
         start_new_session=True,
     )
+
+
+def run_job(
+    command: Sequence[str],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> JobResult:
+    """Run `command` in a new process group; on timeout kill the whole group and raise."""
+    proc = _start(command, env, cwd)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -142,17 +149,7 @@ def run_multiworker(
         for i in range(num_workers):
             wenv = dict(env or {})
             wenv["TF_CONFIG"] = launching.tf_config(workers, i)
-            procs.append(
-                subprocess.Popen(
-                    list(argv),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                    env=worker_env(wenv),
-                    cwd=cwd,
-                    start_new_session=True,
-                )
-            )
+            procs.append(_start(argv, wenv, cwd))
         results = []
         for p in procs:
             remaining = max(1.0, deadline - time.monotonic())
