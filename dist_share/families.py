@@ -36,11 +36,12 @@ class Family:
     sources: tuple[str, ...] = ()  # data sources that fit; the first is the default
     model_keys: tuple[str, ...] = COMMON_MODEL_KEYS
     label_dtype: str = "float32"
+    fixed_streams: tuple[str, ...] = ()  # empty: the data config decides (multiview)
 
     # -- streams and labels --------------------------------------------------------------
     def streams(self, data: DataConfig) -> list[str]:
         """Stream names in model input order."""
-        raise NotImplementedError
+        return list(self.fixed_streams)
 
     def stream_dtype(self, stream: str) -> str:
         """The dtype a stream is fed as (``.npz`` arrays are cast to it)."""
@@ -120,10 +121,6 @@ class TowerFamily(Family):
 
     sources = ("digits", "npz", "random")
     model_keys = (*COMMON_MODEL_KEYS, "head", "tower")
-    fixed_streams: tuple[str, ...] = ()
-
-    def streams(self, data: DataConfig) -> list[str]:
-        return list(self.fixed_streams)
 
     def check_model(self, model: ModelConfig, num_views: int | None) -> ModelConfig:
         from dist_share import blocks, towers
@@ -280,10 +277,8 @@ class TwoTowerFamily(Family):
     losses = ("binary", "in_batch_softmax")
     sources = ("two_tower_synthetic", "npz", "random")
     model_keys = (*COMMON_MODEL_KEYS, "tables", "query", "candidate")
+    fixed_streams = ("query_user", "query_history", "candidate_item")
     SIDES = ("query", "candidate")
-
-    def streams(self, data: DataConfig) -> list[str]:
-        return ["query_user", "query_history", "candidate_item"]
 
     def stream_dtype(self, stream: str) -> str:
         return "int32"
@@ -309,7 +304,7 @@ class TwoTowerFamily(Family):
                 "model.tables", "is required for family two_tower, e.g. {users: {vocab_size: 500}}"
             )
         fed: dict[str, str] = {}
-        streams = self.streams(None)  # type: ignore[arg-type]
+        streams = list(self.fixed_streams)
         for side in self.SIDES:
             scfg = getattr(model, side)
             path = f"model.{side}"

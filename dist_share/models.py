@@ -42,7 +42,7 @@ def _shape_dtype(spec: Any) -> tuple[tuple, str]:
 
 def _stream_names(family: Family, input_specs: Mapping[str, Any]) -> list[str]:
     """The family's streams, checked against the data's (multiview's count comes from the data)."""
-    if isinstance(family, TowerFamily) and not family.fixed_streams:
+    if not family.fixed_streams:
         views = sorted(
             (int(m.group(1)), name)
             for name in input_specs
@@ -61,7 +61,7 @@ def _stream_names(family: Family, input_specs: Mapping[str, Any]) -> list[str]:
                 f"multiview streams must be view0 ... view{len(names) - 1} without gaps, got {names}",
             )
     else:
-        names = family.streams(None)  # type: ignore[arg-type]  # fixed for these families
+        names = list(family.fixed_streams)
     for name in names:
         if name not in input_specs:
             raise ConfigError(
