@@ -374,23 +374,55 @@ def _tf_config_from_mpi() -> dict:
 
 
 def expand_nodelist(nodelist: str, use_scontrol: bool | None = None) -> list[str]:
-    """Expand a Slurm nodelist (``node[01-03,07],gpu5``); uses scontrol when it is installed."""
-    if use_scontrol is None:
-        use_scontrol = shutil.which("scontrol") is not None
-    if use_scontrol:
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
-        )
-        return out.stdout.split()
+    """Expand a Slurm node list (``node[01-03,07],gpu5``, ``rack[1-2]-n[1-4]``) into host names.
+
+    The built-in parser handles Slurm's host-list syntax (comma-separated names, each with any
+    number of bracketed, zero-padded ranges), so the result does not depend on whether the
+    machine has Slurm's tools or a reachable Slurm configuration. ``scontrol show hostnames`` is
+    only asked when the built-in parser cannot read the list (``use_scontrol=None``, the
+    default), always (``True``) or never (``False``).
+
+    Raises:
+        ConfigError: the list cannot be expanded (neither parser understood it; scontrol's
+            message is included when it was asked).
+    """
+    hosts = None if use_scontrol else _parse_nodelist(nodelist)
+    if hosts is not None:
+        return hosts
+    why = f"cannot expand the Slurm node list {nodelist!r}"
+    if use_scontrol is False:
+        raise ConfigError("strategy.name", why)
+    if shutil.which("scontrol") is None:
+        raise ConfigError("strategy.name", f"{why} (and scontrol is not installed)")
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30
+    )
+    if out.returncode != 0 or not out.stdout.split():
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        detail = lines[-1] if lines else f"exit code {out.returncode}"
+        raise ConfigError("strategy.name", f"{why}: scontrol show hostnames failed: {detail}")
+    return out.stdout.split()
+
+
+def _parse_nodelist(nodelist: str) -> list[str] | None:
+    """Slurm's host-list syntax without scontrol; None where it is not that syntax."""
+    names = re.findall(r"(?:[^,\[\]]|\[[^\[\]]*\])+", nodelist)
+    if ",".join(names) != nodelist.strip(","):
+        return None  # unbalanced or nested brackets, empty names
     hosts: list[str] = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{str(i).zfill(len(lo))}")
+    for name in names:
+        expanded = [""]
+        for text, bracket, ranges in re.findall(r"([^\[]*)(\[([^\]]*)\])?", name):
+            values = [""]
+            if bracket:
+                values = []
+                for part in ranges.split(","):
+                    lo, dash, hi = part.partition("-")
+                    if not lo.isdigit() or (dash and not hi.isdigit()) or int(hi or lo) < int(lo):
+                        return None
+                    values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+            expanded = [e + text + v for e in expanded for v in values]
+        hosts += expanded
     return hosts
 
 

@@ -19,11 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 import train_common as tc  # noqa: E402
 import train_jobs  # noqa: E402
 
+max_diff = tc.max_diff
 STRATEGY = get_strategy({"name": "local"})
-
-
-def max_diff(a: dict, b: dict) -> float:
-    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
 
 
 @pytest.mark.slow

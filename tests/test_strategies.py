@@ -50,6 +50,19 @@ def test_import_leaves_horovod_out_and_multiworker_needs_a_launcher() -> None:
 def test_expand_nodelist_without_scontrol() -> None:
     hosts = expand_nodelist("node[01-03,07],gpu5,a[8-10]", use_scontrol=False)
     assert hosts == ["node01", "node02", "node03", "node07", "gpu5", "a8", "a9", "a10"]
+    assert expand_nodelist("r[1-2]-n[09-10]", use_scontrol=False) == [
+        "r1-n09",
+        "r1-n10",
+        "r2-n09",
+        "r2-n10",
+    ]
+
+
+@pytest.mark.parametrize("nodelist", ["n[1-2", "n[]", "n[a-b]", "n[3-1]", "n[[1]]"])
+def test_unreadable_nodelist_is_reported_by_name(nodelist: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        expand_nodelist(nodelist, use_scontrol=False)
+    assert str(e.value).endswith(f"cannot expand the Slurm node list {nodelist!r}")
 
 
 def test_tf_config_from_slurm_places_tasks_blockwise() -> None:
