@@ -7,9 +7,11 @@ once per test session and torn down at its end.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from dist_share.processes import run_job
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
+from clusters import podman  # noqa: E402
 from clusters.slurm import SlurmCluster  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -64,3 +67,52 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_job([*cmd, *CLUSTER_TRAIN_ARGS], timeout=300, cwd=ROOT).check()
     print(f"reference local run: {time.monotonic() - t0:.1f} s")
     return run_dir
+
+
+@dataclass
+class BuiltImage:
+    """The CPU image built once per session, and what it took."""
+
+    tag: str
+    context: Path  # a copy of the repository (tests may edit it and rebuild)
+    log: str
+    seconds: float
+    base_seconds: float
+    base_how: str  # present | imported | debootstrapped
+    size_bytes: int
+
+    def build(self) -> tuple[str, float]:
+        """Build docker/Dockerfile.cpu from ``context`` again, exactly as the first time."""
+        return podman.build_image(
+            self.context, "docker/Dockerfile.cpu", self.tag, **cpu_build_args()
+        )
+
+
+def cpu_build_args() -> dict:
+    """The local Debian base (no registry here) and bootstrap's Horovod wheels, if built."""
+    contexts = {}
+    if any((podman.CACHE / "wheels").glob("horovod-*/horovod-*.whl")):
+        contexts["horovod-wheels"] = podman.CACHE / "wheels"
+    return {"build_args": {"BASE_IMAGE": podman.BASE_IMAGE}, "build_contexts": contexts}
+
+
+@pytest.fixture(scope="session")
+def cpu_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """dist-share:cpu built with podman from docker/Dockerfile.cpu (layers cached by podman)."""
+    t0 = time.monotonic()
+    _, how = podman.ensure_base_image()
+    base_seconds = time.monotonic() - t0
+    context = tmp_path_factory.mktemp("image") / "dist_share"
+    shutil.copytree(
+        ROOT,
+        context,
+        ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".*_cache"),
+    )
+    image = BuiltImage("localhost/dist-share:cpu", context, "", 0.0, base_seconds, how, 0)
+    image.log, image.seconds = image.build()
+    image.size_bytes = podman.image_size_bytes(image.tag)
+    print(
+        f"base image {how} in {base_seconds:.1f} s; dist-share:cpu built in {image.seconds:.1f} s,"
+        f" {image.size_bytes / 1e6:.0f} MB"
+    )
+    return image

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from clusters.slurm import JobState, SlurmCluster
 from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT
 
-from clusters.slurm import JobState, SlurmCluster
 from dist_share.processes import free_port
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
@@ -141,7 +141,13 @@ def test_scancel_preempts_saves_and_the_resubmitted_job_resumes(
     the same step, the chief checkpoints that step and the job exits 75; the same sbatch line
     again resumes from there and completes."""
     steps = 400
-    args = [*CLUSTER_TRAIN_ARGS, "--set", f"training.steps={steps}", "--set", "checkpoint.every=1000"]
+    args = [
+        *CLUSTER_TRAIN_ARGS,
+        "--set",
+        f"training.steps={steps}",
+        "--set",
+        "checkpoint.every=1000",
+    ]
     run_dir = Path(tempfile.mkdtemp(prefix="slurm_scancel_")) / "run"
     job_id, log = _submit(slurm_cluster, "slurm_horovod.sbatch", run_dir, args)
     slurm_cluster.wait_until(job_id, {"RUNNING"}, timeout=120)
