@@ -89,10 +89,20 @@ class BuiltImage:
 
 
 def cpu_build_args() -> dict:
-    """The local Debian base (no registry here) and bootstrap's Horovod wheels, if built."""
+    """The local Debian base (no registry here), bootstrap's Horovod wheels if built, and the
+    host's CA certificates for the downloads."""
     contexts = {}
     if any((podman.CACHE / "wheels").glob("horovod-*/horovod-*.whl")):
         contexts["horovod-wheels"] = podman.CACHE / "wheels"
+    # This machine reaches PyPI through a TLS-inspecting proxy its own CA bundle trusts.
+    host_ca = Path("/etc/ssl/certs/ca-certificates.crt")
+    if host_ca.exists():
+        ca_dir = podman.CACHE / "build-ca-certificates"
+        ca_dir.mkdir(parents=True, exist_ok=True)
+        copy = ca_dir / "host-ca-certificates.crt"
+        if not copy.exists() or copy.read_bytes() != host_ca.read_bytes():
+            shutil.copyfile(host_ca, copy)
+        contexts["build-ca-certificates"] = ca_dir
     return {"build_args": {"BASE_IMAGE": podman.BASE_IMAGE}, "build_contexts": contexts}
 
 
