@@ -109,6 +109,9 @@ def cpu_build_args() -> dict:
 @pytest.fixture(scope="session")
 def cpu_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     """dist-share:cpu built with podman from docker/Dockerfile.cpu (layers cached by podman)."""
+    missing = podman.missing_tools()
+    if missing:
+        pytest.fail(f"container tools missing: {', '.join(missing)}; run ./bootstrap setup")
     t0 = time.monotonic()
     _, how = podman.ensure_base_image()
     base_seconds = time.monotonic() - t0

@@ -45,7 +45,7 @@ class PodmanError(RuntimeError):
 
 
 def missing_tools() -> list[str]:
-    tools = ["podman", "runc", "podman-compose", "debootstrap"]
+    tools = ["podman", "runc", "debootstrap"]
     return [t for t in tools if not (shutil.which(t) or shutil.which(t, path="/usr/sbin"))]
 
 
