@@ -41,7 +41,7 @@ def _step_cached(log: str, marker: str) -> bool:
     return all("--> Using cache" in s for s in matching)
 
 
-def test_cpu_image_has_the_project_horovod_and_trains(cpu_image: BuiltImage) -> None:
+def test_cpu_image_has_the_project_and_horovod_with_gloo_and_mpi(cpu_image: BuiltImage) -> None:
     print(
         f"dist-share:cpu: {cpu_image.size_bytes / 1e6:.0f} MB, built in {cpu_image.seconds:.1f} s"
         f" (base {cpu_image.base_how} in {cpu_image.base_seconds:.1f} s)"
@@ -57,17 +57,7 @@ def test_cpu_image_has_the_project_horovod_and_trains(cpu_image: BuiltImage) -> 
     )
     versions = _run(cpu_image, "python", "-c", check).split()
     assert versions[-2].startswith("2.21") and versions[-1].startswith("3.")
-    out = _run(
-        cpu_image,
-        "dist-share",
-        "train",
-        CONFIG,
-        "--run-dir",
-        "/tmp/run",
-        *CLUSTER_TRAIN_ARGS,
-        timeout=600,
-    )
-    assert "final eval" in out, out[-3000:]
+    # Training in the image is the compose test's job (one TensorFlow start less here).
     # The default command is the CLI's help, through the entrypoint.
     assert "usage: dist-share" in _run(cpu_image)
 
