@@ -7,8 +7,10 @@ once per test session and torn down at its end.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,21 +49,38 @@ CLUSTER_TRAIN_ARGS = [
 CLUSTER_TRAIN_STEPS = 6
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    """A one-node Slurm cluster (this host, all CPUs), up for the whole session."""
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.start()
+@contextlib.contextmanager
+def _session_dir(prefix: str) -> Iterator[Path]:
+    """A directory for the whole session, removed at its end. Not pytest's tmp_path_factory:
+    pytest deletes all but the newest 3 base temp directories when a session starts, so another
+    session starting on the same machine would delete a running cluster's spool directory."""
+    path = Path(tempfile.mkdtemp(prefix=f"dist_share_{prefix}_"))
     try:
-        yield cluster
+        yield path
     finally:
-        cluster.stop()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A one-node Slurm cluster (this host, all CPUs), up for the whole session."""
+    with _session_dir("slurm") as root:
+        cluster = SlurmCluster(root)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_run() -> Iterator[Path]:
     """The run directory of CONFIG + CLUSTER_TRAIN_ARGS trained by one local process."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    with _session_dir("reference") as root:
+        yield _train_reference(root / "run")
+
+
+def _train_reference(run_dir: Path) -> Path:
     t0 = time.monotonic()
     cmd = [DIST_SHARE, "train", CONFIG, "--strategy", "local", "--run-dir", str(run_dir)]
     run_job([*cmd, *CLUSTER_TRAIN_ARGS], timeout=300, cwd=ROOT).check()
@@ -107,7 +126,12 @@ def cpu_build_args() -> dict:
 
 
 @pytest.fixture(scope="session")
-def cpu_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+def cpu_image() -> Iterator[BuiltImage]:
+    with _session_dir("image") as root:
+        yield _build_cpu_image(root / "dist_share")
+
+
+def _build_cpu_image(context: Path) -> BuiltImage:
     """dist-share:cpu built with podman from docker/Dockerfile.cpu (layers cached by podman)."""
     missing = podman.missing_tools()
     if missing:
@@ -115,7 +139,6 @@ def cpu_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     t0 = time.monotonic()
     _, how = podman.ensure_base_image()
     base_seconds = time.monotonic() - t0
-    context = tmp_path_factory.mktemp("image") / "dist_share"
     shutil.copytree(
         ROOT,
         context,
