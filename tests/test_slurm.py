@@ -83,7 +83,7 @@ def _run_to_end(cluster: SlurmCluster, script: str, **env: str) -> tuple[JobStat
     state = cluster.wait(job_id, timeout=600)
     output = log.read_text() if log.exists() else "(no job output file)"
     print(f"{script} {env}: job {job_id} {state.state} in {time.monotonic() - t0:.1f} s")
-    assert (state.state, state.exit_code) == ("COMPLETED", 0), output[-6000:]
+    assert (state.state, state.exit_code) == ("COMPLETED", 0), output[-6000:] + cluster.logs()
     return state, run_dir, output
 
 
@@ -154,7 +154,9 @@ def test_scancel_preempts_saves_and_the_resubmitted_job_resumes(
     slurm_cluster.wait_until(job_id, {"RUNNING"}, timeout=120)
     deadline = time.monotonic() + 600  # TensorFlow's start alone takes minutes on a busy machine
     while not (run_dir / "metrics.jsonl").exists() or len(_train_records(run_dir)) < 3:
-        assert not slurm_cluster.job(job_id).finished, log.read_text()[-4000:]
+        assert not slurm_cluster.job(job_id).finished, (
+            log.read_text()[-4000:] + slurm_cluster.logs()
+        )
         assert time.monotonic() < deadline, "the job logged no training step in 600 s"
         time.sleep(0.2)
     t0 = time.monotonic()
