@@ -161,9 +161,24 @@ def build_image(
         cmd += ["--build-context", f"{name}={path}"]
     if target:
         cmd += ["--target", target]
+    previous = _image_id(tag)
     t0 = time.monotonic()
     log = run([*cmd, "."], timeout, cwd=repo)
-    return log, time.monotonic() - t0
+    seconds = time.monotonic() - t0
+    if previous and previous != _image_id(tag):
+        # The image this tag named before; its layers stay cached for the next build.
+        subprocess.run(["podman", "rmi", previous], env=podman_env(), capture_output=True)
+    return log, seconds
+
+
+def _image_id(tag: str) -> str | None:
+    out = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}}", tag],
+        env=podman_env(),
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def image_size_bytes(tag: str) -> int:
