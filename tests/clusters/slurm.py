@@ -96,6 +96,9 @@ class SlurmCluster:
         self.host = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.startup_seconds: float | None = None
+        # Job ids unique across this machine's test clusters: Slurm's PMIx plugin names
+        # directories after them, and a killed step can leave one behind.
+        self.first_job_id = 1000 + (os.getpid() * 1000 + int(time.time())) % 10_000_000
         self._procs: dict[str, subprocess.Popen] = {}
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -126,7 +129,7 @@ class SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmError("a test Slurm cluster needs root (slurmd starts jobs as their user)")
         t0 = time.monotonic()
-        for sub in ("munge", "state", "spool", "log"):
+        for sub in ("munge", "state", "spool", "log", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         # munged checks that its socket's directory is reachable by everyone and the key private.
         os.chmod(self.root, 0o755)
@@ -246,6 +249,8 @@ AuthType=auth/munge
 AuthInfo=socket={munge_socket}
 CredType=cred/munge
 StateSaveLocation={r / "state"}
+TmpFS={r / "tmp"}
+FirstJobId={self.first_job_id}
 SlurmdSpoolDir={r / "spool"}
 SlurmctldPidFile={r / "slurmctld.pid"}
 SlurmdPidFile={r / "slurmd.pid"}
