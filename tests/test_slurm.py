@@ -23,7 +23,7 @@ import pytest
 from clusters.slurm import JobState, SlurmCluster
 from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT
 
-from dist_share.processes import free_port
+from dist_share.launching import free_port
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
