@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -66,11 +67,19 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     """A one-node Slurm cluster (this host, all CPUs), up for the whole session."""
     with _session_dir("slurm") as root:
         cluster = SlurmCluster(root)
+        # The daemons run in their own sessions: a SIGTERM to pytest (CI cancelling the run)
+        # must still reach the teardown below, as Ctrl-C does.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         cluster.start()
         try:
             yield cluster
         finally:
             cluster.stop()
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")
