@@ -53,8 +53,14 @@ def test_dockerfiles_pass_hadolint_and_set_up_like_the_bootstrap(name: str) -> N
         for path in src.split():
             assert (ROOT / path).exists(), f"{name} copies {path}, which does not exist"
     if name == "Dockerfile.gpu":
-        assert re.search(r"^FROM tensorflow/tensorflow:2\.21\.0-gpu$", text, flags=re.M)
+        assert re.search(r"^ARG BASE_IMAGE=tensorflow/tensorflow:2\.21\.0-gpu$", text, flags=re.M)
         assert "DIST_SHARE_TF_EXTRA=gpu" in text
+    if name == "Dockerfile.cpu":
+        assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim-bookworm$", text, flags=re.M)
+    # The base is a build argument; the Horovod wheel and extra CA certificates are optional
+    # named build contexts (empty stages unless replaced with --build-context).
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.M)
+    assert "FROM scratch AS horovod-wheels" in text and "from=horovod-wheels" in text
     assert (DOCKER / f"{name}.dockerignore").read_text().split()[:2] == [".git", ".venv"]
 
 

@@ -17,16 +17,12 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 import train_jobs  # noqa: E402
+from train_common import max_diff  # noqa: E402
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(900)]
 
 TOL = 1e-5
 LAUNCHERS = ["mirrored", "horovod_gloo", "horovod_mpirun", "multiworker"]
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
 
 
 @pytest.mark.parametrize("family", ["shared", "two_tower"])

@@ -130,3 +130,20 @@ def make_dataset_fn(
         return ds.batch(ctx.get_per_replica_batch_size(global_batch), drop_remainder=drop_remainder)
 
     return fn
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between two {name: array} sets with the same names."""
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
+
+
+def checkpoint_variables(run_dir) -> tuple[int, dict[str, np.ndarray]]:
+    """(step, model variables) of a run directory's newest checkpoint, as the trainer saved it."""
+    path = tf.train.latest_checkpoint(str(run_dir) + "/checkpoints")
+    assert path, f"no checkpoint in {run_dir}/checkpoints"
+    reader = tf.train.load_checkpoint(path)
+    names = reader.get_variable_to_shape_map()
+    model = {k: reader.get_tensor(k) for k in names if k.startswith("model_variables/")}
+    assert model, f"{path} holds no model variables: {sorted(names)[:10]}"
+    return int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")), model
