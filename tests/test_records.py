@@ -449,7 +449,7 @@ def check_workers(results: list[dict]) -> None:
 def test_horovodrun_two_ranks_read_every_example_once(shard_sets, tmp_path: Path) -> None:
     argv = [sys.executable, str(WORKERS / "records_shards.py"), "horovod", str(tmp_path)]
     run_job(
-        horovodrun_command(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])]), timeout=300
+        horovodrun_command(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])]), timeout=600
     ).check()
     check_workers([json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)])
 
@@ -457,6 +457,6 @@ def test_horovodrun_two_ranks_read_every_example_once(shard_sets, tmp_path: Path
 @pytest.mark.multiprocess
 def test_multiworker_two_processes_read_every_example_once(shard_sets, tmp_path: Path) -> None:
     argv = [sys.executable, str(WORKERS / "records_shards.py"), "multiworker", str(tmp_path)]
-    for job in run_multiworker(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])], timeout=300):
+    for job in run_multiworker(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])], timeout=600):
         job.check()
     check_workers([json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)])
