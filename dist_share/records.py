@@ -856,7 +856,9 @@ class RecordSource:
             ds = tf.data.TFRecordDataset(
                 tf.gather(paths, f), compression_type=compression, buffer_size=1 << 20
             )
-            return ds.enumerate().map(lambda j, r: (f, j, r))
+            # zip, not enumerate().map(): no Python-traced function runs per record.
+            index = tf.data.Dataset.from_tensors(f).repeat()
+            return tf.data.Dataset.zip((index, tf.data.Dataset.range(2**62), ds))
 
         cycle = max(1, min(cycle_length, len(plan.files)))
         parallel = {"num_parallel_calls": tf.data.AUTOTUNE, "deterministic": True}
