@@ -1031,11 +1031,14 @@ class RecordSource:
                 pass
             return DataError(self._describe_parse_error(path, record, key, detail))
         if isinstance(error, tf.errors.DataLossError):
-            what = re.search(r"(corrupted|truncated) record at (\d+)", text)
             bad = self.find_unreadable_file()
-            where = f"{bad[0]}: {bad[1]}" if bad else f"one of {len(self.files)} shard files"
-            kind = f" ({what.group(1)} record at byte {what.group(2)})" if what else ""
-            return DataError(f"{where}{kind}: the file is damaged; convert the data again")
+            if bad is not None:
+                return DataError(f"{bad[0]}: {bad[1]}: the file is damaged; convert the data again")
+            what = re.search(r"(corrupted|truncated) record at \d+", text)
+            return DataError(
+                f"one of the {len(self.files)} shard files is damaged "
+                f"({what.group(0) if what else text.splitlines()[0]}); convert the data again"
+            )
         return None
 
     def _describe_parse_error(self, path: str, record: str, key: str, detail: str) -> str:
