@@ -868,6 +868,13 @@ class RecordSource:
         if plan.by_example and plan.num_pipelines > 1:
             ds = ds.shard(plan.num_pipelines, plan.pipeline_id)
         if epoch is not None and shuffle_buffer > 1:
+            # The seed is a tensor (it depends on the epoch). tf.data combines it with the graph
+            # seed and, when that is 0 (tf.random.set_seed(0), as the trainer does with
+            # training.seed 0), compares the tensor with 0 in Python and fails. A graph seed of
+            # our own, set inside this traced function only, keeps the order independent of
+            # the user's global seed as well.
+            if not tf.executing_eagerly():  # traced: this sets the function graph's seed only
+                tf.random.set_seed(seed % 1_000_003 + 1)
             ds = ds.shuffle(
                 min(shuffle_buffer, max(plan.epoch_examples, 1)),
                 seed=(tf.cast(epoch, tf.int64) * 1_000_003 + seed) * 1009 + plan.pipeline_id,
