@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from dist_share.config import DataConfig, ModelConfig
 
 NAMES = ("siamese", "triplet", "multiview", "two_tower")
-SOURCES = ("digits", "two_tower_synthetic", "npz", "random")
+SOURCES = ("digits", "two_tower_synthetic", "npz", "random", "tfrecord")
 COMMON_MODEL_KEYS = ("family", "embedding_dim", "loss")
 Arrays = tuple[dict[str, np.ndarray], np.ndarray]
 
@@ -96,6 +96,12 @@ class Family:
                 "data.train_path",
                 "is required for source: npz (a .npz file with one array per stream and 'labels')",
             )
+        if data.source == "tfrecord" and not data.tfrecord.train:
+            raise ConfigError(
+                "data.tfrecord.train",
+                "is required for source: tfrecord (a directory written by `dist-share data "
+                "convert`, or a glob of its shard files)",
+            )
         shape = data.random.image_shape
         if not (
             shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
@@ -118,7 +124,7 @@ class Family:
 class TowerFamily(Family):
     """Families whose streams all go through one `SharedTower` (siamese, triplet, multiview)."""
 
-    sources = ("digits", "npz", "random")
+    sources = ("digits", "npz", "random", "tfrecord")
     model_keys = (*COMMON_MODEL_KEYS, "head", "tower")
     fixed_streams: tuple[str, ...] = ()
 
@@ -278,7 +284,7 @@ class TwoTowerFamily(Family):
 
     name = "two_tower"
     losses = ("binary", "in_batch_softmax")
-    sources = ("two_tower_synthetic", "npz", "random")
+    sources = ("two_tower_synthetic", "npz", "random", "tfrecord")
     model_keys = (*COMMON_MODEL_KEYS, "tables", "query", "candidate")
     SIDES = ("query", "candidate")
 

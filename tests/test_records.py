@@ -17,10 +17,12 @@ import pytest
 import tensorflow as tf
 
 from dist_share import records
-from dist_share.errors import DataError
-from dist_share.processes import horovodrun_command, run_job, run_multiworker
+from dist_share.errors import ConfigError, DataError
+from dist_share.processes import local_horovodrun_command, run_job, run_local_multiworker
 
 WORKERS = Path(__file__).parent / "workers"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG = str(CONFIGS / "siamese_digits.yaml")
 
 
 def make_split(n: int, seed: int = 0) -> records.Arrays:
@@ -450,7 +452,8 @@ def check_workers(results: list[dict]) -> None:
 def test_horovodrun_two_ranks_read_every_example_once(shard_sets, tmp_path: Path) -> None:
     argv = [sys.executable, str(WORKERS / "records_shards.py"), "horovod", str(tmp_path)]
     run_job(
-        horovodrun_command(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])]), timeout=600
+        local_horovodrun_command(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])]),
+        timeout=600,
     ).check()
     check_workers([json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)])
 
@@ -458,6 +461,163 @@ def test_horovodrun_two_ranks_read_every_example_once(shard_sets, tmp_path: Path
 @pytest.mark.multiprocess
 def test_multiworker_two_processes_read_every_example_once(shard_sets, tmp_path: Path) -> None:
     argv = [sys.executable, str(WORKERS / "records_shards.py"), "multiworker", str(tmp_path)]
-    for job in run_multiworker(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])], timeout=600):
+    for job in run_local_multiworker(
+        2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])], timeout=600
+    ):
         job.check()
     check_workers([json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)])
+
+
+# -- the tfrecord source through the config, the CLI and the trainer ----------------------------
+def cli(*argv: str) -> int:
+    from dist_share.cli import main
+
+    return main(list(argv))
+
+
+SMALL = ["--set", "data.train_examples=512", "--set", "data.eval_examples=96"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """The default Siamese digits data (512 train / 96 eval pairs) via `dist-share data convert`."""
+    out = tmp_path_factory.mktemp("converted") / "siamese_digits"
+    assert (
+        cli(
+            "data",
+            "convert",
+            CONFIG,
+            "--out",
+            str(out),
+            "--shards",
+            "4",
+            *SMALL,
+        )
+        == 0
+    )
+    return out
+
+
+def test_convert_writes_the_config_source_exactly(converted: Path) -> None:
+    from dist_share import config, data
+
+    cfg = config.load_config(CONFIG, [s for s in SMALL if s != "--set"])
+    manifest = records.Manifest.load(converted / "manifest.json")
+    assert manifest.family == "siamese" and list(manifest.streams) == ["left", "right"]
+    assert manifest.source["source"] == "digits" and manifest.examples("train") == 512
+    for split in ("train", "eval"):
+        features, labels = data.load_arrays(cfg.data, split)
+        for info in (s for s in manifest.shards if s.split == split):
+            one = records.RecordSource.open(converted / info.file)
+            got = list(one.dataset_fn(64, training=False)(None).unbatch().as_numpy_iterator())
+            lo = info.first_example
+            for k, (feats, label) in enumerate(got):  # values, labels and order within a shard
+                np.testing.assert_array_equal(feats["left"], features["left"][lo + k])
+                np.testing.assert_array_equal(feats["right"], features["right"][lo + k])
+                assert label == labels[lo + k]
+            assert len(got) == info.examples
+
+
+def test_train_from_shards_and_resume_exactly(converted: Path, tmp_path: Path) -> None:
+    """Train 8 steps straight vs 4 + resume 4: the same variables (exact data position)."""
+    common = [
+        "--set", "data.source=tfrecord", "--set", f"data.tfrecord.train={converted}",
+        "--set", "training.batch_size=32", "--set", "training.log_every=2",
+        "--set", "training.eval_every=4", "--set", "checkpoint.every=4",
+        "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
+    ]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert (
+        cli(
+            "train",
+            CONFIG,
+            "--run-dir",
+            str(straight),
+            "--steps",
+            "8",
+            *common,
+        )
+        == 0
+    )
+    assert (
+        cli(
+            "train",
+            CONFIG,
+            "--run-dir",
+            str(resumed),
+            "--steps",
+            "4",
+            *common,
+        )
+        == 0
+    )
+    assert (
+        cli(
+            "train",
+            CONFIG,
+            "--run-dir",
+            str(resumed),
+            "--steps",
+            "8",
+            *common,
+        )
+        == 0
+    )
+    a = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(straight / "checkpoints")))
+    b = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(resumed / "checkpoints")))
+    names = [n for n in a.get_variable_to_shape_map() if "model" in n and "OPTIMIZER" not in n]
+    assert names
+    for n in names:
+        np.testing.assert_allclose(
+            a.get_tensor(n), b.get_tensor(n), rtol=1e-5, atol=1e-6, err_msg=n
+        )
+
+
+def test_config_and_cli_errors_name_the_key_the_file_and_the_stream(
+    converted: Path, tmp_path: Path, capsys
+) -> None:
+    from dist_share import config, data
+
+    def cfg(*sets: str):
+        return config.load_config(CONFIG, ["data.source=tfrecord", *sets])
+
+    with pytest.raises(ConfigError, match="data.tfrecord.train: is required for source: tfrecord"):
+        cfg()
+    with pytest.raises(
+        ConfigError,
+        match="data.tfrecord.train: 'nowhere' does not exist; write the shards first, e.g. `dist-share data convert",
+    ):
+        data.stream_shapes(cfg("data.tfrecord.train=nowhere").data)
+    triplet = config.load_config(
+        str(CONFIGS / "triplet_digits.yaml"),
+        ["data.source=tfrecord", f"data.tfrecord.train={converted}"],
+    )
+    with pytest.raises(
+        DataError, match=r"data.tfrecord.train: .*holds siamese data, expected triplet"
+    ):
+        data.stream_shapes(triplet.data)
+
+    # A bad record met while training: exit code 2, one line naming file, record and stream.
+    bad_dir = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(converted, bad_dir)
+    good = [
+        encode(
+            {"left": ("float_list", [0.5] * 64), "right": ("float_list", [0.5] * 64)},
+            shapes={"left": [8, 8, 1], "right": [8, 8, 1]},
+        )
+        for _ in range(40)
+    ]
+    bad = encode({"left": ("float_list", [0.5] * 64)}, shapes={"left": [8, 8, 1]})
+    path = replace_shard(bad_dir, 1, [*good, bad, *good])
+    run_dir = tmp_path / "run"
+    rc = cli(
+        "train", CONFIG, "--run-dir", str(run_dir), "--steps", "20",
+        "--set", "data.source=tfrecord", "--set", f"data.tfrecord.train={bad_dir}",
+        "--set", "training.batch_size=32", "--set", "logging.progress_bar=false",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert f"{path}, record 40: stream 'right' is missing" in err
+    assert "Traceback" not in err
