@@ -13,11 +13,12 @@ fast; Horovod is imported only by the ``horovod`` strategy, inside ``train``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,21 @@ class _Run:
         return Trainer(self.build_spec, self.strategy, self.cfg, run_dir)
 
 
+@contextlib.contextmanager
+def _input_errors(run: _Run) -> Iterator[None]:
+    """TensorFlow errors about bad TFRecord input become a DataError naming file and stream."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.OpError as e:
+        explained = data_lib.explain_input_error(e, run.train_fn, run.eval_fn)
+        if explained is None:
+            raise
+        explained.while_streaming = True  # type: ignore[attr-defined]
+        raise explained from None
+
+
 def _latest_checkpoint(run_dir: Path) -> str | None:
     import tensorflow as tf
 
@@ -94,10 +110,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = None
     try:
         trainer = run.trainer(run_dir)
-        result = trainer.train(run.train_fn, run.eval_fn)
-    except (ConfigError, DataError):
+        with _input_errors(run):
+            result = trainer.train(run.train_fn, run.eval_fn)
+    except (ConfigError, DataError) as e:
         # A config problem found while building the model: leave no half-made run behind.
-        if run.strategy.is_chief and not existed:
+        # (Bad records met while training keep the run: its checkpoints are still good.)
+        if run.strategy.is_chief and not existed and not getattr(e, "while_streaming", False):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
@@ -131,7 +149,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 run.strategy,
                 "no run directory: evaluating an untrained model (a chance-level baseline)",
             )
-        metrics = trainer.evaluate(run.eval_fn, step=step)
+        with _input_errors(run):
+            metrics = trainer.evaluate(run.eval_fn, step=step)
     finally:
         trainer.close()
     _say(run.strategy, f"eval (step {step}): {_format_metrics(metrics)}")
@@ -202,6 +221,26 @@ def _export_readme(cfg: Config, step: int, specs: dict, diff: float) -> str:
         f"inputs (a dict):\n{inputs}\n"
         f"round-trip check: max abs difference {diff:.2e}\n"
     )
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    cfg = config_lib.load_config(args.config, _overrides(args))
+    manifest = data_lib.convert(
+        cfg.data,
+        args.out,
+        shards=args.shards,
+        eval_shards=args.eval_shards,
+        compression="GZIP" if args.compression == "gzip" else "",
+        overwrite=args.overwrite,
+    )
+    counts = ", ".join(
+        f"{split}: {manifest.examples(split)} examples in "
+        f"{sum(s.split == split for s in manifest.shards)} shards"
+        for split in manifest.splits()
+    )
+    print(f"wrote {manifest.path} ({counts})")
+    print(f"train from it with: --set data.source=tfrecord --set data.tfrecord.train={args.out}")
+    return EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -305,6 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("data", help="data tools: convert a config's data into TFRecord shards")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data_sub.add_parser(
+        "convert",
+        help="write the train and eval splits of a config's data as TFRecord shards + manifest",
+        description="Writes OUT/{train,eval}-NNNNN-of-NNNNN.tfrecord and OUT/manifest.json "
+        "from the config's data source (digits families, two_tower_synthetic, npz, random), "
+        "atomically. Train from them with data.source: tfrecord, data.tfrecord.train: OUT "
+        "(docs/DATA.md).",
+    )
+    p.add_argument("config", help="YAML config whose data section names the source")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--shards", type=int, default=8, help="train shards (default 8; use a multiple of the "
+        "number of workers so that each reads only its own files)",
+    )  # fmt: skip
+    p.add_argument("--eval-shards", type=int, help="eval shards (default: as --shards)")
+    p.add_argument("--compression", choices=("none", "gzip"), default="none")
+    p.add_argument("--overwrite", action="store_true", help="replace a data set already in OUT")
+    add_set(p)
+    p.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser(
         "config", help="validate a config and print it resolved (all defaults filled)"

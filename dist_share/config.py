@@ -142,6 +142,20 @@ class RandomConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TFRecordConfig:
+    """``data.tfrecord``: sharded TFRecord files written by ``dist-share data convert``.
+
+    ``train`` and ``eval`` are each a directory holding a converted data set (its manifest's
+    shards of that split), one shard file, or a glob of shard files (docs/DATA.md).
+    """
+
+    train: str | None = None
+    eval: str | None = None  # null: the eval split of the ``train`` directory
+    sharding: str = option("auto", choices=("auto", "file", "example"))
+    cycle_length: int = option(8, positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """``data``: where examples come from. ``family`` is copied from ``model.family``."""
 
@@ -158,6 +172,7 @@ class DataConfig:
     random: RandomConfig = dataclasses.field(default_factory=RandomConfig)
     train_path: str | None = None
     eval_path: str | None = None
+    tfrecord: TFRecordConfig = dataclasses.field(default_factory=TFRecordConfig)
 
     @property
     def family_spec(self) -> families.Family:

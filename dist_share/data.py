@@ -19,6 +19,10 @@ Sources (``data.source``):
   from the others). Useful to check that a two-tower model learns; not real behaviour data.
 * ``npz``: ``data.train_path`` / ``data.eval_path``, each one array per stream plus ``labels``.
 * ``random``: random tensors of the family's shapes, for input-bound benchmarks.
+* ``tfrecord``: sharded TFRecord files written by ``dist-share data convert`` (``data.tfrecord``),
+  streamed per worker and never held whole (dist_share/records.py; docs/DATA.md). Each worker
+  reads its own files and each example is seen once per epoch across workers; unlike the
+  in-memory sources, global batches depend on the number of workers.
 
 NumPy work happens at import time of nothing: TensorFlow is imported only by the functions that
 build TensorFlow objects, so that ``dist-share config`` can check data without starting TF.
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dist_share import records
 from dist_share.errors import ConfigError, DataError
 from dist_share.families import Arrays
 
@@ -249,6 +254,10 @@ def load_arrays(data: DataConfig, split: str) -> Arrays:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     n = data.train_examples if split == "train" else data.eval_examples
+    if data.source == "tfrecord":
+        raise ConfigError(
+            "data.source", "tfrecord data is streamed from its files, never loaded into memory"
+        )
     if data.source == "npz":
         return _npz(data, split)
     if data.source == "random":
@@ -260,6 +269,15 @@ def load_arrays(data: DataConfig, split: str) -> Arrays:
 def stream_shapes(data: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-example shape and dtype of every stream, without TensorFlow (for config checks)."""
     family = data.family_spec
+    if data.source == "tfrecord":
+        train, evals = record_source(data, "train"), record_source(data, "eval")
+        shapes = {k: (v.shape, np.dtype(v.dtype)) for k, v in train.manifest.streams.items()}
+        eval_shapes = {k: (v.shape, np.dtype(v.dtype)) for k, v in evals.manifest.streams.items()}
+        if eval_shapes != shapes:
+            raise DataError(
+                f"the eval shards hold streams {eval_shapes} but the train shards {shapes}"
+            )
+        return shapes
     if data.source == "npz":
         feats, _ = _npz(data, "train")
         if data.eval_path:
@@ -309,6 +327,12 @@ def train_input(dataset_fn: DatasetFn, start_step: int, stream_names: Sequence[s
     Skipping is per input pipeline: one pipeline feeds num_replicas / num_pipelines replicas.
     """
 
+    starting_at = getattr(dataset_fn, "starting_at", None)
+    if starting_at is not None and start_step:
+        # A source that can start at a step itself (TFRecord shards: it jumps to the epoch and
+        # skips serialized records instead of replaying and parsing every batch since step 0).
+        dataset_fn, start_step = starting_at(start_step), 0
+
     def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
         ds = dataset_fn(ctx)
         check_element_spec(ds.element_spec, stream_names)
@@ -330,6 +354,8 @@ def make_dataset_fn(
     """
     import tensorflow as tf
 
+    if data.source == "tfrecord":
+        return _records_dataset_fn(data, split, global_batch_size, seed)
     feats, labels = load_arrays(data, split)
     n = len(labels)
     if split == "train" and n < global_batch_size:
@@ -351,3 +377,129 @@ def make_dataset_fn(
         return ds.prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
+
+
+# -- TFRecord shards --------------------------------------------------------------------------
+def _records_pattern(data: DataConfig, split: str) -> tuple[str, str]:
+    """(what to open, its config key) for a split of ``source: tfrecord``."""
+    tf_cfg = data.tfrecord
+    if split == "train" or tf_cfg.eval:
+        key = "data.tfrecord.train" if split == "train" else "data.tfrecord.eval"
+        return str(tf_cfg.train if split == "train" else tf_cfg.eval), key
+    if not Path(str(tf_cfg.train)).is_dir():
+        raise ConfigError(
+            "data.tfrecord.eval",
+            "is required when data.tfrecord.train is not a directory "
+            f"(got {tf_cfg.train!r}; give the eval shards' directory or glob)",
+        )
+    return str(tf_cfg.train), "data.tfrecord.train"
+
+
+def record_source(data: DataConfig, split: str) -> records.RecordSource:
+    """The opened and checked shards of one split (``source: tfrecord``).
+
+    Raises:
+        ConfigError: the configured path does not exist (the message gives the convert command).
+        DataError: the shards or their manifest are wrong, or hold other streams than the
+            family needs; the message starts with the config key.
+    """
+    import glob
+
+    pattern, key = _records_pattern(data, split)
+    if not glob.has_magic(pattern) and "://" not in pattern and not Path(pattern).exists():
+        raise ConfigError(
+            key,
+            f"{pattern!r} does not exist; write the shards first, e.g. "
+            f"`dist-share data convert configs/siamese_digits.yaml --out {pattern}` "
+            "(docs/DATA.md)",
+        )
+    try:
+        source = records.RecordSource.open(pattern, split=split, family=data.family)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+    want, have = data.streams, list(source.manifest.streams)
+    if sorted(want) != sorted(have):
+        raise DataError(
+            f"{key}: the shards hold streams {have} but family {data.family} with this config "
+            f"needs {want} (converted from another config?)"
+        )
+    label = source.manifest.label
+    if label.shape or label.dtype != data.family_spec.label_dtype:
+        raise DataError(
+            f"{key}: the shards' labels are {label.describe()}, family {data.family} needs "
+            f"{data.family_spec.label_dtype} []"
+        )
+    return source
+
+
+def _records_dataset_fn(data: DataConfig, split: str, global_batch_size: int, seed: int) -> Any:
+    source = record_source(data, split)
+    if split == "train" and source.num_examples < global_batch_size:
+        raise ConfigError(
+            "training.batch_size",
+            f"is {global_batch_size} but the train shards hold only {source.num_examples} examples",
+        )
+
+    def make(start_step: int) -> DatasetFn:
+        fn = source.dataset_fn(
+            global_batch_size,
+            training=split == "train",
+            seed=seed,
+            shuffle_buffer=data.shuffle_buffer,
+            start_step=start_step,
+            cycle_length=data.tfrecord.cycle_length,
+            sharding=data.tfrecord.sharding,
+        )
+        fn.source = source  # type: ignore[attr-defined]
+        if split == "train":
+            fn.starting_at = make  # type: ignore[attr-defined]
+        return fn
+
+    return make(0)
+
+
+def explain_input_error(error: BaseException, *dataset_fns: Any) -> DataError | None:
+    """A short DataError (file, record, stream) for a TensorFlow error raised while streaming
+    the shards behind `dataset_fns` (None when it is not about them)."""
+    for fn in dataset_fns:
+        source = getattr(fn, "source", None)
+        if source is not None:
+            explained = source.explain(error)
+            if explained is not None:
+                return explained
+    return None
+
+
+def convert(
+    data: DataConfig,
+    out: str | Path,
+    shards: int,
+    eval_shards: int | None = None,
+    compression: str = "",
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> records.Manifest:
+    """Write the train and eval splits of an in-memory source as TFRecord shards + manifest."""
+    if data.source == "tfrecord":
+        raise ConfigError("data.source", "is already tfrecord; convert from an in-memory source")
+    splits = {split: load_arrays(data, split) for split in SPLITS}
+    counts = {"train": shards, "eval": min(eval_shards or shards, len(splits["eval"][1]))}
+    description = {
+        "source": data.source,
+        "family": data.family,
+        "split_seed": data.split_seed,
+        "train_examples": len(splits["train"][1]),
+        "eval_examples": len(splits["eval"][1]),
+    }
+    if data.source == "npz":
+        description.update(train_path=data.train_path, eval_path=data.eval_path)
+    return records.write_shards(
+        out,
+        splits,
+        counts,
+        family=data.family,
+        source=description,
+        compression=compression,
+        overwrite=overwrite,
+        progress=progress,
+    )

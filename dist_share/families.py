@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from dist_share.config import DataConfig, ModelConfig
 
 NAMES = ("siamese", "triplet", "multiview", "two_tower")
-SOURCES = ("digits", "two_tower_synthetic", "npz", "random")
+SOURCES = ("digits", "two_tower_synthetic", "npz", "random", "tfrecord")
 COMMON_MODEL_KEYS = ("family", "embedding_dim", "loss")
 Arrays = tuple[dict[str, np.ndarray], np.ndarray]
 
@@ -97,6 +97,12 @@ class Family:
                 "data.train_path",
                 "is required for source: npz (a .npz file with one array per stream and 'labels')",
             )
+        if data.source == "tfrecord" and not data.tfrecord.train:
+            raise ConfigError(
+                "data.tfrecord.train",
+                "is required for source: tfrecord (a directory written by `dist-share data "
+                "convert`, or a glob of its shard files)",
+            )
         shape = data.random.image_shape
         if not (
             shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
@@ -119,7 +125,7 @@ class Family:
 class TowerFamily(Family):
     """Families whose streams all go through one `SharedTower` (siamese, triplet, multiview)."""
 
-    sources = ("digits", "npz", "random")
+    sources = ("digits", "npz", "random", "tfrecord")
     model_keys = (*COMMON_MODEL_KEYS, "head", "tower")
 
     def check_model(self, model: ModelConfig, num_views: int | None) -> ModelConfig:
@@ -275,7 +281,7 @@ class TwoTowerFamily(Family):
 
     name = "two_tower"
     losses = ("binary", "in_batch_softmax")
-    sources = ("two_tower_synthetic", "npz", "random")
+    sources = ("two_tower_synthetic", "npz", "random", "tfrecord")
     model_keys = (*COMMON_MODEL_KEYS, "tables", "query", "candidate")
     fixed_streams = ("query_user", "query_history", "candidate_item")
     SIDES = ("query", "candidate")
