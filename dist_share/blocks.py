@@ -234,7 +234,15 @@ class _Block(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class MLPBlock(_Block):
-    """Dense layers (+ optional norm) on the flattened per-example input."""
+    """Dense layers (+ optional norm) on the flattened per-example input.
+
+    Args:
+        units: width of each dense layer.
+        activation: after each dense layer (and its norm).
+        norm: ``None``, ``"batch"`` (`StreamBatchNormalization`) or ``"layer"``.
+        output_dim: width of a final linear projection (None: none).
+        **kwargs: `keras.layers.Layer` arguments.
+    """
 
     def __init__(
         self,
@@ -277,7 +285,18 @@ class MLPBlock(_Block):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class Conv2DBlock(_Block):
-    """Conv (+norm) + activation + max-pool per entry of ``filters``, then flatten and dense."""
+    """Conv (+norm) + activation + max-pool per entry of ``filters``, then flatten and dense.
+
+    Args:
+        filters: channels of each ``same``-padded convolution.
+        kernel_size: square kernel size of every convolution.
+        pool_size: max-pool after each convolution (None: no pooling).
+        norm: ``None``, ``"batch"`` (`StreamBatchNormalization`) or ``"layer"``.
+        activation: after each convolution (and its norm) and each dense layer.
+        dense: widths of dense layers after flattening.
+        output_dim: width of a final linear projection (None: none).
+        **kwargs: `keras.layers.Layer` arguments.
+    """
 
     def __init__(
         self,
@@ -378,6 +397,13 @@ class CombineFields(keras.layers.Layer):
     A categorical stream often has several fields (a user id, a history of item ids); each is
     looked up in its table and the results are reduced to one vector so that the tower after it
     sees a fixed width whatever the number of ids.
+
+    Args:
+        combiner: ``mean`` or ``sum``, over each field's length axis and then over fields.
+        **kwargs: `keras.layers.Layer` arguments.
+
+    Raises:
+        ValueError: an unknown combiner.
     """
 
     def __init__(self, combiner: str = "mean", **kwargs: Any) -> None:
@@ -412,6 +438,15 @@ class EmbeddingBlock(_Block):
 
     In a `SharedTower` with sharing ``shared`` the table itself is what is shared across
     streams; the F fields of one stream are combined with ``combiner`` (sum or mean).
+
+    Args:
+        vocab_size: rows of the table.
+        embedding_dim: width of the table.
+        combiner: ``mean`` or ``sum`` over the fields.
+        units: widths of dense layers after the lookup.
+        activation: after each dense layer.
+        output_dim: width of a final linear projection (None: none).
+        **kwargs: `keras.layers.Layer` arguments.
     """
 
     def __init__(
@@ -465,7 +500,18 @@ class EmbeddingBlock(_Block):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class SequenceBlock(_Block):
-    """A sequence ``[B, T, F]`` encoded to one vector: a GRU, or one small transformer layer."""
+    """A sequence ``[B, T, F]`` encoded to one vector: a GRU, or one small transformer layer.
+
+    Args:
+        kind: ``gru`` (the last state) or ``transformer`` (one encoder layer, mean-pooled).
+        units: width of the GRU state or of the transformer.
+        num_heads: attention heads (transformer only).
+        output_dim: width of a final linear projection (None: none).
+        **kwargs: `keras.layers.Layer` arguments.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
 
     def __init__(
         self,
