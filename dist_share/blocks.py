@@ -23,7 +23,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from dist_share.errors import ConfigError
+from dist_share.errors import ConfigError, hint
 from dist_share.folding import folded_streams
 
 BUILTIN_BLOCK_TYPES = ("mlp", "conv2d", "embedding", "gru", "transformer")
@@ -744,6 +744,14 @@ class BlockSpec(Mapping):
     def __repr__(self) -> str:
         return f"BlockSpec({self._data!r})"
 
+    def __reduce__(self) -> tuple:  # copy, deepcopy and pickle rebuild it through __init__
+        return (BlockSpec, (self._data,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._data) == dict(other)
+
+    __hash__ = None  # type: ignore[assignment]  # holds lists: not hashable, like a dict
+
     @property
     def type(self) -> str:
         return self._data["type"]
@@ -829,8 +837,7 @@ def validate_block_spec(spec: Any, path: str = "model.tower.block") -> BlockSpec
     for key in spec:
         if key != "type" and key not in allowed:
             raise ConfigError(
-                f"{path}.{key}",
-                f"unknown key for a {kind} block; allowed: {', '.join(('type', *allowed))}",
+                f"{path}.{key}", f"unknown key for a {kind} block" + hint(key, ("type", *allowed))
             )
     if kind in USER_BLOCK_TYPES:
         return _validate_user_spec(kind, spec, path)

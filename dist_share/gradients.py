@@ -15,15 +15,15 @@ the byte count is the real payload.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from dist_share.errors import ConfigError
+if TYPE_CHECKING:
+    from dist_share.config import StrategyConfig
 
 COMPRESSIONS = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
-OPS = ("average", "sum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,32 +38,16 @@ class GradientOptions:
     sparse_as_dense: bool = False
 
     @classmethod
-    def from_config(cls, strategy_cfg: Mapping[str, Any]) -> GradientOptions:
-        hv = dict(strategy_cfg.get("horovod") or {})
-        sp = dict(strategy_cfg.get("sparse") or {})
-        opts = cls(
-            dedup=bool(sp.get("dedup", True)),
-            dense_threshold=sp.get("dense_threshold", 0.5),
-            compression=hv.get("compression", "none"),
-            op=hv.get("op", "average"),
-            grouped_allreduce=bool(hv.get("grouped_allreduce", True)),
-            sparse_as_dense=bool(hv.get("sparse_as_dense", False)),
+    def from_config(cls, strategy: StrategyConfig) -> GradientOptions:
+        """The options of a validated ``strategy`` section (``sparse`` and ``horovod``)."""
+        return cls(
+            dedup=strategy.sparse.dedup,
+            dense_threshold=strategy.sparse.dense_threshold,
+            compression=strategy.horovod.compression,
+            op=strategy.horovod.op,
+            grouped_allreduce=strategy.horovod.grouped_allreduce,
+            sparse_as_dense=strategy.horovod.sparse_as_dense,
         )
-        if opts.compression not in COMPRESSIONS:
-            raise ConfigError(
-                "strategy.horovod.compression",
-                f"unknown compression {opts.compression!r}; expected one of {sorted(COMPRESSIONS)}",
-            )
-        if opts.op not in OPS:
-            raise ConfigError(
-                "strategy.horovod.op", f"unknown op {opts.op!r}; expected one of {OPS}"
-            )
-        t = opts.dense_threshold
-        if t is not None and (not isinstance(t, (int, float)) or t < 0):
-            raise ConfigError(
-                "strategy.sparse.dense_threshold", f"must be null or a number >= 0, got {t!r}"
-            )
-        return opts
 
 
 def dedup_indexed_slices(grad: tf.IndexedSlices) -> tf.IndexedSlices:
@@ -139,23 +123,24 @@ def _decompress(g: Any, like: Any) -> Any:
 
 def reduce_gradients(
     grads: Sequence[Any],
-    variables: Sequence[Any],
     options: GradientOptions,
     backend: str,
     hvd: Any = None,
 ) -> tuple[list[Any], tf.Tensor]:
     """Prepare and all-reduce gradients across replicas; returns (reduced grads, bytes sent).
 
-    backend 'tf_distribute' sums with the replica context's all_reduce (the loss was divided by
-    the global batch). backend 'horovod' uses Horovod collectives with `options.op`: 'sum' when
-    the loss was divided by the global batch, 'average' when by the per-replica batch.
+    backend 'none' (one replica) only prepares them. backend 'tf_distribute' sums with the
+    replica context's all_reduce (the loss was divided by the global batch). backend 'horovod'
+    uses Horovod collectives with `options.op`: 'sum' when the loss was divided by the global
+    batch, 'average' when by the per-replica batch.
     """
-    del variables  # kept for a stable signature; the shapes come from the gradients
     prepared = [prepare_gradient(g, options) for g in grads]
     dtype = COMPRESSIONS[options.compression] if backend == "horovod" else None
     wire = [_compress(g, dtype) for g in prepared]
     nbytes = comm_bytes(wire)
-    if backend == "tf_distribute":
+    if backend == "none":
+        reduced = wire
+    elif backend == "tf_distribute":
         reduced = _reduce_tf_distribute(wire)
     elif backend == "horovod":
         reduced = _reduce_horovod(wire, options, hvd)
@@ -199,17 +184,23 @@ def _reduce_horovod(grads: list[Any], options: GradientOptions, hvd: Any) -> lis
     return out
 
 
-def take_over_reduction(optimizer: Any) -> Any:
-    """Switch off the Keras 3 TF optimizer's own cross-replica SUM: we already reduced.
+def set_optimizer_reduction(optimizer: Any, reduce: Any) -> Any:
+    """Replace the Keras 3 TF optimizer's cross-replica gradient reduction with ``reduce``.
 
-    Keras 3 all-reduces gradients inside `apply` whenever it runs in a replica context. Reducing
-    ourselves first lets us dedup/densify/compress, clip the *global* gradient and count bytes;
-    leaving Keras's sum on as well would add the already-summed gradient N times.
+    Keras 3's TF optimizer passes every (gradient, variable) list through one private hook,
+    ``_all_reduce_sum_gradients``, in replica context before the update; it is the only seam
+    through which `apply` can reduce differently. This is the one place that touches it.
+    ``reduce`` takes and returns a list of (gradient, variable) pairs.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    inner._all_reduce_sum_gradients = _identity_reduction
+    inner._all_reduce_sum_gradients = reduce
     return optimizer
 
 
-def _identity_reduction(grads_and_vars: Any) -> list[Any]:
-    return list(grads_and_vars)
+def take_over_reduction(optimizer: Any) -> Any:
+    """Switch off the optimizer's own cross-replica SUM: the custom loop already reduced.
+
+    Reducing ourselves first lets us dedup/densify/compress, clip the *global* gradient and
+    count bytes; leaving Keras's sum on as well would add the already-summed gradient N times.
+    """
+    return set_optimizer_reduction(optimizer, list)

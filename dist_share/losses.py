@@ -18,7 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from dist_share.errors import ConfigError
+from dist_share.errors import ConfigError, hint
 
 LOSS_TYPES = (
     "contrastive",
@@ -247,7 +247,7 @@ def validate_loss_spec(
         if key not in options:
             raise ConfigError(
                 f"{path}.{key}",
-                f"unknown option for loss {kind!r}; allowed: {', '.join(options) or 'none'}",
+                f"unknown option for loss {kind!r}" + hint(key, ("type", *options)),
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{path}.{key}", f"must be a number > 0, got {value!r}")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dist_share import config
 from dist_share import gradients as G
 from dist_share.errors import ConfigError
 
@@ -63,8 +64,8 @@ def test_shared_embedding_gradient_dedup_same_update_fewer_bytes() -> None:
     assert isinstance(grad, tf.IndexedSlices)
     assert grad.indices.shape[0] == 16 * (1 + 3 + 1)  # one row per stream use and example
     opts_naive = G.GradientOptions(dedup=False, dense_threshold=None)
-    naive, naive_bytes = G.reduce_gradients([grad], [table], opts_naive, "tf_distribute")
-    dedup, dedup_bytes = G.reduce_gradients([grad], [table], G.GradientOptions(), "tf_distribute")
+    naive, naive_bytes = G.reduce_gradients([grad], opts_naive, "tf_distribute")
+    dedup, dedup_bytes = G.reduce_gradients([grad], G.GradientOptions(), "tf_distribute")
     np.testing.assert_allclose(
         tf.convert_to_tensor(dedup[0]), tf.convert_to_tensor(naive[0]), rtol=1e-6, atol=1e-7
     )
@@ -81,5 +82,16 @@ def test_shared_embedding_gradient_dedup_same_update_fewer_bytes() -> None:
 )
 def test_bad_options_name_the_key(cfg: dict, path: str) -> None:
     with pytest.raises(ConfigError) as e:
-        G.GradientOptions.from_config(cfg)
+        config.validate({"model": {"family": "siamese"}, "strategy": cfg})
     assert e.value.path == path
+
+
+def test_options_come_from_the_strategy_section() -> None:
+    strategy = config.validate(
+        {
+            "model": {"family": "two_tower"},
+            "strategy": {"horovod": {"compression": "fp16"}, "sparse": {"dense_threshold": None}},
+        }
+    ).strategy
+    opts = G.GradientOptions.from_config(strategy)
+    assert (opts.compression, opts.dense_threshold, opts.dedup) == ("fp16", None, True)
