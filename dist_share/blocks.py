@@ -710,7 +710,7 @@ def resolve_factory(ref: Any, path: str = "model.tower.block.factory") -> Callab
     if not callable(obj):
         raise ConfigError(
             path,
-            f"{ref!r} is a {type(obj).__name__}, not callable; name a function or class that "
+            f"{ref!r} is not callable (it is a {type(obj).__name__}); name a function or class that "
             "returns a Keras layer or model",
         )
     return obj

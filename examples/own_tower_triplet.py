@@ -1,7 +1,8 @@
 """Your own Keras encoder as the shared tower of a triplet network, trained on any strategy.
 
     python examples/own_tower_triplet.py                            # one process
-    python examples/own_tower_triplet.py mirrored                   # all GPUs (or CPU devices)
+    python examples/own_tower_triplet.py mirrored                   # all GPUs of this machine
+    python examples/own_tower_triplet.py mirrored 2                 # 2 logical CPU replicas
     horovodrun -np 2 python examples/own_tower_triplet.py horovod   # Horovod
 
 `make_encoder` is ordinary Keras, written without dist_share in mind: convolutions with
@@ -25,7 +26,9 @@ from dist_share.towers import SharedTower
 from dist_share.training import Trainer
 
 # The strategy comes first: it may create devices or initialise Horovod before TF runs.
-strategy = get_strategy({"name": sys.argv[1] if len(sys.argv) > 1 else "local"})
+name = sys.argv[1] if len(sys.argv) > 1 else "local"
+cpus = int(sys.argv[2]) if len(sys.argv) > 2 else None
+strategy = get_strategy(config.StrategyConfig(name=name, num_cpu_devices=cpus))
 default_config = Path(__file__).resolve().parents[1] / "configs" / "triplet_digits.yaml"
 cfg = config.load_config(default_config, ["training.steps=300", "training.eval_every=300"])
 STREAMS = ["anchor", "positive", "negative"]
@@ -58,8 +61,8 @@ def build_spec() -> ModelSpec:
     )
 
 
-train_fn = data.make_dataset_fn(cfg["data"], "train", cfg["training"]["batch_size"], seed=0)
-eval_fn = data.make_dataset_fn(cfg["data"], "eval", cfg["training"]["batch_size"], seed=0)
+train_fn = data.make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
+eval_fn = data.make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
 result = Trainer(build_spec, strategy, cfg, run_dir=None).train(train_fn, eval_fn)
 if strategy.is_chief:  # only rank 0 prints
     print({k: round(v, 4) for k, v in result.items()})

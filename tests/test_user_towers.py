@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
+from dist_share import config, models
 from dist_share.blocks import build_block, validate_block_spec
 from dist_share.errors import ConfigError
 from dist_share.folding import FoldedBatchNormalization, FoldingError
@@ -424,7 +425,7 @@ FACTORY_PATH = "model.tower.block.factory"
     [
         ("no_such_module_for_dist_share:make", "cannot import module 'no_such_module_for_dist"),
         ("test_user_towers:make_nothing", "has no attribute 'make_nothing'"),
-        ("test_user_towers:NOT_CALLABLE", "is a int, not callable"),
+        ("test_user_towers:NOT_CALLABLE", "is not callable .it is a int"),
         ("test_user_towers", "must be 'package.module:function'"),
     ],
     ids=["bad_module", "bad_attribute", "not_callable", "no_colon"],
@@ -459,6 +460,43 @@ def test_custom_factory_spec_builds_fresh_sets_and_round_trips(tmp_path) -> None
     xs = [_tokens(0).numpy(), _tokens(1).numpy()]
     for a, b in zip(model.predict(xs, verbose=0), loaded.predict(xs, verbose=0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        "no_such_module_for_dist_share:make",
+        "test_user_towers:make_nothing",
+        "test_user_towers:NOT_CALLABLE",
+    ],
+    ids=["bad_module", "bad_attribute", "not_callable"],
+)
+def test_yaml_factory_errors_name_the_key(factory: str) -> None:
+    """Through the config's own validation (what `dist-share config/train` runs)."""
+    raw = {
+        "model": {"family": "siamese", "tower": {"block": {"type": "custom", "factory": factory}}}
+    }
+    with pytest.raises(ConfigError) as err:
+        config.validate(raw)
+    assert err.value.path == FACTORY_PATH
+
+
+def test_yaml_factory_with_wrong_return_type_fails_the_build_by_key() -> None:
+    block = {"type": "custom", "factory": "test_user_towers:returns_a_dict"}
+    cfg = config.validate({"model": {"family": "siamese", "tower": {"block": block}}})
+    specs = {n: tf.TensorSpec((8, 8, 1), tf.float32) for n in ("left", "right")}
+    with pytest.raises(ConfigError, match="returned a dict") as err:
+        models.build_model(cfg.model, specs)
+    assert err.value.path == FACTORY_PATH
+
+
+def test_yaml_keras_application_too_small_names_the_stream() -> None:
+    block = {"type": "keras_application", "name": "MobileNetV3Small"}
+    cfg = config.validate({"model": {"family": "siamese", "tower": {"block": block}}})
+    specs = {n: tf.TensorSpec((8, 8, 1), tf.float32) for n in ("left", "right")}
+    with pytest.raises(ConfigError, match="input_size") as err:
+        models.build_model(cfg.model, specs)
+    assert err.value.path == "stream left"
 
 
 def test_keras_application_spec_on_small_images() -> None:
