@@ -10,6 +10,12 @@ variants alike). Variants:
 * ``folded_list``     -- fold=True, list input: concat -> one call -> split.
 * ``folded_stacked``  -- fold=True, stacked ``[B, N, ...]`` input: reshape -> one call -> reshape.
 * ``*_jit``           -- the same step with ``jit_compile=True`` (XLA).
+
+``--towers keras_application`` (with ``--streams 2,4,8``) times a user tower instead: a
+``keras.applications.MobileNetV3Small`` (weights=None, 32x32x3, 8 images per stream; its 34
+BatchNormalization layers run per stream under folding, see docs/TOWERS.md), beside the
+built-in conv tower measured in the same run (``--towers conv,keras_application``). XLA is
+left out for it (slower on CPU, and each trace of the application takes minutes).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ DENSE = {"type": "mlp", "units": [512, 512], "activation": "relu"}  # + a 512 pr
 DENSE_IN, DENSE_OUT, DENSE_BATCH = 512, 512, 64
 CONV = {"type": "conv2d", "filters": [32, 32], "kernel_size": 3, "pool_size": 2, "dense": [128]}
 CONV_IN, CONV_OUT, CONV_BATCH = (16, 16, 8), 64, 32
+APP = {"type": "keras_application", "name": "MobileNetV3Small"}
+APP_IN, APP_OUT, APP_BATCH = (32, 32, 3), 64, 8
 VARIANTS = ("per_stream", "folded_list", "folded_stacked", "per_stream_jit", "folded_stacked_jit")
+TOWERS = ("dense", "conv", "keras_application")
 
 
 def make_step(
@@ -42,8 +51,10 @@ def make_step(
     keras.utils.set_random_seed(0)
     if tower_kind == "dense":
         spec, shape, out_dim, b = DENSE, (DENSE_IN,), DENSE_OUT, batch or DENSE_BATCH
-    else:
+    elif tower_kind == "conv":
         spec, shape, out_dim, b = CONV, CONV_IN, CONV_OUT, batch or CONV_BATCH
+    else:
+        spec, shape, out_dim, b = APP, APP_IN, APP_OUT, batch or APP_BATCH
     fold = variant.startswith("folded")
     stacked = "stacked" in variant
     jit = variant.endswith("_jit")
@@ -119,15 +130,20 @@ def conditions() -> dict[str, Any]:
     return {"load_average": list(os.getloadavg()), "busy_processes": busy_processes()}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    towers: tuple[str, ...] = ("dense", "conv"),
+    streams: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     before = conditions()
-    streams = [4] if quick else [1, 2, 4, 8, 16]
+    streams = [4] if quick else list(streams or [1, 2, 4, 8, 16])
     repeats, block = (3, 2) if quick else (11, 3)
     rows = []
-    for tower_kind in ("dense", "conv"):
+    for tower_kind in towers:
+        variants = VARIANTS if tower_kind != "keras_application" else VARIANTS[:3]
         for n in streams:
             steps = {}
-            for variant in VARIANTS:
+            for variant in variants:
                 steps[variant], examples = make_step(tower_kind, n, variant)
             cpu: dict[str, float] = {}
             rounds: dict[str, list[float]] = {}
@@ -139,12 +155,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                 return statistics.median(a / b for a, b in pairs)
 
             row: dict[str, Any] = {"tower": tower_kind, "streams": n, "examples_per_step": examples}
-            for variant in VARIANTS:
+            for variant in variants:
                 row[f"{variant}_ms"] = ms[variant]
             row["speedup_folded_stacked"] = speedup("folded_stacked")
             row["speedup_folded_list"] = speedup("folded_list")
-            row["speedup_folded_stacked_jit"] = speedup("folded_stacked_jit")
-            row["jit_speedup_per_stream"] = speedup("per_stream_jit")
+            if "folded_stacked_jit" in variants:
+                row["speedup_folded_stacked_jit"] = speedup("folded_stacked_jit")
+                row["jit_speedup_per_stream"] = speedup("per_stream_jit")
             row["speedup_folded_stacked_cpu_time"] = cpu["per_stream"] / cpu["folded_stacked"]
             rows.append(row)
     return {
@@ -166,6 +183,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "output_dim": CONV_OUT,
                 "batch_per_stream": CONV_BATCH,
             },
+            "keras_application": {
+                "block": APP,
+                "input": list(APP_IN),
+                "output_dim": APP_OUT,
+                "batch_per_stream": APP_BATCH,
+            },
+            "towers": list(towers),
             "repeats": repeats,
             "steps_per_timed_block": block,
         },
@@ -183,7 +207,23 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bench_main(NAME, run, argv)
+    """``--towers a,b`` and ``--streams 2,4,8`` pick the rows; results go to folding.json, or
+    to folding_<towers>.json for another set of towers (the default run's file is kept)."""
+    import argparse
+    import functools
+    import sys
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--towers", default="dense,conv")
+    parser.add_argument("--streams", default=None)
+    known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    towers = tuple(t for t in known.towers.split(",") if t)
+    unknown = [t for t in towers if t not in TOWERS]
+    if unknown:
+        parser.error(f"unknown towers {unknown}; expected some of {TOWERS}")
+    streams = tuple(int(n) for n in known.streams.split(",")) if known.streams else None
+    name = NAME if towers == ("dense", "conv") else f"{NAME}_{'_'.join(towers)}"
+    return bench_main(name, functools.partial(run, towers=towers, streams=streams), rest)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,15 @@ def _as_list(inputs: Any) -> list:
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class Combine(keras.layers.Layer):
-    """Concat / sum / mean of N stream outputs ``[B, D]`` (or a stacked ``[B, N, D]``)."""
+    """Concat / sum / mean of N stream outputs ``[B, D]`` (or a stacked ``[B, N, D]``).
+
+    Args:
+        mode: ``concat`` (output ``[B, N*D]``), ``sum`` or ``mean`` (output ``[B, D]``).
+        **kwargs: `keras.layers.Layer` arguments.
+
+    Raises:
+        ConfigError: an unknown mode (path ``model.head``).
+    """
 
     def __init__(self, mode: str = "concat", **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -62,6 +70,8 @@ class Combine(keras.layers.Layer):
 
 
 class _PairHead(keras.layers.Layer):
+    """Base of the heads that compare streams: float32 by default, whatever the global policy."""
+
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
@@ -79,7 +89,15 @@ class _PairHead(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class L2Distance(_PairHead):
-    """Euclidean distance ``[B]``; ``epsilon`` keeps the gradient finite at distance 0."""
+    """Euclidean distance ``[B]`` of two stream outputs, in float32.
+
+    Args:
+        epsilon: added under the square root, so the gradient stays finite at distance 0.
+        **kwargs: `keras.layers.Layer` arguments (dtype defaults to float32).
+
+    Raises:
+        ValueError: when called on other than 2 streams.
+    """
 
     def __init__(self, epsilon: float = 1e-9, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -95,7 +113,16 @@ class L2Distance(_PairHead):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class CosineSimilarity(_PairHead):
-    """Cosine similarity ``[B]``; with ``as_distance`` returns ``1 - cos`` for distance losses."""
+    """Cosine similarity ``[B]`` of two stream outputs, in float32.
+
+    Args:
+        as_distance: return ``1 - cos`` instead, for distance losses.
+        epsilon: lower bound of the squared norms (zero vectors give 0, not NaN).
+        **kwargs: `keras.layers.Layer` arguments (dtype defaults to float32).
+
+    Raises:
+        ValueError: when called on other than 2 streams.
+    """
 
     def __init__(self, as_distance: bool = False, epsilon: float = 1e-12, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -115,7 +142,11 @@ class CosineSimilarity(_PairHead):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class DotProduct(_PairHead):
-    """Dot product score ``[B]`` of a query and a candidate embedding (two-tower logits)."""
+    """Dot product score ``[B]`` of a query and a candidate embedding (two-tower logits).
+
+    Raises:
+        ValueError: when called on other than 2 streams.
+    """
 
     def call(self, inputs: Any) -> Any:
         a, b = self._pair(inputs)
@@ -124,7 +155,15 @@ class DotProduct(_PairHead):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class TripletDistances(_PairHead):
-    """``[B, 2]`` = (d(anchor, positive), d(anchor, negative)), Euclidean, float32."""
+    """``[B, 2]`` = (d(anchor, positive), d(anchor, negative)), Euclidean, float32.
+
+    Args:
+        epsilon: added under the square roots (finite gradient at distance 0).
+        **kwargs: `keras.layers.Layer` arguments (dtype defaults to float32).
+
+    Raises:
+        ValueError: when called on other than 3 streams.
+    """
 
     def __init__(self, epsilon: float = 1e-9, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -151,7 +190,11 @@ class TripletDistances(_PairHead):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class StackPair(_PairHead):
-    """``[B, 2, D]`` float32 (query, candidate), so losses can use in-batch negatives."""
+    """``[B, 2, D]`` float32 (query, candidate), so losses can use in-batch negatives.
+
+    Raises:
+        ValueError: when called on other than 2 streams.
+    """
 
     def call(self, inputs: Any) -> Any:
         a, b = self._pair(inputs)

@@ -11,6 +11,8 @@ would be summed there.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -184,23 +186,86 @@ class InBatchTop1(PerExample):
         return _f32(ops.equal(best, ops.arange(ops.shape(logits)[0], dtype="int32")))
 
 
-def get_loss(loss_cfg: Any, path: str = "model.loss") -> PerExample:
-    """A per-example loss from its config: ``{type: contrastive, margin: 1.0}`` or a bare name."""
-    cfg = {"type": loss_cfg} if isinstance(loss_cfg, str) else dict(loss_cfg or {})
-    kind = cfg.pop("type", None)
-    options = {
-        "contrastive": (ContrastiveLoss, ("margin",)),
-        "triplet": (TripletLoss, ("margin",)),
-        "in_batch_softmax": (InBatchSoftmaxLoss, ("temperature",)),
-        "binary": (BinaryLoss, ()),
-        "sparse_categorical_crossentropy": (SparseCrossEntropyLoss, ()),
+# The class of each loss type. Its options and their defaults are the class's constructor
+# arguments: one place, read by `loss_options` (and so by the config's validation and dumps).
+_LOSS_CLASSES: dict[str, type[PerExample]] = {
+    "contrastive": ContrastiveLoss,
+    "triplet": TripletLoss,
+    "in_batch_softmax": InBatchSoftmaxLoss,
+    "binary": BinaryLoss,
+    "sparse_categorical_crossentropy": SparseCrossEntropyLoss,
+}
+
+
+def loss_options(kind: str) -> dict[str, float]:
+    """The options of loss type `kind` with their defaults, e.g. ``{"margin": 1.0}``."""
+    params = inspect.signature(_LOSS_CLASSES[kind].__init__).parameters
+    return {
+        name: p.default
+        for name, p in params.items()
+        if name != "self" and p.default is not inspect.Parameter.empty
     }
-    if kind not in options:
-        raise ConfigError(f"{path}.type", f"unknown loss {kind!r}; expected one of {LOSS_TYPES}")
-    cls, keys = options[kind]
-    for key in cfg:
-        if key not in keys:
+
+
+def validate_loss_spec(
+    spec: Any, family_losses: Sequence[str] | None = None, path: str = "model.loss"
+) -> dict:
+    """Check a loss spec and return it with every option's default filled in.
+
+    Args:
+        spec: ``{"type": "contrastive", "margin": 0.5}`` or a bare type name.
+        family_losses: the types that fit the model family (None: any type).
+        path: the config key path to name in errors.
+
+    Returns:
+        A new dict: ``type`` and every option of that type.
+
+    Raises:
+        ConfigError: not a mapping or name, an unknown type, a type that does not fit the
+            family, an unknown option, or an option that is not a positive number.
+    """
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(path, f"must be a loss name or a mapping with a 'type' key, got {spec!r}")
+    kind = spec.get("type")
+    allowed = tuple(family_losses) if family_losses is not None else LOSS_TYPES
+    if kind not in LOSS_TYPES:
+        raise ConfigError(
+            f"{path}.type", f"unknown loss {kind!r}; expected one of {', '.join(allowed)}"
+        )
+    if kind not in allowed:
+        raise ConfigError(
+            f"{path}.type",
+            f"loss {kind!r} does not fit this model; expected one of {', '.join(allowed)}",
+        )
+    options = loss_options(kind)
+    out: dict[str, Any] = {"type": kind}
+    for key, value in spec.items():
+        if key == "type":
+            continue
+        if key not in options:
             raise ConfigError(
-                f"{path}.{key}", f"unknown option for loss {kind!r}" + hint(key, keys or ("type",))
+                f"{path}.{key}",
+                f"unknown option for loss {kind!r}" + hint(key, ("type", *options)),
             )
-    return cls(**cfg)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{path}.{key}", f"must be a number > 0, got {value!r}")
+    for key, default in options.items():
+        out[key] = float(spec.get(key, default))
+    return out
+
+
+def get_loss(spec: Any, path: str = "model.loss") -> PerExample:
+    """A per-example loss from its spec: ``{type: contrastive, margin: 1.0}`` or a bare name.
+
+    Args:
+        spec: a loss spec (see `validate_loss_spec`, which checks it).
+        path: the config key path to name in errors.
+
+    Raises:
+        ConfigError: see `validate_loss_spec`.
+    """
+    checked = validate_loss_spec(spec, path=path)
+    kind = checked.pop("type")
+    return _LOSS_CLASSES[kind](**checked)

@@ -38,6 +38,20 @@ def test_same_variables_as_local(launcher: str, family: str) -> None:
         assert max_diff(run["variables"], ref["variables"]) < TOL, f"rank {rank} of {launcher}"
 
 
+@pytest.mark.parametrize("launcher", ["mirrored", "horovod_gloo"])
+def test_user_tower_same_variables_as_local(launcher: str) -> None:
+    """A user's own Keras encoder shared by 3 streams through SharedTower (folded) trains to the
+    single-process variables on 2 replicas: MirroredStrategy on 2 CPUs and horovodrun -np 2."""
+    ref = train_jobs.run("local")[0]["runs"]["user_tower"]
+    assert any("enc_dense" in k for k in ref["variables"]), "the user's layers are trained"
+    assert max_diff(ref["variables"], ref["initial"]) > 100 * TOL
+    for rank, result in train_jobs.run(launcher).items():
+        run = result["runs"]["user_tower"]
+        assert run["step"] == 5
+        assert max_diff(run["initial"], ref["initial"]) < TOL, f"rank {rank} started elsewhere"
+        assert max_diff(run["variables"], ref["variables"]) < TOL, f"rank {rank} of {launcher}"
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_replicas_hold_identical_variables(launcher: str) -> None:
     results = train_jobs.run(launcher)

@@ -12,6 +12,7 @@ import pytest
 from dist_share.processes import local_horovodrun_command, run_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_siamese.py"
+OWN_TOWER = Path(__file__).resolve().parents[1] / "examples" / "own_tower_triplet.py"
 
 
 def _final_metrics(output: str) -> dict:
@@ -35,3 +36,10 @@ def test_example_trains_under_horovodrun() -> None:
         local_horovodrun_command(2, [sys.executable, str(EXAMPLE), "horovod"]), timeout=300
     )
     assert _final_metrics(job.check().output)["pair_accuracy"] > 0.85
+
+
+@pytest.mark.slow
+def test_own_tower_example_trains_on_mirrored() -> None:
+    """A user's Keras encoder (BatchNormalization, Dropout) shared by 3 streams, 2 replicas."""
+    job = run_job([sys.executable, str(OWN_TOWER), "mirrored", "2"], timeout=600).check()
+    assert _final_metrics(job.output)["triplet_accuracy"] > 0.8  # chance is 0.5

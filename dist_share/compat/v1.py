@@ -24,34 +24,31 @@ import tensorflow as tf
 v1 = tf.compat.v1
 
 
-class DenseParams(NamedTuple):
+class LayerParams(NamedTuple):
+    """The variables of one dense or convolution layer: ``kernel`` and ``bias``."""
+
     kernel: Any
     bias: Any
 
 
-class Conv2DParams(NamedTuple):
-    kernel: Any
-    bias: Any
-
-
-def dense_params(scope: str, in_dim: int, units: int, reuse: Any = v1.AUTO_REUSE) -> DenseParams:
+def dense_params(scope: str, in_dim: int, units: int, reuse: Any = v1.AUTO_REUSE) -> LayerParams:
     """Create (or reuse) ``scope/kernel`` and ``scope/bias`` with ``get_variable``."""
     with v1.variable_scope(scope, reuse=reuse):
         kernel = v1.get_variable(
             "kernel", [in_dim, units], initializer=v1.glorot_uniform_initializer()
         )
         bias = v1.get_variable("bias", [units], initializer=v1.zeros_initializer())
-    return DenseParams(kernel, bias)
+    return LayerParams(kernel, bias)
 
 
-def dense(x: Any, params: DenseParams, activation: Callable | None = None) -> Any:
+def dense(x: Any, params: LayerParams, activation: Callable | None = None) -> Any:
     y = tf.matmul(x, params.kernel) + params.bias
     return activation(y) if activation else y
 
 
 def conv2d_params(
     scope: str, in_channels: int, filters: int, kernel_size: int, reuse: Any = v1.AUTO_REUSE
-) -> Conv2DParams:
+) -> LayerParams:
     """Create (or reuse) an HWIO conv kernel and bias under `scope`."""
     with v1.variable_scope(scope, reuse=reuse):
         kernel = v1.get_variable(
@@ -60,12 +57,12 @@ def conv2d_params(
             initializer=v1.glorot_uniform_initializer(),
         )
         bias = v1.get_variable("bias", [filters], initializer=v1.zeros_initializer())
-    return Conv2DParams(kernel, bias)
+    return LayerParams(kernel, bias)
 
 
 def conv2d(
     x: Any,
-    params: Conv2DParams,
+    params: LayerParams,
     strides: int = 1,
     padding: str = "SAME",
     activation: Callable | None = None,
@@ -141,7 +138,7 @@ def switchable_tower(
     return list(tf.cond(use_shared, shared_branch, separate_branch))
 
 
-def mlp_params(scope: str, in_dim: int, units: Sequence[int]) -> list[DenseParams]:
+def mlp_params(scope: str, in_dim: int, units: Sequence[int]) -> list[LayerParams]:
     """A stack of dense weight sets ``scope/dense_0``, ``scope/dense_1``, ..."""
     params = []
     for i, u in enumerate(units):
@@ -150,7 +147,7 @@ def mlp_params(scope: str, in_dim: int, units: Sequence[int]) -> list[DenseParam
     return params
 
 
-def mlp(x: Any, params: Sequence[DenseParams], activation: Callable = tf.nn.relu) -> Any:
+def mlp(x: Any, params: Sequence[LayerParams], activation: Callable = tf.nn.relu) -> Any:
     """Dense stack; no activation after the last layer (it is the embedding)."""
     for i, p in enumerate(params):
         x = dense(x, p, activation if i < len(params) - 1 else None)

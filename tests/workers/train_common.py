@@ -20,6 +20,7 @@ import tensorflow as tf
 STREAMS = {
     "shared": ["a", "b", "c"],
     "shared_bn": ["a", "b", "c"],
+    "user_tower": ["a", "b", "c"],
     "two_tower": ["user", "history", "item"],
 }
 NUM_EXAMPLES = 64
@@ -92,12 +93,40 @@ def build_shared_bn() -> Spec:
     return Spec(model, squared_error, {}, list(STREAMS["shared"]))
 
 
-BUILDERS = {"shared": build_shared, "two_tower": build_two_tower, "shared_bn": build_shared_bn}
+def make_user_encoder() -> keras.Model:
+    """A user's own Keras encoder (functional; per-example LayerNormalization, so a replica's
+    shard computes what the same examples do in one process: no batch statistics)."""
+    x = keras.Input((IN_DIM,))
+    h = keras.layers.Dense(6, name="enc_dense")(x)
+    h = keras.layers.LayerNormalization(name="enc_norm")(h)
+    h = keras.layers.Activation("tanh")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="enc_out")(h), name="user_encoder")
+
+
+def build_user_tower() -> Spec:
+    """The user's encoder shared by the three streams through SharedTower (folded)."""
+    from dist_share.towers import SharedTower
+
+    names = STREAMS["user_tower"]
+    inputs = {s: keras.Input((IN_DIM,), name=s) for s in names}
+    tower = SharedTower(make_user_encoder(), num_streams=3, name="tower")
+    merged = keras.layers.Concatenate(name="concat")(tower([inputs[s] for s in names]))
+    out = keras.layers.Dense(1, name="head")(merged)
+    model = keras.Model(inputs, out, name="user_tower")
+    return Spec(model, squared_error, {}, list(names))
+
+
+BUILDERS = {
+    "shared": build_shared,
+    "two_tower": build_two_tower,
+    "shared_bn": build_shared_bn,
+    "user_tower": build_user_tower,
+}
 
 
 def arrays(family: str, n: int = NUM_EXAMPLES, seed: int = 1) -> tuple[dict, np.ndarray]:
     rng = np.random.default_rng(seed)
-    if family in ("shared", "shared_bn"):
+    if family in ("shared", "shared_bn", "user_tower"):
         feats = {s: rng.normal(size=(n, IN_DIM)).astype("float32") for s in STREAMS["shared"]}
         labels = rng.normal(size=(n,)).astype("float32")
     else:

@@ -23,12 +23,12 @@ TIMEOUT = 300
 LAUNCHES = {
     "local": (
         "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit,shared_k3,"
-        "shared_k3_resume"
+        "shared_k3_resume,user_tower"
     ),
-    "mirrored": "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3",
+    "mirrored": "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3,user_tower",
     "horovod_gloo": (
         "shared,two_tower,two_tower_sum,two_tower_fp16,two_tower_naive,shared_fit,two_tower_fit,"
-        "shared_resume,shared_bn,shared_k3,shared_k3_resume"
+        "shared_resume,shared_bn,shared_k3,shared_k3_resume,user_tower"
     ),
     "horovod_mpirun": "shared,two_tower",
     "multiworker": "shared,two_tower,shared_fit,shared_resume,shared_k3",

@@ -35,6 +35,7 @@ RUNS = {
     "two_tower_fp16": ("two_tower", "custom", {"horovod": {"compression": "fp16"}}),
     "shared_fit": ("shared", "keras_fit", {}),
     "shared_bn": ("shared_bn", "custom", {}),
+    "user_tower": ("user_tower", "custom", {}),
     # 3 steps with a checkpoint, then a new trainer on the same run dir trains to 5.
     "shared_resume": ("shared", "custom", {}),
     "two_tower_fit": ("two_tower", "keras_fit", {}),
