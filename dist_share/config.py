@@ -212,7 +212,8 @@ _STRATEGY = {
     },
     "sparse": {
         "dedup": Field("bool", True),
-        "dense_threshold": Field("float", 0.5, minimum=0.0, maximum=1.0),
+        "dense_threshold": Field("float", 0.5, minimum=0.0, maximum=1.0, nullable=True),
+        "dense_switch": Field("str", "measured", choices=("measured", "static")),
     },
 }
 _CHECKPOINT = {

@@ -103,7 +103,8 @@ class Strategy:
     ) -> tuple[list[Any], tf.Tensor]:
         """In replica context: dedup/densify/compress, then all-reduce. Returns (grads, bytes sent)."""
         opts = options or self.gradient_options
-        return reduce_gradients(grads, variables, opts, backend="tf_distribute")
+        del variables  # the shapes come from the gradients
+        return reduce_gradients(grads, opts, backend="tf_distribute")
 
     def broadcast_variables(self, variables: list[Any]) -> None:
         """Make the initial state identical everywhere (tf.distribute strategies already do)."""
@@ -287,7 +288,8 @@ class HorovodStrategy(Strategy):
         options: GradientOptions | None = None,
     ) -> tuple[list[Any], tf.Tensor]:
         opts = options or self.gradient_options
-        return reduce_gradients(grads, variables, opts, backend="horovod", hvd=self.hvd)
+        del variables
+        return reduce_gradients(grads, opts, backend="horovod", hvd=self.hvd)
 
     def broadcast_variables(self, variables: list[Any]) -> None:
         # Keras 3 variables wrap a tf.Variable; Horovod needs the tf.Variable (it calls .ref()).
