@@ -152,42 +152,44 @@ def test_measured_switch_in_a_tf_function_with_changing_ids() -> None:
     assert step.experimental_get_tracing_count() == 1
 
 
-def _expected(case: str, op_average: bool = False) -> dict:
+def _expected(case: str, value_bytes: int = 4, average: bool = False) -> dict:
     """What each replica must report for a worker case: the branch from the cost model on the
-    *summed* distinct counts, the bytes of that branch, and the summed gradients."""
+    *summed* distinct counts, the bytes of that branch, and the reduced gradients."""
     ids = worker.CASES[case]
-    row, table = worker.DIM * 4 + 4, worker.ROWS * worker.DIM * 4
+    row, table = worker.DIM * value_bytes + 4, worker.ROWS * worker.DIM * value_bytes
     distinct = [len(set(i)) for i in ids]
     dense = bool(G.dense_wins(sum(distinct) * row, table, 2))
-    dense_grad, counts = 3 * 2 * 4, 8
+    dense_grad, counts = 3 * 2 * value_bytes, 8
     if dense:
         sent = [dense_grad + counts + table + row] * 2  # + the one zero row of the dense branch
     else:
         sent = [dense_grad + counts + d * row for d in distinct]
     total = sum((r + 1) * np.bincount(i, minlength=worker.ROWS) for r, i in enumerate(ids))
+    div = 2.0 if average else 1.0
     return {
         "dense": dense,
         "bytes": sent,
-        "table": np.repeat(total[:, None], worker.DIM, axis=1).astype(np.float32),
-        "dense_grad": np.full([3, 2], 3.0),
+        "table": np.repeat(total[:, None], worker.DIM, axis=1) / div,
+        "dense_grad": np.full([3, 2], 3.0 / div),
     }
 
 
-def _check_worker_results(out: Path) -> None:
+def _check_worker_results(out: Path, variants: dict[str, dict]) -> None:
     results = [json.loads(f.read_text()) for f in sorted(out.glob("replica*.json"))]
     assert [r["replica"] for r in results] == [0, 1]
-    branches = {}
-    for case in worker.CASES:
-        exp = _expected(case)
-        branches[case] = exp["dense"]
-        for r, res in enumerate(results):
-            got = res[case]
-            assert got["bytes"] == exp["bytes"][r], f"{case}: replica {r} took the other branch"
-            np.testing.assert_allclose(got["table"], exp["table"], err_msg=f"{case} replica {r}")
-            np.testing.assert_allclose(got["dense"], exp["dense_grad"])
-    # The cases exercise both branches, and 'skewed'/'dense' are the ones where the replicas'
-    # own counts point different ways (30/40 vs 1/40 rows; 40/40 vs 30/40 rows).
-    assert branches == {"sparse": False, "skewed": False, "dense": True}
+    for suffix, kwargs in variants.items():
+        branches = {}
+        for case in worker.CASES:
+            exp = _expected(case, **kwargs)
+            branches[case] = exp["dense"]
+            for r, res in enumerate(results):
+                got, where = res[case + suffix], f"{case}{suffix} replica {r}"
+                assert got["bytes"] == exp["bytes"][r], f"{where} took the other branch"
+                np.testing.assert_allclose(got["table"], exp["table"], err_msg=where)
+                np.testing.assert_allclose(got["dense"], exp["dense_grad"], err_msg=where)
+        # Both branches are exercised, and in 'skewed' and 'dense' the replicas' own counts
+        # point different ways (30/40 vs 1/40 rows; 40/40 vs 30/40 rows).
+        assert branches == {"sparse": False, "skewed": False, "dense": True}
 
 
 @pytest.mark.multiprocess
@@ -196,7 +198,7 @@ def test_dense_switch_agrees_across_mirrored_replicas() -> None:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(Path(worker.__file__)), out, "mirrored"]
         processes.run_job(cmd, timeout=300, cwd=ROOT).check()
-        _check_worker_results(Path(out))
+        _check_worker_results(Path(out), {"": {}})
 
 
 @pytest.mark.multiprocess
@@ -205,4 +207,5 @@ def test_dense_switch_agrees_across_horovod_ranks() -> None:
     with tempfile.TemporaryDirectory() as out:
         argv = [sys.executable, str(Path(worker.__file__)), out, "horovod"]
         processes.run_job(processes.horovodrun_command(2, argv), timeout=300, cwd=ROOT).check()
-        _check_worker_results(Path(out))
+        variants = {"": {}, "/fp16_average": {"value_bytes": 2, "average": True}}
+        _check_worker_results(Path(out), variants)

@@ -51,10 +51,15 @@ def main(out_dir: str, mode: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from dist_share import gradients as G
 
-    options = G.GradientOptions(op="sum")
     backend = "tf_distribute" if mode == "mirrored" else "horovod"
+    # Horovod also runs the cases with fp16 on the wire and op=average (each under its own key).
+    variants = {"": G.GradientOptions(op="sum")}
+    if mode == "horovod":
+        variants["/fp16_average"] = G.GradientOptions(op="average", compression="fp16")
 
-    def replica_fn(ids: tf.Tensor, scale: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def replica_fn(
+        ids: tf.Tensor, scale: tf.Tensor, options: G.GradientOptions
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         table_grad = tf.IndexedSlices(
             tf.ones([tf.shape(ids)[0], DIM]) * scale, ids, tf.constant([ROWS, DIM])
         )
@@ -65,7 +70,8 @@ def main(out_dir: str, mode: str) -> None:
     results: dict[int, dict] = {}
     if mode == "mirrored":
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        step = tf.function(lambda ids, scale: strategy.run(replica_fn, (ids, scale)))
+        options = variants[""]
+        step = tf.function(lambda ids, scale: strategy.run(replica_fn, (ids, scale, options)))
         for case in CASES:
             ids = strategy.experimental_distribute_values_from_function(
                 lambda ctx, c=case: tf.constant(ids_for(c, ctx.replica_id_in_sync_group), tf.int32)
@@ -78,17 +84,19 @@ def main(out_dir: str, mode: str) -> None:
                 results.setdefault(r, {})[case] = _record(*(o[r] for o in outs))
     else:
         rank = hvd.rank()
-        step = tf.function(replica_fn)
-        for case in CASES:
-            outs = step(tf.constant(ids_for(case, rank), tf.int32), tf.constant(float(rank + 1)))
-            results[rank] = {**results.get(rank, {}), case: _record(*outs)}
+        results[rank] = {}
+        for suffix, options in variants.items():
+            step = tf.function(lambda ids, scale, o=options: replica_fn(ids, scale, o))
+            for case in CASES:
+                ids = tf.constant(ids_for(case, rank), tf.int32)
+                results[rank][case + suffix] = _record(*step(ids, tf.constant(float(rank + 1))))
     for r, cases in results.items():
         (Path(out_dir) / f"replica{r}.json").write_text(json.dumps({"replica": r, **cases}))
 
 
 def _record(table: tf.Tensor, dense: tf.Tensor, nbytes: tf.Tensor) -> dict:
     return {
-        "table": table.numpy().tolist(),
+        "table": tf.cast(table, tf.float32).numpy().tolist(),
         "dense": dense.numpy().tolist(),
         "bytes": int(nbytes.numpy()),
     }
