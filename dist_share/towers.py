@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dist_share import batched_sets
 from dist_share.blocks import build_block, validate_block_spec
 from dist_share.errors import ConfigError
 
@@ -78,6 +79,10 @@ class SharedTower(keras.layers.Layer):
     steps switches weight sets without retracing a ``tf.function``. A Python bool, tensor or
     variable passed as ``use_shared=`` to ``call`` overrides it. The unused sets receive zero
     gradient (the choice is a ``cond``, so the unused branch is not even computed).
+
+    ``batch_sets`` (default True): ``separate`` and ``grouped`` towers of MLP blocks run all
+    their weight sets as one batched matmul per layer instead of one set after another, with
+    the same per-set variables (see `dist_share.batched_sets` for what qualifies).
     """
 
     def __init__(
@@ -89,9 +94,11 @@ class SharedTower(keras.layers.Layer):
         fold: bool = True,
         use_shared: bool = True,
         output_dim: int | None = None,
+        batch_sets: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.batch_sets = bool(batch_sets)
         if sharing not in SHARING_MODES:
             raise ConfigError(
                 "model.tower.sharing",
@@ -218,10 +225,34 @@ class SharedTower(keras.layers.Layer):
         return dict(zip(streams, parts, strict=True))
 
     def _apply_sets(self, set_indices: list[int], xs: Any, stacked: bool, training: Any) -> list:
+        streams = [self._set_streams(i) for i in set_indices]
+        blocks = [self.blocks[i] for i in set_indices]
+        if self.batch_sets and batched_sets.can_batch(blocks, streams):
+            return self._apply_sets_batched(blocks, streams, xs, stacked)
         out: dict[int, Any] = {}
         for i in set_indices:
             out.update(self._apply_set(self.blocks[i], self._set_streams(i), xs, stacked, training))
         return [out[s] for s in range(self.num_streams)]
+
+    def _apply_sets_batched(
+        self, blocks: list, streams: list[list[int]], xs: Any, stacked: bool
+    ) -> list:
+        """Every set at once (`batched_sets.apply_batched`); a set's streams are concatenated
+        on the batch axis (stream-major), as the folded path does."""
+
+        def rows(s: int) -> Any:
+            return xs[:, s] if stacked else xs[s]
+
+        inputs = [
+            rows(ss[0]) if len(ss) == 1 else ops.concatenate([rows(s) for s in ss], axis=0)
+            for ss in streams
+        ]
+        outs = batched_sets.apply_batched(blocks, inputs)
+        result: dict[int, Any] = {}
+        for ss, y in zip(streams, outs, strict=True):
+            parts = [y] if len(ss) == 1 else ops.split(y, len(ss), axis=0)
+            result.update(zip(ss, parts, strict=True))
+        return [result[s] for s in range(self.num_streams)]
 
     def _stacked_shared(self, xs: Any, training: Any) -> Any:
         """Shared weights on a stacked input: one reshape in, one reshape out, no copies."""
@@ -285,5 +316,6 @@ class SharedTower(keras.layers.Layer):
             fold=self.fold,
             use_shared=self.use_shared_init,
             output_dim=self.output_dim,
+            batch_sets=self.batch_sets,
         )
         return config
