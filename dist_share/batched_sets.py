@@ -2,7 +2,7 @@
 
 A tower with N weight sets of the same MLP block would run N small matmuls per layer one
 after another. Stacking the N kernels into one ``[N, in, out]`` tensor and the N sets' inputs
-into ``[N, rows, in]`` turns them into one batched matmul (``einsum('nri,nio->nro')``), which
+into ``[N, rows, in]`` turns them into one batched matmul (a batched ``matmul`` over the set axis), which
 keeps the cores busy where N small matmuls each pay their own kernel launch and leave most of
 the cores idle (benchmarks/bench_batched_sets.py).
 
@@ -76,7 +76,7 @@ def apply_batched(blocks: Sequence[MLPBlock], inputs: Sequence[Any]) -> list[Any
         dtype = layer.compute_dtype
         x = ops.cast(x, dtype)
         kernel = ops.stack([ops.cast(_layers(b)[j].kernel, dtype) for b in blocks], axis=0)
-        x = ops.einsum("nri,nio->nro", x, kernel)
+        x = ops.matmul(x, kernel)  # batched: [N, rows, in] @ [N, in, out]
         if layer.use_bias:
             bias = ops.stack([ops.cast(_layers(b)[j].bias, dtype) for b in blocks], axis=0)
             x = x + bias[:, None, :]
