@@ -118,12 +118,12 @@ def run_worker(
     with tempfile.TemporaryDirectory(prefix=f"bench_{module}_") as out:
         argv = [sys.executable, "-m", f"benchmarks.workers.{module}", out, *args]
         if launch == "multiworker":
-            jobs = processes.run_multiworker(num_proc, argv, timeout, env=env, cwd=str(REPO))
+            jobs = processes.run_local_multiworker(num_proc, argv, timeout, env=env, cwd=str(REPO))
         else:
             if launch == "horovodrun":
-                argv = processes.horovodrun_command(num_proc, argv)
+                argv = processes.local_horovodrun_command(num_proc, argv)
             elif launch == "mpirun":
-                argv = processes.mpirun_command(num_proc, argv)
+                argv = processes.local_mpirun_command(num_proc, argv)
             jobs = [processes.run_job(argv, timeout=timeout, env=env, cwd=str(REPO))]
         for job in jobs:
             job.check()

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from dist_share.errors import ConfigError
+from dist_share.errors import ConfigError, hint
 
 BLOCK_TYPES = ("mlp", "conv2d", "embedding", "gru", "transformer")
 NORMS = (None, "none", "batch", "layer")
@@ -542,7 +542,7 @@ def validate_block_spec(spec: Any, path: str = "model.tower.block") -> dict:
     for key in spec:
         if key not in allowed:
             raise ConfigError(
-                f"{path}.{key}", f"unknown key for a {kind} block; allowed: {allowed}"
+                f"{path}.{key}", f"unknown key for a {kind} block" + hint(key, allowed)
             )
     if spec.get("norm") not in NORMS:
         raise ConfigError(

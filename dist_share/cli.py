@@ -1,10 +1,13 @@
 """``dist-share``: train, evaluate, export, check configs, and launch distributed jobs.
 
 Exit codes: 0 success; 2 bad config or usage (the message names the key path, and no run
-directory is left behind); 1 runtime failure (a traceback follows); 130 interrupted.
+directory is left behind); 1 runtime failure (a traceback follows); 3 a peer process died or
+stopped answering (the job was aborted; rerun to resume); 4 a non-finite loss or gradient
+stopped the run; 75 preempted (SIGTERM: a checkpoint was saved; rerun to resume); 130
+interrupted.
 
-TensorFlow is imported only by the subcommands that need it, so ``--help``, ``config`` and
-``launch`` start fast; Horovod is imported only by the ``horovod`` strategy, inside ``train``.
+TensorFlow is imported only by the subcommands that need it, so ``--help`` and ``launch`` start
+fast; Horovod is imported only by the ``horovod`` strategy, inside ``train``.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any
 from dist_share import __version__, launching, rundir
 from dist_share import config as config_lib
 from dist_share import data as data_lib
+from dist_share.config import Config
 from dist_share.errors import ConfigError, DataError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_PEER_LOST, EXIT_NONFINITE, EXIT_PREEMPTED = 3, 4, 75
 STRATEGY_NAMES = config_lib.STRATEGIES
 
 
@@ -52,17 +57,17 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 class _Run:
     """Everything the TF-side commands share: the strategy, the model builder and the data."""
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: Config) -> None:
         from dist_share import models, strategies
 
         self.cfg = cfg
         # First TF call of the process: MirroredStrategy may still create logical CPU devices.
-        self.strategy = strategies.get_strategy(cfg["strategy"])
-        self.specs = data_lib.input_specs(cfg["data"])
-        self.build_spec = lambda: models.build_model(cfg["model"], self.specs)
-        tr = cfg["training"]
-        self.train_fn = data_lib.make_dataset_fn(cfg["data"], "train", tr["batch_size"], tr["seed"])
-        self.eval_fn = data_lib.make_dataset_fn(cfg["data"], "eval", tr["batch_size"], tr["seed"])
+        self.strategy = strategies.get_strategy(cfg.strategy)
+        self.specs = data_lib.input_specs(cfg.data)
+        self.build_spec = lambda: models.build_model(cfg.model, self.specs)
+        batch, seed = cfg.training.batch_size, cfg.training.seed
+        self.train_fn = data_lib.make_dataset_fn(cfg.data, "train", batch, seed)
+        self.eval_fn = data_lib.make_dataset_fn(cfg.data, "eval", batch, seed)
 
     def trainer(self, run_dir: Path | None):
         from dist_share.training import Trainer
@@ -79,7 +84,7 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_lib.load_config(args.config, _overrides(args))
-    data_lib.stream_shapes(cfg["data"])  # user data files checked before anything is created
+    data_lib.stream_shapes(cfg.data)  # user data files checked before anything is created
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     existed = run_dir.exists()
     mode = rundir.check(run_dir, cfg, args.overwrite)
@@ -106,14 +111,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     target = Path(args.target)
+    overrides = [*_overrides(args), "checkpoint.resume=true"]
     if target.is_dir():
-        cfg = rundir.read_config(target)
-        cfg = config_lib.validate(config_lib.apply_overrides(cfg, _overrides(args)))
+        cfg = rundir.read_config(target, overrides)
         run_dir: Path | None = target
     else:
-        cfg = config_lib.load_config(target, _overrides(args))
+        cfg = config_lib.load_config(target, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
-    cfg["checkpoint"]["resume"] = True
     if run_dir is not None and _latest_checkpoint(run_dir) is None:
         raise UsageError(
             f"{run_dir} has no checkpoint to evaluate (expected {run_dir / 'checkpoints'})"
@@ -138,10 +142,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
 
     run_dir = Path(args.run_dir)
-    cfg = rundir.read_config(run_dir)
-    cfg["strategy"]["name"], cfg["strategy"]["num_cpu_devices"] = "local", None
-    cfg["checkpoint"]["resume"] = True
-    cfg["training"]["mixed_precision"] = False  # export float32 weights for portable serving
+    # float32 weights for portable serving, on one local replica.
+    cfg = rundir.read_config(
+        run_dir,
+        [
+            "strategy.name=local",
+            "strategy.num_cpu_devices=null",
+            "checkpoint.resume=true",
+            "training.mixed_precision=false",
+        ],
+    )
     if _latest_checkpoint(run_dir) is None:
         raise UsageError(
             f"{run_dir} has no checkpoint to export (expected {run_dir / 'checkpoints'})"
@@ -181,12 +191,12 @@ def _verify_export(path: Path, features: Any, expected: Any) -> float:
     return diff
 
 
-def _export_readme(cfg: dict, step: int, specs: dict, diff: float) -> str:
+def _export_readme(cfg: Config, step: int, specs: dict, diff: float) -> str:
     inputs = "\n".join(
         f"  {k}: {v.dtype.name} {[None, *v.shape.as_list()]}" for k, v in specs.items()
     )
     return (
-        f"dist_share export of a {cfg['model']['family']} model at step {step}.\n"
+        f"dist_share export of a {cfg.model.family} model at step {step}.\n"
         f"saved_model/: tf.saved_model.load(path).serve(inputs_dict)\n"
         f"model.keras:  keras.models.load_model(path) after `import dist_share.models`\n"
         f"inputs (a dict):\n{inputs}\n"
@@ -196,7 +206,7 @@ def _export_readme(cfg: dict, step: int, specs: dict, diff: float) -> str:
 
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = config_lib.load_config(args.config, _overrides(args))
-    shapes = data_lib.stream_shapes(cfg["data"])
+    shapes = data_lib.stream_shapes(cfg.data)
     sys.stdout.write(config_lib.dump(cfg))
     streams = ", ".join(f"{k} {v[1].name}{list(v[0])}" for k, v in shapes.items())
     print(f"# valid; streams: {streams}", file=sys.stderr)

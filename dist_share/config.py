@@ -1,101 +1,63 @@
-"""Configs: YAML in, one fully resolved dict out, or a ConfigError naming the key path.
+"""Configs: YAML in, one typed and frozen `Config` out, or a ConfigError naming the key path.
 
-A run is reproducible only if everything it depended on is written down, so every default is
-filled in here (not scattered through the code that reads the config) and the resolved dict is
-what gets saved in the run directory. Validation is schema driven so that every message has the
-same shape: the dotted key path, the value that was given, and what was expected.
+A run is reproducible only if everything it depended on is written down, so every default lives
+here, as the default of a dataclass field, and the resolved config is what gets saved in the run
+directory. The YAML is parsed and checked once, by `load_config` / `validate`; every module after
+that reads attributes (``cfg.training.batch_size``), never nested dicts with string keys.
+
+Checks that belong to an object (a block spec, a loss spec, tower groups) are that object's own
+functions; validation calls them with the key path so that the message names the key. What a
+model family is (its streams, losses, heads, data) is `dist_share.families`.
 
 Loading uses ``yaml.safe_load`` only. A config may name ``base: other.yaml`` (relative to itself)
-to start from another config; keys of the child replace the base's, dicts merge recursively.
+to start from another config; keys of the child replace the base's, mappings merge recursively.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
+import functools
 import math
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dist_share.errors import ConfigError
+from dist_share import families
+from dist_share.errors import ConfigError, hint
 
-FAMILIES = ("siamese", "triplet", "multiview", "two_tower")
-TOWER_FAMILIES = ("siamese", "triplet", "multiview")
-SHARING_MODES = ("shared", "separate", "grouped", "switchable")
-BLOCK_TYPES = ("mlp", "conv2d", "embedding", "gru", "transformer")
 STRATEGIES = ("local", "mirrored", "multiworker", "horovod")
-DATA_SOURCES = ("digits", "two_tower_synthetic", "npz", "random")
-
-HEADS = {
-    "siamese": ("l2", "cosine"),
-    "triplet": ("l2",),
-    "multiview": ("concat", "mean", "sum"),
-}
-LOSSES = {
-    "siamese": ("contrastive",),
-    "triplet": ("triplet",),
-    "multiview": ("sparse_categorical_crossentropy",),
-    "two_tower": ("binary", "in_batch_softmax"),
-}
-# Options each loss type takes, with defaults (mirrors losses.get_loss).
-LOSS_OPTIONS = {
-    "contrastive": {"margin": 1.0},
-    "triplet": {"margin": 1.0},
-    "in_batch_softmax": {"temperature": 0.1},
-    "binary": {},
-    "sparse_categorical_crossentropy": {},
-}
-# Keys each block type accepts besides `type` (mirrors blocks._BLOCK_KEYS; a test keeps them equal).
-BLOCK_KEYS = {
-    "mlp": ("units", "activation", "norm"),
-    "conv2d": ("filters", "kernel_size", "pool_size", "norm", "activation", "dense"),
-    "embedding": ("vocab_size", "embedding_dim", "combiner", "units", "activation"),
-    "gru": ("units",),
-    "transformer": ("units", "num_heads"),
-}
-_MISSING = object()
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
+SHARING_MODES = ("shared", "separate", "grouped", "switchable")
+SECTIONS = ("model", "data", "optimizer", "training", "strategy", "checkpoint", "logging")
+_REQUIRED = object()
 
 
-@dataclass(frozen=True)
-class Field:
-    """One leaf of the schema: its type, default and allowed values."""
-
-    kind: str  # "int" | "float" | "bool" | "str" | "list" | "dict" | "any"
-    default: Any = None
-    choices: tuple | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    positive: bool = False  # strictly greater than 0
-    nullable: bool = False
-    required: bool = False
-
-    def expected(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(map(str, self.choices))
-        text = {
-            "int": "an integer",
-            "float": "a number",
-            "bool": "true or false",
-            "str": "a string",
-            "list": "a list",
-            "dict": "a mapping",
-            "any": "a value",
-        }[self.kind]
-        if self.positive:
-            text += " > 0"
-        elif self.minimum is not None:
-            text += f" >= {self.minimum:g}"
-        if self.maximum is not None:
-            text += f" <= {self.maximum:g}"
-        return text + (" or null" if self.nullable else "")
+def option(
+    default: Any = _REQUIRED,
+    *,
+    choices: Sequence[Any] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+) -> Any:
+    """A config field: its default plus the bounds `validate` enforces (the one place for both)."""
+    meta = {"choices": tuple(choices) if choices else None, "minimum": minimum}
+    meta.update(maximum=maximum, positive=positive)
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value), metadata=meta)
+    if default is _REQUIRED:
+        return dataclasses.field(metadata={**meta, "required": True})
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def default_block() -> dict:
-    """The tower block a config gets when it names none (also models.build_model's default)."""
+    """The tower block a config gets when it names none."""
     return {
         "type": "conv2d",
         "filters": [16, 32],
@@ -107,225 +69,203 @@ def default_block() -> dict:
     }
 
 
-_TOWER = {
-    "sharing": Field("str", "shared", choices=SHARING_MODES),
-    "groups": Field("list", None, nullable=True),
-    "use_shared": Field("bool", True),
-    "fold": Field("bool", True),
-    "block": Field("dict", None),
-}
-_MODEL_COMMON = {
-    "family": Field("str", required=True, choices=FAMILIES),
-    "embedding_dim": Field("int", 32, positive=True),
-    "loss": Field("dict", None),
-}
-_MODEL = {
-    "siamese": {
-        **_MODEL_COMMON,
-        "head": Field("str", "l2", choices=HEADS["siamese"]),
-        "tower": _TOWER,
-    },
-    "triplet": {
-        **_MODEL_COMMON,
-        "head": Field("str", "l2", choices=HEADS["triplet"]),
-        "tower": _TOWER,
-    },
-    "multiview": {
-        **_MODEL_COMMON,
-        "head": Field("str", "concat", choices=HEADS["multiview"]),
-        "tower": _TOWER,
-        "num_classes": Field("int", 10, positive=True),
-    },
-    "two_tower": {
-        **_MODEL_COMMON,
-        "tables": Field("dict", None),
-        "query": {
-            "features": Field("dict", None),
-            "combiner": Field("str", "mean", choices=("mean", "sum")),
-            "block": Field("dict", None),
-        },
-        "candidate": {
-            "features": Field("dict", None),
-            "combiner": Field("str", "mean", choices=("mean", "sum")),
-            "block": Field("dict", None),
-        },
-    },
-}
-_DATA = {
-    "source": Field("str", None, choices=DATA_SOURCES),
-    "family": Field("str", None, choices=FAMILIES, nullable=True),
-    "num_views": Field("int", 3, minimum=1),
-    "eval_fraction": Field("float", 0.25, positive=True, maximum=0.9),
-    "split_seed": Field("int", 0),
-    "train_examples": Field("int", 16384, positive=True),
-    "eval_examples": Field("int", 2048, positive=True),
-    "shuffle_buffer": Field("int", 16384, positive=True),
-    "views": {
-        "max_shift": Field("int", 1, minimum=0, maximum=3),
-        "noise_std": Field("float", 0.2, minimum=0.0),
-        "occlusion": Field("int", 4, minimum=0, maximum=8),
-    },
-    "synthetic": {
-        "num_users": Field("int", 500, positive=True),
-        "num_items": Field("int", 2000, positive=True),
-        "num_clusters": Field("int", 20, minimum=2),
-        "preferred_clusters": Field("int", 2, positive=True),
-        "history_length": Field("int", 10, positive=True),
-        "zipf_exponent": Field("float", 1.1, minimum=0.0),
-        "positive_fraction": Field("float", 0.5, minimum=0.0, maximum=1.0),
-    },
-    "random": {
-        "num_examples": Field("int", 4096, positive=True),
-        "image_shape": Field("list", [8, 8, 1]),
-    },
-    "train_path": Field("str", None, nullable=True),
-    "eval_path": Field("str", None, nullable=True),
-}
-_OPTIMIZER = {
-    "name": Field("str", "adam", choices=("adam", "adamw", "sgd", "rmsprop", "adagrad")),
-    "learning_rate": Field("float", 0.001, positive=True),
-    "scale_lr_by_world_size": Field("bool", False),
-    "clipnorm": Field("float", None, positive=True, nullable=True),
-    "weight_decay": Field("float", None, minimum=0.0, nullable=True),
-    "momentum": Field("float", 0.0, minimum=0.0, maximum=1.0),
-}
-_TRAINING = {
-    "steps": Field("int", 600, positive=True),
-    "batch_size": Field("int", 64, positive=True),
-    "grad_accum_steps": Field("int", 1, positive=True),
-    "mixed_precision": Field("bool", False),
-    "loop": Field("str", "custom", choices=("custom", "keras_fit")),
-    "log_every": Field("int", 50, positive=True),
-    "eval_every": Field("int", 200, minimum=0),
-    "eval_batches": Field("int", None, positive=True, nullable=True),
-    "deterministic": Field("bool", False),
-    "seed": Field("int", 0),
-}
-_STRATEGY = {
-    "name": Field("str", "local", choices=STRATEGIES),
-    "num_cpu_devices": Field("int", None, positive=True, nullable=True),
-    "horovod": {
-        "compression": Field("str", "none", choices=("none", "fp16", "bf16")),
-        "op": Field("str", "average", choices=("average", "sum")),
-        "grouped_allreduce": Field("bool", True),
-        "sparse_as_dense": Field("bool", False),
-    },
-    "sparse": {
-        "dedup": Field("bool", True),
-        "dense_threshold": Field("float", 0.5, minimum=0.0, maximum=1.0, nullable=True),
-        "dense_switch": Field("str", "measured", choices=("measured", "static")),
-    },
-}
-_CHECKPOINT = {
-    "every": Field("int", 200, minimum=0),
-    "keep": Field("int", 3, positive=True),
-    "resume": Field("bool", True),
-}
-_LOGGING = {"tensorboard": Field("bool", True), "progress_bar": Field("bool", True)}
+# -- the schema: one frozen dataclass per section ---------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+    """``model.tower``: how the streams of a tower family share weights (see towers.SharedTower)."""
 
-SECTIONS = ("model", "data", "optimizer", "training", "strategy", "checkpoint", "logging")
-OPTIMIZERS = _OPTIMIZER["name"].choices
+    sharing: str = option("shared", choices=SHARING_MODES)
+    groups: list | None = None
+    use_shared: bool = True
+    fold: bool = True
+    block: dict = option(default_block())
 
 
-def _schema_defaults(schema: Mapping) -> dict:
-    return {
-        k: _schema_defaults(v) if isinstance(v, Mapping) else copy.deepcopy(v.default)
-        for k, v in schema.items()
-    }
+@dataclasses.dataclass(frozen=True)
+class TableConfig:
+    """One entry of ``model.tables``: an embedding table the two towers may share."""
+
+    vocab_size: int = option(positive=True)
+    dim: int | None = option(None, positive=True)  # null: model.embedding_dim
 
 
-def runtime_defaults() -> dict:
-    """Defaults of the sections the trainer reads, for code that builds a partial config by hand
-    (tests, notebooks, examples); the schema above stays their only source."""
-    sections = {
-        "optimizer": _OPTIMIZER,
-        "training": _TRAINING,
-        "strategy": _STRATEGY,
-        "checkpoint": _CHECKPOINT,
-        "logging": _LOGGING,
-    }
-    return {name: _schema_defaults(schema) for name, schema in sections.items()}
+@dataclasses.dataclass(frozen=True)
+class SideConfig:
+    """``model.query`` / ``model.candidate`` of a two-tower model."""
+
+    features: dict | None = None
+    combiner: str = option("mean", choices=("mean", "sum"))
+    block: dict = option({"type": "mlp", "units": [64], "activation": "relu"})
 
 
-def _top_schema(family: str) -> dict:
-    return {
-        "model": _MODEL[family],
-        "data": _DATA,
-        "optimizer": _OPTIMIZER,
-        "training": _TRAINING,
-        "strategy": _STRATEGY,
-        "checkpoint": _CHECKPOINT,
-        "logging": _LOGGING,
-    }
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """``model``: the family and its parts. Which keys a family reads is the family's to say."""
+
+    family: str = option(choices=families.NAMES)
+    embedding_dim: int = option(32, positive=True)
+    loss: dict | None = None
+    head: str | None = None
+    num_classes: int = option(10, positive=True)
+    tower: TowerConfig = dataclasses.field(default_factory=TowerConfig)
+    tables: dict[str, TableConfig] | None = None
+    query: SideConfig = dataclasses.field(default_factory=SideConfig)
+    candidate: SideConfig = dataclasses.field(default_factory=SideConfig)
+
+    @property
+    def family_spec(self) -> families.Family:
+        return families.get(self.family)
 
 
-def _family_defaults(family: str) -> dict:
-    """Defaults that depend on the family. Blocks and losses are whole values: a user's block
-    replaces the default block rather than merging with it (conv2d keys make no sense in an mlp)."""
-    if family == "two_tower":
-        mlp = {"type": "mlp", "units": [64], "activation": "relu"}
-        return {
-            "model": {
-                "loss": {"type": "binary"},
-                "tables": {"users": {"vocab_size": 500}, "items": {"vocab_size": 2000}},
-                "query": {
-                    "features": {"query_user": "users", "query_history": "items"},
-                    "block": mlp,
-                },
-                "candidate": {"features": {"candidate_item": "items"}, "block": mlp},
-            },
-            "data": {"source": "two_tower_synthetic"},
-        }
-    loss = {
-        "siamese": {"type": "contrastive"},
-        "triplet": {"type": "triplet"},
-        "multiview": {"type": "sparse_categorical_crossentropy"},
-    }[family]
-    return {
-        "model": {"loss": loss, "tower": {"block": default_block()}},
-        "data": {"source": "digits"},
-    }
+@dataclasses.dataclass(frozen=True)
+class ViewsConfig:
+    max_shift: int = option(1, minimum=0, maximum=3)
+    noise_std: float = option(0.2, minimum=0.0)
+    occlusion: int = option(4, minimum=0, maximum=8)
 
 
-def _with_defaults(raw: Mapping, family: str) -> dict:
-    """Merge the family defaults under ``raw``. A block or loss of another ``type`` replaces the
-    default one (conv2d keys make no sense in an mlp) and so does a tables/features mapping with
-    names the default lacks; otherwise keys merge, so ``--set model.tower.block.filters=[8]``
-    edits the default block."""
-    defaults = _family_defaults(family)
-    model = raw.get("model") or {}
-    for whole in (
-        ("loss",),
-        ("tower", "block"),
-        ("query", "block"),
-        ("candidate", "block"),
-        ("tables",),
-        ("query", "features"),
-        ("candidate", "features"),
-    ):
-        node, dnode = model, defaults["model"]
-        for key in whole[:-1]:
-            node = node.get(key) if isinstance(node, Mapping) else None
-            dnode = dnode.get(key, {})
-        given, default = (
-            (node.get(whole[-1]) if isinstance(node, Mapping) else None),
-            dnode.get(whole[-1]),
-        )
-        if not isinstance(given, Mapping) or not isinstance(default, Mapping):
-            continue
-        if "type" in default:
-            replace = given.get("type", default["type"]) != default["type"]
-        else:
-            replace = not set(given) <= set(default)
-        if replace:
-            dnode.pop(whole[-1])
-    return merge(defaults, raw)
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    num_users: int = option(500, positive=True)
+    num_items: int = option(2000, positive=True)
+    num_clusters: int = option(20, minimum=2)
+    preferred_clusters: int = option(2, positive=True)
+    history_length: int = option(10, positive=True)
+    zipf_exponent: float = option(1.1, minimum=0.0)
+    positive_fraction: float = option(0.5, minimum=0.0, maximum=1.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading, merging, overrides
+@dataclasses.dataclass(frozen=True)
+class RandomConfig:
+    num_examples: int = option(4096, positive=True)
+    image_shape: list = option([8, 8, 1])
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``data``: where examples come from. ``family`` is copied from ``model.family``."""
+
+    source: str | None = option(None, choices=families.SOURCES)
+    family: str | None = option(None, choices=families.NAMES)
+    num_views: int = option(3, minimum=1)
+    eval_fraction: float = option(0.25, positive=True, maximum=0.9)
+    split_seed: int = 0
+    train_examples: int = option(16384, positive=True)
+    eval_examples: int = option(2048, positive=True)
+    shuffle_buffer: int = option(16384, positive=True)
+    views: ViewsConfig = dataclasses.field(default_factory=ViewsConfig)
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    random: RandomConfig = dataclasses.field(default_factory=RandomConfig)
+    train_path: str | None = None
+    eval_path: str | None = None
+
+    @property
+    def family_spec(self) -> families.Family:
+        return families.get(self.family)
+
+    @property
+    def streams(self) -> list[str]:
+        """Stream names in model input order."""
+        return self.family_spec.streams(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = option("adam", choices=OPTIMIZERS)
+    learning_rate: float = option(0.001, positive=True)
+    scale_lr_by_world_size: bool = False
+    clipnorm: float | None = option(None, positive=True)
+    weight_decay: float | None = option(None, minimum=0.0)
+    momentum: float = option(0.0, minimum=0.0, maximum=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """``training``: the loop. ``batch_size`` is the GLOBAL batch over all replicas."""
+
+    steps: int = option(600, positive=True)
+    batch_size: int = option(64, positive=True)
+    grad_accum_steps: int = option(1, positive=True)
+    steps_per_loop: int = option(1, positive=True)
+    mixed_precision: bool = False
+    loop: str = option("custom", choices=("custom", "keras_fit"))
+    log_every: int = option(50, positive=True)
+    eval_every: int = option(200, minimum=0)
+    eval_batches: int | None = option(None, positive=True)
+    deterministic: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HorovodConfig:
+    compression: str = option("none", choices=("none", "fp16", "bf16"))
+    op: str = option("average", choices=("average", "sum"))
+    grouped_allreduce: bool = True
+    sparse_as_dense: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    dedup: bool = True
+    dense_threshold: float | None = option(0.5, minimum=0.0, maximum=1.0)
+    dense_switch: str = option("measured", choices=("measured", "static"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyConfig:
+    name: str = option("local", choices=STRATEGIES)
+    num_cpu_devices: int | None = option(None, positive=True)
+    horovod: HorovodConfig = dataclasses.field(default_factory=HorovodConfig)
+    sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = option(200, minimum=0)
+    keep: int = option(3, positive=True)
+    resume: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole resolved config. Build it with `load_config` or `validate`; change it with `replace`."""
+
+    model: ModelConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        """Plain data (what `dump` writes and `validate` reads back); the model section holds
+        only the keys its family reads."""
+        out = _to_dict(self)
+        keys = self.model.family_spec.model_keys
+        out["model"] = {k: v for k, v in out["model"].items() if k in keys}
+        return out
+
+    def replace(self, *overrides: str) -> Config:
+        """A new config with ``--set``-style overrides (``"training.steps=5"``), validated again."""
+        return validate(apply_overrides(self.to_dict(), overrides))
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+# -- Loading, merging, overrides ---------------------------------------------------------------
 def _read_yaml(path: Path) -> dict:
     try:
         text = path.read_text()
@@ -348,7 +288,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 def merge(base: Mapping, child: Mapping) -> dict:
-    """Recursive dict merge: the child's keys win, nested mappings merge key by key."""
+    """Recursive mapping merge: the child's keys win, nested mappings merge key by key."""
     out = copy.deepcopy(dict(base))
     for key, value in child.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
@@ -388,7 +328,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cfg: Mapping, overrides: Iterable[str]) -> dict:
-    """Apply ``--set`` overrides; unknown keys are left for validation to report (with hints)."""
+    """Apply ``--set`` overrides to raw config data; unknown keys are left for `validate`."""
     out = copy.deepcopy(dict(cfg))
     for text in overrides:
         keys, value = parse_override(text)
@@ -408,293 +348,232 @@ def apply_overrides(cfg: Mapping, overrides: Iterable[str]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation
-
-
+# -- Validation --------------------------------------------------------------------------------
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _hint(key: str, known: Iterable[str]) -> str:
-    known = list(known)
-    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean {close[0]!r}?"
-    return "; known keys: " + ", ".join(known)
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-def _check_leaf(path: str, value: Any, field: Field) -> Any:
+def _leaf_kind(hint_type: Any) -> tuple[type | None, bool]:
+    """(base type, nullable) of a field annotation such as ``int | None``."""
+    nullable = False
+    if isinstance(hint_type, types.UnionType) or typing.get_origin(hint_type) is typing.Union:
+        hint_type = next(a for a in typing.get_args(hint_type) if a is not type(None))
+        nullable = True
+    return typing.get_origin(hint_type) or hint_type, nullable
+
+
+def _expected(kind: type | None, meta: Mapping, nullable: bool) -> str:
+    if meta.get("choices"):
+        text = "one of " + ", ".join(map(str, meta["choices"]))
+    else:
+        text = {
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            str: "a string",
+            list: "a list",
+            dict: "a mapping",
+        }.get(kind, "a value")
+        if meta.get("positive"):
+            text += " > 0"
+        elif meta.get("minimum") is not None:
+            text += f" >= {meta['minimum']:g}"
+        if meta.get("maximum") is not None:
+            text += f" <= {meta['maximum']:g}"
+    return text + (" or null" if nullable else "")
+
+
+def _check_leaf(path: str, value: Any, kind: Any, nullable: bool, meta: Mapping) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(path, f"got {value!r}, expected {_expected(kind, meta, nullable)}")
+
     if value is None:
-        if field.nullable:
+        if nullable:
             return None
-        raise ConfigError(path, f"is null, expected {field.expected()}")
-    kind = field.kind
-    if kind == "int":
+        raise ConfigError(path, f"is null, expected {_expected(kind, meta, nullable)}")
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise ConfigError(path, f"got {value!r}, expected {field.expected()}")
-    elif kind == "float":
+            raise bad()
+    elif kind is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(path, f"got {value!r}, expected {field.expected()}") from None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-        ):
-            raise ConfigError(path, f"got {value!r}, expected {field.expected()}")
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        if not math.isfinite(value):
+            raise bad()
         value = float(value)
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(path, f"got {value!r}, expected {field.expected()}")
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise ConfigError(path, f"got {value!r}, expected {field.expected()}")
-    elif kind == "list":
-        if not isinstance(value, list):
-            raise ConfigError(path, f"got {value!r}, expected {field.expected()}")
-    elif kind == "dict" and not isinstance(value, dict):
-        raise ConfigError(path, f"got {value!r}, expected {field.expected()}")
-    if field.choices and value not in field.choices:
-        raise ConfigError(
-            path,
-            f"got {value!r}, expected {field.expected()}"
-            + (
-                _hint(value, field.choices).replace("known keys", "choices")
-                if isinstance(value, str)
-                else ""
-            ),
-        )
-    if kind in ("int", "float"):
-        bad = (
-            (field.positive and value <= 0)
-            or (field.minimum is not None and value < field.minimum)
-            or (field.maximum is not None and value > field.maximum)
-        )
-        if bad:
-            raise ConfigError(path, f"got {value!r}, expected {field.expected()}")
-    return value
+    elif kind in (bool, str, list, dict) and not isinstance(value, kind):
+        raise bad()
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        extra = hint(value, choices) if isinstance(value, str) else ""
+        extra = extra if "did you mean" in extra else ""
+        raise ConfigError(path, f"got {value!r}, expected {_expected(kind, meta, nullable)}{extra}")
+    if kind in (int, float) and (
+        (meta.get("positive") and value <= 0)
+        or (meta.get("minimum") is not None and value < meta["minimum"])
+        or (meta.get("maximum") is not None and value > meta["maximum"])
+    ):
+        raise bad()
+    return copy.deepcopy(value)
 
 
-def _validate(path: str, value: Any, schema: Mapping) -> dict:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise ConfigError(path, f"got {value!r}, expected a mapping with keys {', '.join(schema)}")
-    for key in value:
-        if key not in schema:
-            raise ConfigError(_join(path, str(key)), "unknown key" + _hint(key, schema))
-    out = {}
-    for key, sub in schema.items():
-        sub_path = _join(path, key)
-        given = value.get(key, _MISSING)
-        if isinstance(sub, Mapping):
-            out[key] = _validate(sub_path, None if given is _MISSING else given, sub)
-        elif given is _MISSING:
-            if sub.required:
-                raise ConfigError(sub_path, f"is required ({sub.expected()})")
-            out[key] = copy.deepcopy(sub.default)
-        else:
-            out[key] = _check_leaf(sub_path, given, sub)
-    return out
-
-
-def _check_block(path: str, block: Any) -> None:
-    if not isinstance(block, dict):
-        raise ConfigError(path, f"got {block!r}, expected a mapping with a 'type' key")
-    if "type" not in block:
-        raise ConfigError(f"{path}.type", f"is required (one of {', '.join(BLOCK_TYPES)})")
-    kind = _check_leaf(f"{path}.type", block["type"], Field("str", choices=BLOCK_TYPES))
-    allowed = ("type", *BLOCK_KEYS[kind])
-    for key in block:
-        if key not in allowed:
-            raise ConfigError(
-                f"{path}.{key}", f"unknown key for a {kind} block" + _hint(key, allowed)
-            )
-
-
-def _check_loss(family: str, loss: Any) -> None:
-    path = "model.loss"
-    if not isinstance(loss, dict) or "type" not in loss:
-        raise ConfigError(f"{path}.type", f"is required (one of {', '.join(LOSSES[family])})")
-    kind = _check_leaf(f"{path}.type", loss["type"], Field("str", choices=LOSSES[family]))
-    options = LOSS_OPTIONS[kind]
-    for key in loss:
-        if key != "type" and key not in options:
-            raise ConfigError(
-                f"{path}.{key}", f"unknown option for loss {kind}" + _hint(key, options or ["type"])
-            )
-    for key, default in options.items():
-        loss[key] = _check_leaf(
-            f"{path}.{key}", loss.get(key, default), Field("float", positive=True)
-        )
-
-
-def family_streams(family: str, num_views: int = 3) -> list[str]:
-    """The stream names a family's data carries, in model input order (see ARCHITECTURE.md)."""
-    if family == "siamese":
-        return ["left", "right"]
-    if family == "triplet":
-        return ["anchor", "positive", "negative"]
-    if family == "multiview":
-        return [f"view{i}" for i in range(num_views)]
-    return ["query_user", "query_history", "candidate_item"]
-
-
-def _check_model(model: dict, data: dict) -> None:
-    family = model["family"]
-    _check_loss(family, model["loss"])
-    streams = family_streams(family, data["num_views"])
-    if family in TOWER_FAMILIES:
-        tower = model["tower"]
-        _check_block("model.tower.block", tower["block"])
-        if tower["sharing"] == "grouped":
-            groups = tower["groups"]
-            n = len(streams)
-            if groups is None:
-                raise ConfigError(
-                    "model.tower.groups",
-                    "is required for sharing: grouped (a partition of stream indices)",
-                )
-            flat = [i for g in groups for i in (g if isinstance(g, list) else [g])]
-            if not all(isinstance(g, list) and g for g in groups) or sorted(flat) != list(range(n)):
-                raise ConfigError(
-                    "model.tower.groups",
-                    f"got {groups!r}, expected non-empty lists partitioning the "
-                    f"stream indices 0..{n - 1} of streams {streams}",
-                )
-        elif tower["groups"] is not None:
-            raise ConfigError(
-                "model.tower.groups",
-                f"is only used with sharing: grouped (sharing is {tower['sharing']!r})",
-            )
-        return
-    tables = model["tables"]
-    if not tables:
-        raise ConfigError(
-            "model.tables", "is required for family two_tower, e.g. {users: {vocab_size: 500}}"
-        )
-    for name, table in tables.items():
-        if isinstance(table, dict):
-            for key in table:
-                if key not in ("vocab_size", "dim"):
-                    raise ConfigError(
-                        f"model.tables.{name}.{key}",
-                        "unknown key" + _hint(key, ("vocab_size", "dim")),
-                    )
-        size = table.get("vocab_size") if isinstance(table, dict) else None
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ConfigError(
-                f"model.tables.{name}.vocab_size", f"got {size!r}, expected an integer > 0"
-            )
-    used = {}
-    for side in ("query", "candidate"):
-        feats = model[side]["features"]
-        if not feats:
-            raise ConfigError(
-                f"model.{side}.features", "is required: a mapping {stream_name: table_name}"
-            )
-        _check_block(f"model.{side}.block", model[side]["block"])
-        for stream, table in feats.items():
-            if stream not in streams:
-                raise ConfigError(
-                    f"model.{side}.features.{stream}",
-                    f"is not a two_tower stream; streams are {streams}{_hint(stream, streams)}",
-                )
-            if table not in tables:
-                raise ConfigError(
-                    f"model.{side}.features.{stream}",
-                    f"names table {table!r}, expected one of {', '.join(tables)}",
-                )
-            used[stream] = table
-    missing = [s for s in streams if s not in used]
-    if missing:
-        raise ConfigError(
-            "model.query.features", f"streams {missing} of the data are not fed to either tower"
-        )
-    if data["source"] in ("two_tower_synthetic", "random"):
-        syn = data["synthetic"]
-        for stream, count_key in (
-            ("query_user", "num_users"),
-            ("candidate_item", "num_items"),
-            ("query_history", "num_items"),
-        ):
-            table = used[stream]
-            if tables[table]["vocab_size"] < syn[count_key]:
-                raise ConfigError(
-                    f"model.tables.{table}.vocab_size",
-                    f"is {tables[table]['vocab_size']} but data.synthetic.{count_key} is {syn[count_key]} (stream {stream})",
-                )
-
-
-def validate(raw: Mapping) -> dict:
-    """Fill defaults and check every key; returns the resolved config or raises ConfigError."""
+def parse_section(cls: type, raw: Any, path: str, allowed: Iterable[str] | None = None) -> Any:
+    """Build the dataclass ``cls`` from raw data, checking every key; errors name ``path.key``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    allowed = list(allowed) if allowed is not None else list(fields)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError("", f"a config is a mapping of sections, got {type(raw).__name__}")
-    model = raw.get("model")
-    if not isinstance(model, Mapping):
+        raise ConfigError(path, f"got {raw!r}, expected a mapping with keys {', '.join(allowed)}")
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(_join(path, str(key)), "unknown key" + hint(key, allowed))
+    values = {}
+    for name, field in fields.items():
+        sub = _join(path, name)
+        kind, nullable = _leaf_kind(_hints(cls)[name])
+        if dataclasses.is_dataclass(kind):
+            values[name] = parse_section(kind, raw.get(name), sub)
+        elif name in raw:
+            values[name] = _check_leaf(sub, raw[name], kind, nullable, field.metadata)
+        elif field.metadata.get("required"):
+            raise ConfigError(sub, f"is required ({_expected(kind, field.metadata, nullable)})")
+    return cls(**values)
+
+
+# Values that are replaced whole rather than merged key by key when the user gives one of another
+# kind: conv2d keys make no sense in an mlp block, nor the default tables beside the user's.
+_WHOLE_VALUES = (
+    ("loss",),
+    ("tower", "block"),
+    ("query", "block"),
+    ("candidate", "block"),
+    ("tables",),
+    ("query", "features"),
+    ("candidate", "features"),
+)
+
+
+def _model_with_defaults(raw: Mapping, family: families.Family) -> dict:
+    """Merge the defaults under ``raw``. A block or loss of another ``type`` replaces the default
+    one and so does a tables/features mapping with names the default lacks; otherwise keys merge,
+    so ``--set model.tower.block.filters=[8]`` edits the default block."""
+    defaults = merge(
+        {
+            "tower": {"block": TowerConfig().block},
+            "query": {"block": SideConfig().block},
+            "candidate": {"block": SideConfig().block},
+        },
+        family.model_defaults(),
+    )
+    defaults = {k: v for k, v in defaults.items() if k in family.model_keys}
+    for whole in _WHOLE_VALUES:
+        node, dnode = raw, defaults
+        for key in whole[:-1]:
+            node = node.get(key) if isinstance(node, Mapping) else None
+            dnode = dnode.get(key, {})
+        given = node.get(whole[-1]) if isinstance(node, Mapping) else None
+        default = dnode.get(whole[-1])
+        if not isinstance(given, Mapping) or not isinstance(default, Mapping):
+            continue
+        if "type" in default:
+            replace = given.get("type", default["type"]) != default["type"]
+        else:
+            replace = not set(given) <= set(default)
+        if replace:
+            dnode.pop(whole[-1])
+    return merge(defaults, raw)
+
+
+def parse_model(raw: Any, num_views: int | None = None) -> ModelConfig:
+    """The ``model`` section alone: family defaults filled, every key and spec checked.
+
+    Checks that need the data (stream names and counts) run with ``num_views`` if given, and
+    otherwise when the model is built against the real input specs (`models.build_model`).
+    """
+    if not isinstance(raw, Mapping):
         raise ConfigError(
             "model",
             "is required (a mapping with at least 'family')"
-            if model is None
-            else f"got {model!r}, expected a mapping",
+            if raw is None
+            else f"got {raw!r}, expected a mapping",
         )
-    if "family" not in model:
-        raise ConfigError("model.family", f"is required ({_MODEL_COMMON['family'].expected()})")
-    family = _check_leaf("model.family", model["family"], _MODEL_COMMON["family"])
-    raw = _with_defaults(raw, family)
-    cfg = _validate("", raw, _top_schema(family))
-    data = cfg["data"]
-    if data["family"] is None:
-        data["family"] = family
-    elif data["family"] != family:
-        raise ConfigError("data.family", f"is {data['family']!r} but model.family is {family!r}")
-    ok_sources = (
-        ("two_tower_synthetic", "npz", "random")
-        if family == "two_tower"
-        else ("digits", "npz", "random")
+    if "family" not in raw:
+        raise ConfigError("model.family", "is required (one of " + ", ".join(families.NAMES) + ")")
+    family = families.get(raw["family"], path="model.family")
+    model = parse_section(
+        ModelConfig, _model_with_defaults(raw, family), "model", family.model_keys
     )
-    if data["source"] not in ok_sources:
-        raise ConfigError(
-            "data.source",
-            f"got {data['source']!r}, expected one of {', '.join(ok_sources)} for family {family}",
-        )
-    if data["source"] == "npz" and not data["train_path"]:
-        raise ConfigError(
-            "data.train_path",
-            "is required for source: npz (a .npz file with one array per stream and 'labels')",
-        )
-    shape = data["random"]["image_shape"]
-    if not (shape and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-        raise ConfigError(
-            "data.random.image_shape",
-            f"got {shape!r}, expected a list of positive integers, e.g. [8, 8, 1]",
-        )
-    _check_model(cfg["model"], data)
-    tr = cfg["training"]
-    if tr["batch_size"] % tr["grad_accum_steps"]:
+    if isinstance(model.tables, Mapping):
+        tables = {
+            name: parse_section(TableConfig, table, f"model.tables.{name}")
+            for name, table in model.tables.items()
+        }
+        model = dataclasses.replace(model, tables=tables)
+    return family.check_model(model, num_views)
+
+
+def validate(raw: Any) -> Config:
+    """Fill defaults and check every key of raw config data; returns the `Config`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"a config is a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(str(key), "unknown key" + hint(key, SECTIONS))
+    model_raw = raw.get("model")
+    data_raw = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+    views = data_raw.get("num_views", DataConfig.num_views)
+    model = parse_model(model_raw, views if isinstance(views, int) else None)
+    family = model.family_spec
+    data_given = raw.get("data")
+    if data_given is None or isinstance(data_given, Mapping):
+        data_given = merge(family.data_defaults(), data_given or {})
+    data = parse_section(DataConfig, data_given, "data")
+    if data.family is not None and data.family != model.family:
+        raise ConfigError("data.family", f"is {data.family!r} but model.family is {model.family!r}")
+    data = dataclasses.replace(data, family=model.family)
+    family.check_data(data, model)
+    cfg = Config(
+        model=model,
+        data=data,
+        **{name: parse_section(_hints(Config)[name], raw.get(name), name) for name in SECTIONS[2:]},
+    )
+    tr = cfg.training
+    if tr.batch_size % tr.grad_accum_steps:
         raise ConfigError(
             "training.grad_accum_steps",
-            f"{tr['grad_accum_steps']} does not divide training.batch_size {tr['batch_size']}",
+            f"{tr.grad_accum_steps} does not divide training.batch_size {tr.batch_size}",
         )
     return cfg
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, merge ``base:``, apply ``--set`` overrides, fill defaults and validate."""
     return validate(apply_overrides(load_yaml(path), overrides))
 
 
-def dump(cfg: Mapping) -> str:
+def defaults(family: str = "siamese", *overrides: str) -> Config:
+    """The default config of a family, with optional overrides (for code, tests and notebooks)."""
+    return validate(apply_overrides({"model": {"family": family}}, overrides))
+
+
+def dump(cfg: Config) -> str:
     """The resolved config as YAML, sections in a fixed order so that diffs are readable."""
-    ordered = {k: cfg[k] for k in SECTIONS if k in cfg}
-    ordered.update({k: v for k, v in cfg.items() if k not in ordered})
-    return yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None, width=100)
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+
+_MISSING = object()
 
 
 def diff(a: Mapping, b: Mapping, path: str = "") -> list[str]:

@@ -27,26 +27,29 @@ build TensorFlow objects, so that ``dist-share config`` can check data without s
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dist_share.config import family_streams
 from dist_share.errors import ConfigError, DataError
+from dist_share.families import Arrays
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
+    from dist_share.config import DataConfig
+
 SPLITS = ("train", "eval")
-Arrays = tuple[dict[str, np.ndarray], np.ndarray]
+DatasetFn = Callable[["tf.distribute.InputContext"], "tf.data.Dataset"]
 
 
-def _rng(data_cfg: Mapping, *salt: int) -> np.random.Generator:
-    return np.random.default_rng([int(data_cfg["split_seed"]), *salt])
+def _rng(data: DataConfig, *salt: int) -> np.random.Generator:
+    return np.random.default_rng([int(data.split_seed), *salt])
 
 
+# -- digits: the images the digit families draw their examples from -------------------------
 @functools.lru_cache(maxsize=4)
 def _digits_split(split_seed: int, eval_fraction: float) -> tuple[np.ndarray, ...]:
     from sklearn.datasets import load_digits
@@ -60,14 +63,24 @@ def _digits_split(split_seed: int, eval_fraction: float) -> tuple[np.ndarray, ..
     return images[tr], labels[tr], images[ev], labels[ev]
 
 
-def _digit_images(data_cfg: Mapping, split: str) -> tuple[np.ndarray, np.ndarray]:
-    tr_x, tr_y, ev_x, ev_y = _digits_split(
-        int(data_cfg["split_seed"]), float(data_cfg["eval_fraction"])
-    )
-    return (tr_x, tr_y) if split == "train" else (ev_x, ev_y)
+def digits_with_labels(
+    data: DataConfig, split: str, salt: int
+) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+    """The split's digit images and classes, and the generator a family draws examples with."""
+    tr_x, tr_y, ev_x, ev_y = _digits_split(int(data.split_seed), float(data.eval_fraction))
+    images, labels = (tr_x, tr_y) if split == "train" else (ev_x, ev_y)
+    return images, labels, _rng(data, salt, SPLITS.index(split))
 
 
-def _same_class(rng, by_class, classes: np.ndarray) -> np.ndarray:
+def digits_for(
+    data: DataConfig, split: str, salt: int
+) -> tuple[np.ndarray, list[np.ndarray], np.random.Generator]:
+    """Like `digits_with_labels`, with the image indices of each class instead of the labels."""
+    images, labels, rng = digits_with_labels(data, split, salt)
+    return images, [np.flatnonzero(labels == c) for c in range(10)], rng
+
+
+def same_class(rng, by_class, classes: np.ndarray) -> np.ndarray:
     """One random image index of class ``classes[i]`` for every i."""
     out = np.empty(len(classes), np.int64)
     for c, members in enumerate(by_class):
@@ -76,33 +89,12 @@ def _same_class(rng, by_class, classes: np.ndarray) -> np.ndarray:
     return out
 
 
-def _other_class(rng, classes: np.ndarray, num_classes: int = 10) -> np.ndarray:
+def other_class(rng, classes: np.ndarray, num_classes: int = 10) -> np.ndarray:
+    """A class different from ``classes[i]`` for every i, uniformly."""
     return (classes + rng.integers(1, num_classes, len(classes))) % num_classes
 
 
-def _pairs(data_cfg: Mapping, split: str, n: int) -> Arrays:
-    images, labels = _digit_images(data_cfg, split)
-    by_class = [np.flatnonzero(labels == c) for c in range(10)]
-    rng = _rng(data_cfg, 1, SPLITS.index(split))
-    same = rng.permutation(np.arange(n) < n // 2)  # balanced: exactly half the pairs match
-    ca = rng.integers(0, 10, n)
-    cb = np.where(same, ca, _other_class(rng, ca))
-    left, right = _same_class(rng, by_class, ca), _same_class(rng, by_class, cb)
-    return {"left": images[left], "right": images[right]}, same.astype(np.float32)
-
-
-def _triplets(data_cfg: Mapping, split: str, n: int) -> Arrays:
-    images, labels = _digit_images(data_cfg, split)
-    by_class = [np.flatnonzero(labels == c) for c in range(10)]
-    rng = _rng(data_cfg, 2, SPLITS.index(split))
-    ca = rng.integers(0, 10, n)
-    anchor, positive = _same_class(rng, by_class, ca), _same_class(rng, by_class, ca)
-    negative = _same_class(rng, by_class, _other_class(rng, ca))
-    feats = {"anchor": images[anchor], "positive": images[positive], "negative": images[negative]}
-    return feats, np.zeros(n, np.float32)
-
-
-def _corrupt(
+def corrupt(
     rng, images: np.ndarray, max_shift: int, noise_std: float, occlusion: int
 ) -> np.ndarray:
     """One "sensor" view: a random shift (zero fill), a random occluded square, Gaussian noise."""
@@ -124,18 +116,6 @@ def _corrupt(
         out[hole] = 0.0
     out += rng.normal(0.0, noise_std, out.shape).astype(np.float32)
     return np.clip(out, 0.0, 1.0)
-
-
-def _multiview(data_cfg: Mapping, split: str, n: int) -> Arrays:
-    images, labels = _digit_images(data_cfg, split)
-    rng = _rng(data_cfg, 3, SPLITS.index(split))
-    idx = rng.integers(0, len(labels), n)
-    v = data_cfg["views"]
-    feats = {
-        f"view{i}": _corrupt(rng, images[idx], v["max_shift"], v["noise_std"], v["occlusion"])
-        for i in range(data_cfg["num_views"])
-    }
-    return feats, labels[idx]
 
 
 @functools.lru_cache(maxsize=2)
@@ -164,32 +144,28 @@ def _two_tower_world(split_seed, num_users, num_items, num_clusters, preferred, 
     return item_cluster, weight, members, cluster_p, prefs, draw(hist_clusters)
 
 
-def _two_tower(data_cfg: Mapping, split: str, n: int) -> Arrays:
-    s = data_cfg["synthetic"]
-    if s["preferred_clusters"] >= s["num_clusters"]:
-        raise ConfigError(
-            "data.synthetic.preferred_clusters",
-            f"is {s['preferred_clusters']}, expected fewer than data.synthetic.num_clusters ({s['num_clusters']})",
-        )
+def synthetic_interactions(data: DataConfig, split: str, n: int) -> Arrays:
+    """``n`` two-tower examples of the synthetic world (see the module docstring)."""
+    s = data.synthetic
     _, weight, members, cluster_p, prefs, histories = _two_tower_world(
-        int(data_cfg["split_seed"]),
-        s["num_users"],
-        s["num_items"],
-        s["num_clusters"],
-        s["preferred_clusters"],
-        s["history_length"],
-        float(s["zipf_exponent"]),
+        int(data.split_seed),
+        s.num_users,
+        s.num_items,
+        s.num_clusters,
+        s.preferred_clusters,
+        s.history_length,
+        float(s.zipf_exponent),
     )
-    rng = _rng(data_cfg, 5, SPLITS.index(split))
-    users = rng.integers(0, s["num_users"], n)
-    relevant = rng.random(n) < s["positive_fraction"]
+    rng = _rng(data, 5, SPLITS.index(split))
+    users = rng.integers(0, s.num_users, n)
+    relevant = rng.random(n) < s.positive_fraction
     # Relevant: a preferred cluster; irrelevant: any other cluster (uniformly chosen offset).
-    pos_c = prefs[users, rng.integers(0, s["preferred_clusters"], n)]
-    others = np.array([np.setdiff1d(np.arange(s["num_clusters"]), p) for p in prefs])
+    pos_c = prefs[users, rng.integers(0, s.preferred_clusters, n)]
+    others = np.array([np.setdiff1d(np.arange(s.num_clusters), p) for p in prefs])
     neg_c = others[users, rng.integers(0, others.shape[1], n)]
     clusters = np.where(relevant, pos_c, neg_c)
     items = np.empty(n, np.int64)
-    for c in range(s["num_clusters"]):
+    for c in range(s.num_clusters):
         mask = clusters == c
         items[mask] = rng.choice(members[c], int(mask.sum()), p=cluster_p[c])
     feats = {
@@ -200,43 +176,31 @@ def _two_tower(data_cfg: Mapping, split: str, n: int) -> Arrays:
     return feats, relevant.astype(np.float32)
 
 
-def _random(data_cfg: Mapping, split: str, n: int) -> Arrays:
-    family = data_cfg["family"]
-    rng = _rng(data_cfg, 6, SPLITS.index(split))
-    if family == "two_tower":
-        s = data_cfg["synthetic"]
-        feats = {
-            "query_user": rng.integers(0, s["num_users"], n).astype(np.int32),
-            "query_history": rng.integers(0, s["num_items"], (n, s["history_length"])).astype(
-                np.int32
-            ),
-            "candidate_item": rng.integers(0, s["num_items"], n).astype(np.int32),
-        }
-        return feats, rng.integers(0, 2, n).astype(np.float32)
-    shape = tuple(data_cfg["random"]["image_shape"])
-    streams = family_streams(family, data_cfg["num_views"])
-    feats = {name: rng.random((n, *shape), np.float32) for name in streams}
-    if family == "multiview":
-        return feats, rng.integers(0, 10, n).astype(np.int32)
-    if family == "triplet":
-        return feats, np.zeros(n, np.float32)
-    return feats, rng.integers(0, 2, n).astype(np.float32)
+# -- random tensors of the family's shapes (input-bound benchmarks) ---------------------------
+def _random(data: DataConfig, split: str, n: int) -> Arrays:
+    family = data.family_spec
+    rng = _rng(data, 6, SPLITS.index(split))
+    feats = {}
+    for name, (shape, dtype) in stream_shapes(data).items():
+        if np.issubdtype(dtype, np.integer):
+            s = data.synthetic
+            high = s.num_users if name == "query_user" else s.num_items
+            feats[name] = rng.integers(0, high, (n, *shape)).astype(dtype)
+        else:
+            feats[name] = rng.random((n, *shape), np.float32)
+    return feats, family.random_labels(rng, n)
 
 
-def _expected_dtype(family: str) -> dict[str, Any]:
-    if family == "two_tower":
-        return {"query_user": np.int32, "query_history": np.int32, "candidate_item": np.int32}
-    return {}
-
-
-def _npz(data_cfg: Mapping, split: str) -> Arrays:
-    key = "data.train_path" if split == "train" or not data_cfg["eval_path"] else "data.eval_path"
-    path = Path(data_cfg["train_path"] if key == "data.train_path" else data_cfg["eval_path"])
-    feats, labels = _read_npz(path, key, data_cfg)
-    if key == "data.train_path" and data_cfg["eval_path"] is None:
+# -- the user's own .npz files ----------------------------------------------------------------
+def _npz(data: DataConfig, split: str) -> Arrays:
+    from_train = split == "train" or not data.eval_path
+    key = "data.train_path" if from_train else "data.eval_path"
+    path = Path(data.train_path if from_train else data.eval_path)
+    feats, labels = _read_npz(path, key, data)
+    if from_train and data.eval_path is None:
         # No eval file: hold out data.eval_fraction of the training file, split by data.split_seed.
-        order = _rng(data_cfg, 7).permutation(len(labels))
-        n_eval = max(1, int(round(len(labels) * data_cfg["eval_fraction"])))
+        order = _rng(data, 7).permutation(len(labels))
+        n_eval = max(1, int(round(len(labels) * data.eval_fraction)))
         take = order[:n_eval] if split == "eval" else order[n_eval:]
         feats, labels = {k: v[take] for k, v in feats.items()}, labels[take]
     return feats, labels
@@ -248,26 +212,26 @@ def _load_npz_file(path: str) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def _read_npz(path: Path, key: str, data_cfg: Mapping) -> Arrays:
+def _read_npz(path: Path, key: str, data: DataConfig) -> Arrays:
     if not path.is_file():
         raise ConfigError(key, f"{str(path)!r} does not exist (expected a .npz file)")
     try:
         arrays = dict(_load_npz_file(str(path.resolve())))
     except (OSError, ValueError) as e:
         raise ConfigError(key, f"cannot read {str(path)!r} as a .npz file: {e}") from None
-    family = data_cfg["family"]
-    want = family_streams(family, data_cfg["num_views"])
+    family = data.family_spec
+    want = data.streams
     if "labels" not in arrays:
         raise ConfigError(key, f"{path} has no 'labels' array (it holds {sorted(arrays)})")
     labels = arrays.pop("labels")
     if sorted(arrays) != sorted(want):
-        hint = " (data.num_views sets the number of views)" if family == "multiview" else ""
+        hint = " (data.num_views sets the number of views)" if family.name == "multiview" else ""
         raise ConfigError(
-            key if family != "multiview" else "data.num_views",
-            f"{path} holds {len(arrays)} streams {sorted(arrays)} but family {family} with this "
-            f"config expects {len(want)} streams {want}{hint}",
+            key if family.name != "multiview" else "data.num_views",
+            f"{path} holds {len(arrays)} streams {sorted(arrays)} but family {family.name} with "
+            f"this config expects {len(want)} streams {want}{hint}",
         )
-    dtypes = _expected_dtype(family)
+    family.check_labels(labels, f"{key} ({path}, 'labels')")
     feats = {}
     for name in want:
         a = arrays[name]
@@ -275,41 +239,31 @@ def _read_npz(path: Path, key: str, data_cfg: Mapping) -> Arrays:
             raise DataError(
                 f"{path}: stream {name!r} has {len(a)} examples but 'labels' has {len(labels)}"
             )
-        feats[name] = a.astype(dtypes.get(name, np.float32), copy=False)
-    label_dtype = np.int32 if family == "multiview" else np.float32
-    return feats, labels.astype(label_dtype, copy=False)
+        feats[name] = a.astype(family.stream_dtype(name), copy=False)
+    return feats, labels.astype(family.label_dtype, copy=False)
 
 
-def load_arrays(data_cfg: Mapping, split: str) -> Arrays:
+# -- what the trainer and the model builder ask for -----------------------------------------
+def load_arrays(data: DataConfig, split: str) -> Arrays:
     """All examples of one split as NumPy arrays: ({stream: [n, ...]}, labels [n])."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    source, family = data_cfg["source"], data_cfg["family"]
-    n = data_cfg["train_examples"] if split == "train" else data_cfg["eval_examples"]
-    if source == "npz":
-        return _npz(data_cfg, split)
-    if source == "random":
-        n = (
-            data_cfg["random"]["num_examples"]
-            if split == "train"
-            else min(n, data_cfg["random"]["num_examples"])
-        )
-        return _random(data_cfg, split, n)
-    if source == "two_tower_synthetic":
-        return _two_tower(data_cfg, split, n)
-    make = {"siamese": _pairs, "triplet": _triplets, "multiview": _multiview}.get(family)
-    if make is None:
-        raise ConfigError("data.source", f"digits has no {family} examples")
-    return make(data_cfg, split, n)
+    n = data.train_examples if split == "train" else data.eval_examples
+    if data.source == "npz":
+        return _npz(data, split)
+    if data.source == "random":
+        num = data.random.num_examples
+        return _random(data, split, num if split == "train" else min(n, num))
+    return data.family_spec.examples(data, split, n)
 
 
-def stream_shapes(data_cfg: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def stream_shapes(data: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Per-example shape and dtype of every stream, without TensorFlow (for config checks)."""
-    family = data_cfg["family"]
-    if data_cfg["source"] == "npz":
-        feats, _ = _npz(data_cfg, "train")
-        if data_cfg["eval_path"]:
-            ev, _ = _npz(data_cfg, "eval")
+    family = data.family_spec
+    if data.source == "npz":
+        feats, _ = _npz(data, "train")
+        if data.eval_path:
+            ev, _ = _npz(data, "eval")
             for name in feats:
                 if ev[name].shape[1:] != feats[name].shape[1:]:
                     raise DataError(
@@ -317,31 +271,56 @@ def stream_shapes(data_cfg: Mapping) -> dict[str, tuple[tuple[int, ...], np.dtyp
                         f"but eval examples {ev[name].shape[1:]}"
                     )
         return {k: (v.shape[1:], v.dtype) for k, v in feats.items()}
-    if family == "two_tower":
-        h = data_cfg["synthetic"]["history_length"]
-        return {
-            "query_user": ((), np.dtype(np.int32)),
-            "query_history": ((h,), np.dtype(np.int32)),
-            "candidate_item": ((), np.dtype(np.int32)),
-        }
-    shape = (
-        tuple(data_cfg["random"]["image_shape"]) if data_cfg["source"] == "random" else (8, 8, 1)
-    )
-    return {s: (shape, np.dtype(np.float32)) for s in family_streams(family, data_cfg["num_views"])}
+    if family.name == "two_tower":
+        h = data.synthetic.history_length
+        shapes = {"query_user": (), "query_history": (h,), "candidate_item": ()}
+        return {k: (shape, np.dtype(np.int32)) for k, shape in shapes.items()}
+    shape = tuple(data.random.image_shape) if data.source == "random" else (8, 8, 1)
+    return {s: (shape, np.dtype(np.float32)) for s in data.streams}
 
 
-def input_specs(data_cfg: Mapping) -> dict[str, tf.TensorSpec]:
+def input_specs(data: DataConfig) -> dict[str, tf.TensorSpec]:
     """Per-example TensorSpecs of the streams (no batch axis), in model input order."""
     import tensorflow as tf
 
     return {
         name: tf.TensorSpec(shape, tf.as_dtype(dtype), name=name)
-        for name, (shape, dtype) in stream_shapes(data_cfg).items()
+        for name, (shape, dtype) in stream_shapes(data).items()
     }
 
 
+def check_element_spec(element_spec: Any, stream_names: Sequence[str]) -> None:
+    """Dataset elements must be ``(features, labels)`` with exactly the model's streams."""
+    features = element_spec[0] if isinstance(element_spec, tuple) else element_spec
+    if not isinstance(features, Mapping):
+        raise DataError(f"dataset elements must be (features_dict, labels), got {element_spec}")
+    names = set(stream_names)
+    missing, extra = names - set(features), set(features) - names
+    if missing or extra:
+        raise DataError(
+            f"dataset streams do not match the model: missing {sorted(missing)}, extra {sorted(extra)}"
+        )
+
+
+def train_input(dataset_fn: DatasetFn, start_step: int, stream_names: Sequence[str]) -> DatasetFn:
+    """The training input of a run resumed at ``start_step``: checked, repeated, and advanced
+    past what the run already consumed.
+
+    Skipping is per input pipeline: one pipeline feeds num_replicas / num_pipelines replicas.
+    """
+
+    def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+        ds = dataset_fn(ctx)
+        check_element_spec(ds.element_spec, stream_names)
+        ds = ds.repeat()
+        per_pipeline = max(1, ctx.num_replicas_in_sync // max(1, ctx.num_input_pipelines))
+        return ds.skip(start_step * per_pipeline) if start_step else ds
+
+    return fn
+
+
 def make_dataset_fn(
-    data_cfg: Mapping, split: str, global_batch_size: int, seed: int
+    data: DataConfig, split: str, global_batch_size: int, seed: int
 ) -> Callable[[tf.distribute.InputContext | None], tf.data.Dataset]:
     """A ``dataset_fn`` for ``distribute_datasets_from_function`` (or called with no context).
 
@@ -351,7 +330,7 @@ def make_dataset_fn(
     """
     import tensorflow as tf
 
-    feats, labels = load_arrays(data_cfg, split)
+    feats, labels = load_arrays(data, split)
     n = len(labels)
     if split == "train" and n < global_batch_size:
         raise ConfigError(
@@ -363,7 +342,7 @@ def make_dataset_fn(
         ctx = ctx or tf.distribute.InputContext()
         ds = tf.data.Dataset.from_tensor_slices((feats, labels))
         if split == "train":
-            buffer = min(n, int(data_cfg["shuffle_buffer"]))
+            buffer = min(n, int(data.shuffle_buffer))
             ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         if ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)

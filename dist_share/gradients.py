@@ -53,16 +53,20 @@ the byte count is the real payload.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
 from dist_share.errors import ConfigError
 
+if TYPE_CHECKING:
+    from dist_share.config import StrategyConfig
+
 COMPRESSIONS = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
 OPS = ("average", "sum")
 DENSE_SWITCHES = ("measured", "static")
+BACKENDS = ("none", "tf_distribute", "horovod")
 COUNT_DTYPE = tf.float64  # exact for any realistic row count; reduced alike by every backend
 
 
@@ -112,18 +116,16 @@ class GradientOptions:
             )
 
     @classmethod
-    def from_config(cls, strategy_cfg: Mapping[str, Any]) -> GradientOptions:
-        """Options from the ``strategy`` section (a mapping); raises ConfigError naming the key."""
-        hv = dict(strategy_cfg.get("horovod") or {})
-        sp = dict(strategy_cfg.get("sparse") or {})
+    def from_config(cls, strategy: StrategyConfig) -> GradientOptions:
+        """The options of a validated ``strategy`` section (``sparse`` and ``horovod``)."""
         return cls(
-            dedup=bool(sp.get("dedup", True)),
-            dense_threshold=sp.get("dense_threshold", 0.5),
-            dense_switch=sp.get("dense_switch", "measured"),
-            compression=hv.get("compression", "none"),
-            op=hv.get("op", "average"),
-            grouped_allreduce=bool(hv.get("grouped_allreduce", True)),
-            sparse_as_dense=bool(hv.get("sparse_as_dense", False)),
+            dedup=strategy.sparse.dedup,
+            dense_threshold=strategy.sparse.dense_threshold,
+            dense_switch=strategy.sparse.dense_switch,
+            compression=strategy.horovod.compression,
+            op=strategy.horovod.op,
+            grouped_allreduce=strategy.horovod.grouped_allreduce,
+            sparse_as_dense=strategy.horovod.sparse_as_dense,
         )
 
 
@@ -262,7 +264,8 @@ def reduce_gradients(
     Args:
         grads: one gradient (Tensor, IndexedSlices or None) per variable, in replica context.
         options: `GradientOptions`.
-        backend: ``tf_distribute`` sums with the replica context's all_reduce (the loss was
+        backend: ``none`` (one replica: prepares only, nothing is exchanged);
+            ``tf_distribute`` sums with the replica context's all_reduce (the loss was
             divided by the global batch); ``horovod`` uses Horovod collectives with
             `options.op`: 'sum' when the loss was divided by the global batch, 'average' when
             by the per-replica batch.
@@ -276,8 +279,8 @@ def reduce_gradients(
     Raises:
         ValueError: unknown backend.
     """
-    if backend not in ("tf_distribute", "horovod"):
-        raise ValueError(f"unknown reduction backend {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown reduction backend {backend!r}; expected one of {BACKENDS}")
     wire_dtype = COMPRESSIONS[options.compression] if backend == "horovod" else None
     world = _world_size(backend, hvd)
     wire: list[Any] = [None] * len(grads)
@@ -326,6 +329,8 @@ def _dtype_of(g: Any) -> tf.DType:
 
 def _world_size(backend: str, hvd: Any) -> int | None:
     """Replicas taking part in the exchange; None when there is no replica context to agree in."""
+    if backend == "none":
+        return 1
     if backend == "horovod":
         return int(hvd.size())
     ctx = tf.distribute.get_replica_context()
@@ -449,17 +454,23 @@ def _allgather_rows(g: tf.IndexedSlices, options: GradientOptions, hvd: Any, nam
     return tf.IndexedSlices(values, indices, g.dense_shape)
 
 
-def take_over_reduction(optimizer: Any) -> Any:
-    """Switch off the Keras 3 TF optimizer's own cross-replica SUM: we already reduced.
+def set_optimizer_reduction(optimizer: Any, reduce: Any) -> Any:
+    """Replace the Keras 3 TF optimizer's cross-replica gradient reduction with ``reduce``.
 
-    Keras 3 all-reduces gradients inside `apply` whenever it runs in a replica context. Reducing
-    ourselves first lets us dedup/densify/compress, clip the *global* gradient and count bytes;
-    leaving Keras's sum on as well would add the already-summed gradient N times.
+    Keras 3's TF optimizer passes every (gradient, variable) list through one private hook,
+    ``_all_reduce_sum_gradients``, in replica context before the update; it is the only seam
+    through which `apply` can reduce differently. This is the one place that touches it.
+    ``reduce`` takes and returns a list of (gradient, variable) pairs.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    inner._all_reduce_sum_gradients = _identity_reduction
+    inner._all_reduce_sum_gradients = reduce
     return optimizer
 
 
-def _identity_reduction(grads_and_vars: Any) -> list[Any]:
-    return list(grads_and_vars)
+def take_over_reduction(optimizer: Any) -> Any:
+    """Switch off the optimizer's own cross-replica SUM: the custom loop already reduced.
+
+    Reducing ourselves first lets us dedup/densify/compress, clip the *global* gradient and
+    count bytes; leaving Keras's sum on as well would add the already-summed gradient N times.
+    """
+    return set_optimizer_reduction(optimizer, list)

@@ -16,7 +16,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from dist_share.errors import ConfigError
+from dist_share.errors import ConfigError, hint
 
 LOSS_TYPES = (
     "contrastive",
@@ -200,5 +200,7 @@ def get_loss(loss_cfg: Any, path: str = "model.loss") -> PerExample:
     cls, keys = options[kind]
     for key in cfg:
         if key not in keys:
-            raise ConfigError(f"{path}.{key}", f"unknown option for loss {kind!r}; allowed: {keys}")
+            raise ConfigError(
+                f"{path}.{key}", f"unknown option for loss {kind!r}" + hint(key, keys or ("type",))
+            )
     return cls(**cfg)

@@ -7,9 +7,7 @@ combined output is kept so that a failure shows what the workers printed.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,15 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_share import launching
-from dist_share.launching import Host, free_port
+from dist_share.launching import Host, free_port, kill_process_group
 
 __all__ = [
     "JobResult",
-    "free_port",
-    "horovodrun_command",
-    "mpirun_command",
+    "local_horovodrun_command",
+    "local_mpirun_command",
     "run_job",
-    "run_multiworker",
+    "run_local_multiworker",
     "worker_env",
 ]
 
@@ -64,19 +61,6 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _start(
     argv: Sequence[str], env: Mapping[str, str] | None, cwd: str | os.PathLike | None
 ) -> subprocess.Popen:
@@ -103,23 +87,25 @@ def run_job(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_process_group(proc)
         out = proc.stdout.read() if proc.stdout else ""
         raise TimeoutError(
             f"job timed out after {timeout:.0f}s and was killed: {' '.join(command)}\n{out[-6000:]}"
         ) from None
     finally:
         if proc.poll() is None:
-            _kill_group(proc)
+            kill_process_group(proc)
     return JobResult(proc.returncode, out, list(command))
 
 
-def horovodrun_command(num_proc: int, argv: Sequence[str], transport: str = "gloo") -> list[str]:
+def local_horovodrun_command(
+    num_proc: int, argv: Sequence[str], transport: str = "gloo"
+) -> list[str]:
     """`horovodrun -np N` on localhost with Gloo, or with MPI underneath (transport='mpi')."""
     return launching.horovodrun_command([Host("localhost", num_proc)], argv, transport=transport)
 
 
-def mpirun_command(num_proc: int, argv: Sequence[str]) -> list[str]:
+def local_mpirun_command(num_proc: int, argv: Sequence[str]) -> list[str]:
     """Open MPI's `mpirun -np N` on this host over loopback, as `dist-share launch` writes it."""
     cmd = launching.mpirun_command(
         [Host("localhost", num_proc)], argv, network_interface="lo", allow_run_as_root=True
@@ -130,7 +116,7 @@ def mpirun_command(num_proc: int, argv: Sequence[str]) -> list[str]:
     return [cmd[0], "--oversubscribe", "-mca", "mpi_yield_when_idle", "1", *cmd[1:]]
 
 
-def run_multiworker(
+def run_local_multiworker(
     num_workers: int,
     argv: Sequence[str],
     timeout: float,
@@ -166,4 +152,4 @@ def run_multiworker(
     finally:
         for p in procs:
             if p.poll() is None:
-                _kill_group(p)
+                kill_process_group(p)

@@ -23,12 +23,13 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
 from dist_share import config as config_lib
+from dist_share.config import Config
 from dist_share.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
@@ -41,6 +42,7 @@ RESUMABLE_KEYS = (
     "training.log_every",
     "training.eval_every",
     "training.eval_batches",
+    "training.steps_per_loop",
     "strategy",
     "logging",
     "checkpoint",
@@ -83,12 +85,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_config(run_dir: str | os.PathLike) -> dict:
+def read_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
     """The resolved config saved in a run directory, validated again (the schema may have moved on)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory: it has no {CONFIG_FILE}")
-    return config_lib.validate(yaml.safe_load(path.read_text()) or {})
+    raw = yaml.safe_load(path.read_text()) or {}
+    return config_lib.validate(config_lib.apply_overrides(raw, overrides))
 
 
 def _strip(cfg: Mapping, keys: tuple[str, ...]) -> dict:
@@ -102,7 +105,7 @@ def _strip(cfg: Mapping, keys: tuple[str, ...]) -> dict:
     return out
 
 
-def check(run_dir: str | os.PathLike, cfg: Mapping, overwrite: bool = False) -> str:
+def check(run_dir: str | os.PathLike, cfg: Config, overwrite: bool = False) -> str:
     """Decide what to do with ``run_dir`` without touching it: 'new', 'resume' or 'overwrite'.
 
     Every process of a distributed job calls this, so that all of them refuse together; only
@@ -123,12 +126,13 @@ def check(run_dir: str | os.PathLike, cfg: Mapping, overwrite: bool = False) -> 
             "pass --overwrite or choose another --run-dir",
         )
     try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except yaml.YAMLError as e:
+        saved = read_config(run_dir).to_dict()
+    except (yaml.YAMLError, ConfigError) as e:
         raise ConfigError(
-            "--run-dir", f"{saved_path} is not valid YAML ({e}); pass --overwrite"
+            "--run-dir",
+            f"{saved_path} holds no config this version can read ({e}); pass --overwrite",
         ) from None
-    changes = config_lib.diff(_strip(saved, RESUMABLE_KEYS), _strip(cfg, RESUMABLE_KEYS))
+    changes = config_lib.diff(_strip(saved, RESUMABLE_KEYS), _strip(cfg.to_dict(), RESUMABLE_KEYS))
     if changes:
         shown = "\n  ".join(changes[:10]) + ("\n  ..." if len(changes) > 10 else "")
         raise ConfigError(
@@ -139,7 +143,7 @@ def check(run_dir: str | os.PathLike, cfg: Mapping, overwrite: bool = False) -> 
     return "resume"
 
 
-def prepare(run_dir: str | os.PathLike, cfg: Mapping, mode: str) -> None:
+def prepare(run_dir: str | os.PathLike, cfg: Config, mode: str) -> None:
     """Create the run directory (or clear a run being overwritten) and save the resolved config."""
     run_dir = Path(run_dir)
     if mode == "overwrite":

@@ -1,4 +1,16 @@
-"""The custom loop: one strategy-agnostic trainer with orbit-like hooks, checkpoints and logs.
+"""Training: the state a run keeps, the logs it writes, and the loops that drive it.
+
+The shape follows TF Model Garden's orbit: the pieces a loop needs are small public objects,
+and a loop is a peer built on them, strategy-agnostic:
+
+* `TrainState`: the model, its optimizer and the step counter, and their checkpoints;
+* `MetricsLogger`: metrics.jsonl, TensorBoard and the console (chief only);
+* `Evaluator`: one pass over the eval split, reduced over every replica;
+* `CustomLoop`: a compiled step with orbit's hooks (``train_loop_begin``, ``train_step``,
+  ``train_loop_end``) that runs ``training.steps_per_loop`` steps per call;
+* `keras_fit.FitLoop`: the same state, logs and evaluation driven by Keras ``model.fit``.
+
+`Trainer` puts them together for a config; the CLI, the examples and the tests use it.
 
 Batch semantics: ``training.batch_size`` is the GLOBAL batch. Each replica gets
 batch_size / num_replicas examples per step and splits them into ``grad_accum_steps``
@@ -6,31 +18,36 @@ micro-batches. The per-example loss is summed and divided by the global batch (o
 replica batch when Horovod averages), so the reduced gradient is the gradient of the mean loss
 over the global batch, whatever the number of replicas.
 
-The trainer reduces gradients itself (`Strategy.reduce_gradients`, after sparse dedup) and then
-applies them with an optimizer whose built-in cross-replica sum is off; clipping therefore
-sees the global gradient and `comm_bytes_per_step` is what was really handed to the collective.
+The custom loop reduces gradients itself (`Strategy.reduce_gradients`, after sparse dedup) and
+then applies them with an optimizer whose built-in cross-replica sum is off; clipping therefore
+sees the global gradient and ``comm_bytes_per_step`` is what was really handed to the collective.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
+import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from dist_share.config import OPTIMIZERS, runtime_defaults
+from dist_share import keras_fit
+from dist_share.data import check_element_spec, train_input
 from dist_share.errors import ConfigError, DataError
 from dist_share.gradients import take_over_reduction
 from dist_share.strategies import DatasetFn, Strategy
+
+if TYPE_CHECKING:
+    from dist_share.config import Config, OptimizerConfig, TrainingConfig
+    from dist_share.models import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,387 +55,121 @@ _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
 ).SerializeToString()
 
-DEFAULTS: dict[str, dict[str, Any]] = runtime_defaults()
 
-
-class ModelSpecLike(Protocol):
-    model: keras.Model
-    loss: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
-    metrics: dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]
-    stream_names: list[str]
-
-
-def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Fill keys a partial config leaves out with the documented defaults (resolved configs pass through)."""
-
-    def merge(default: Any, given: Any) -> Any:
-        if isinstance(default, dict) and isinstance(given, Mapping):
-            out = {
-                k: merge(v, given.get(k, v)) if k in given else copy.deepcopy(v)
-                for k, v in default.items()
-            }
-            out.update({k: v for k, v in given.items() if k not in default})
-            return out
-        return given
-
-    return merge(DEFAULTS, dict(config or {}))
-
-
-def make_optimizer(opt_cfg: Mapping[str, Any], num_replicas: int = 1) -> keras.optimizers.Optimizer:
-    """Optimizer from ``optimizer.*``; the learning rate is scaled by replicas only when asked."""
-    name = str(opt_cfg.get("name", "adam")).lower()
-    lr = float(opt_cfg.get("learning_rate", 0.001))
-    if opt_cfg.get("scale_lr_by_world_size"):
-        lr *= num_replicas
+def make_optimizer(cfg: OptimizerConfig, num_replicas: int = 1) -> keras.optimizers.Optimizer:
+    """The optimizer of ``optimizer.*``; the learning rate is scaled by replicas only when asked."""
+    lr = cfg.learning_rate * (num_replicas if cfg.scale_lr_by_world_size else 1)
     common: dict[str, Any] = {"learning_rate": lr}
-    if opt_cfg.get("clipnorm") is not None:
-        common["clipnorm"] = float(opt_cfg["clipnorm"])
-    if opt_cfg.get("weight_decay") is not None:
-        common["weight_decay"] = float(opt_cfg["weight_decay"])
-    momentum = float(opt_cfg.get("momentum") or 0.0)
-    if name == "sgd":
-        return keras.optimizers.SGD(momentum=momentum, **common)
-    if name == "adam":
-        return keras.optimizers.Adam(**common)
-    if name == "adamw":
+    if cfg.clipnorm is not None:
+        common["clipnorm"] = cfg.clipnorm
+    if cfg.weight_decay is not None:
+        common["weight_decay"] = cfg.weight_decay
+    if cfg.name == "sgd":
+        return keras.optimizers.SGD(momentum=cfg.momentum, **common)
+    if cfg.name == "rmsprop":
+        return keras.optimizers.RMSprop(momentum=cfg.momentum, **common)
+    if cfg.name == "adamw":
         common.setdefault("weight_decay", 0.004)
-        return keras.optimizers.AdamW(**common)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(momentum=momentum, **common)
-    if name == "adagrad":
-        return keras.optimizers.Adagrad(**common)
-    raise ConfigError("optimizer.name", f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    return {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "adagrad": keras.optimizers.Adagrad,
+    }[cfg.name](**common)
 
 
-def _add_grads(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0), a.dense_shape
-        )
-    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+def configure_process(training: TrainingConfig) -> None:
+    """Process-wide settings a run depends on: the seed, op determinism, the precision policy.
+
+    Keras and TensorFlow keep these as globals, so they are set once, before the model exists.
+    """
+    if training.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(training.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if training.mixed_precision else "float32"
+    )
 
 
-def _grad_tensors(grads: list[Any]) -> list[tf.Tensor]:
-    out = []
-    for g in grads:
-        if isinstance(g, tf.IndexedSlices):
-            out.extend([g.values, g.indices])
-        elif g is not None:
-            out.append(g)
-    return out
+# -- state ---------------------------------------------------------------------------------
+class TrainState:
+    """The model, its optimizer and the step counter, created in the strategy's scope, and
+    their checkpoints: everything a resumed run needs.
 
+    The model's variables are listed explicitly in the checkpoint: tf.train.Checkpoint(model=...)
+    does not see Keras 3 layers that hold sublayers in Python lists (SharedTower's weight sets,
+    or any user layer built that way), so it would save neither their weights nor their
+    batch-norm statistics. The list is in model.variables order, which depends only on the
+    architecture, not on layer names.
 
-class Trainer:
-    """Custom tf.function loop, the same code for every strategy.
-
-    Hooks (override in a subclass to change one piece): ``train_loop_begin``, ``train_step``,
-    ``train_loop_end``, ``eval_begin``, ``eval_step``, ``eval_end``.
+    Args:
+        build_spec: called in ``strategy.scope()``; returns a `models.ModelSpec`-like object
+            (``model``, per-example ``loss``, ``metrics``, ``stream_names``).
+        strategy: where the replicas live.
+        config: the run's config; ``optimizer``, ``training`` and ``checkpoint`` are read.
+        run_dir: checkpoints go to ``run_dir/checkpoints``; None keeps nothing on disk.
     """
 
     def __init__(
         self,
-        build_spec: Callable[[], ModelSpecLike],
+        build_spec: Callable[[], ModelSpec],
         strategy: Strategy,
-        config: Mapping[str, Any] | None,
+        config: Config,
         run_dir: str | os.PathLike | None = None,
     ) -> None:
-        self.config = resolve_config(config)
         self.strategy = strategy
+        self.checkpoint_config = config.checkpoint
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        tc = self.config["training"]
-        self.steps = int(tc["steps"])
-        self.global_batch = int(tc["batch_size"])
-        self.grad_accum = int(tc["grad_accum_steps"])
-        self._check_batch()
-        if tc["deterministic"]:
-            tf.config.experimental.enable_op_determinism()
-        keras.utils.set_random_seed(int(tc["seed"]))
-        self.mixed_precision = bool(tc["mixed_precision"])
-        keras.mixed_precision.set_global_policy(
-            "mixed_float16" if self.mixed_precision else "float32"
-        )
         with strategy.scope():
             self.spec = build_spec()
             self.model: keras.Model = self.spec.model
-            opt = make_optimizer(self.config["optimizer"], strategy.num_replicas)
-            if self.mixed_precision:
+            opt = make_optimizer(config.optimizer, strategy.num_replicas)
+            if config.training.mixed_precision:
                 opt = keras.optimizers.LossScaleOptimizer(opt)
-            self.optimizer = take_over_reduction(opt)
+            self.optimizer = opt
             self.optimizer.build(self.model.trainable_variables)
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-        # Loss denominator: Horovod with op=average averages, everything else sums.
-        self._loss_denominator = float(
-            self.global_batch if strategy.gradient_op == "sum" else self.per_replica_batch
-        )
-        # The model's variables are listed explicitly: tf.train.Checkpoint(model=...) does not
-        # see Keras 3 layers that hold sublayers in Python lists (SharedTower's weight sets, or
-        # any user layer built that way), so it would save neither their weights nor their
-        # batch-norm statistics. The list is in model.variables order, which depends only on
-        # the architecture, not on layer names.
         self._checkpoint = tf.train.Checkpoint(
             model_variables=list(self.model.variables),
             optimizer=self.optimizer,
             step=self.global_step,
         )
         self._manager: tf.train.CheckpointManager | None = None
-        self._writer = None
-        self._train_fn = None
-        self._eval_fn = None
-        self._metrics_file = None
-        self.last_logs: dict[str, float] = {}
-        self.start_step = 0
-        # Extra Keras callbacks for `training.loop: keras_fit` (every process / chief only).
-        self.fit_callbacks: list[keras.callbacks.Callback] = []
-        self.fit_chief_callbacks: list[keras.callbacks.Callback] = []
 
-    # -- batch semantics ---------------------------------------------------------------------
     @property
-    def per_replica_batch(self) -> int:
-        return self.global_batch // self.strategy.num_replicas
+    def step(self) -> int:
+        return int(self.global_step.numpy())
 
-    def _check_batch(self) -> None:
-        n = self.strategy.num_replicas
-        if self.global_batch <= 0 or self.global_batch % n:
-            raise ConfigError(
-                "training.batch_size",
-                f"global batch {self.global_batch} must be a positive multiple of the {n} replicas",
-            )
-        if self.grad_accum < 1 or (self.global_batch // n) % self.grad_accum:
-            raise ConfigError(
-                "training.grad_accum_steps",
-                f"per-replica batch {self.global_batch // n} must split into "
-                f"{self.grad_accum} equal micro-batches",
-            )
-
-    def _check_features(self, element_spec: Any) -> None:
-        features = element_spec[0] if isinstance(element_spec, tuple) else element_spec
-        if not isinstance(features, Mapping):
-            raise DataError(f"dataset elements must be (features_dict, labels), got {element_spec}")
-        names = set(self.spec.stream_names)
-        missing, extra = names - set(features), set(features) - names
-        if missing or extra:
-            raise DataError(
-                f"dataset streams do not match the model: missing {sorted(missing)}, extra {sorted(extra)}"
-            )
-
-    def _train_input(self, dataset_fn: DatasetFn, start_step: int) -> DatasetFn:
-        """Repeat, and skip what a resumed run already consumed.
-
-        Skipping is per input pipeline: one pipeline feeds num_replicas / num_pipelines replicas.
-        """
-
-        def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-            ds = dataset_fn(ctx)
-            self._check_features(ds.element_spec)
-            ds = ds.repeat()
-            per_pipeline = max(1, ctx.num_replicas_in_sync // max(1, ctx.num_input_pipelines))
-            return ds.skip(start_step * per_pipeline) if start_step else ds
-
-        return fn
-
-    # -- replica computations ----------------------------------------------------------------
-    def _forward(self, features: Any, labels: tf.Tensor, training: bool) -> tuple[tf.Tensor, dict]:
-        preds = self.model(features, training=training)
-        per_example = tf.cast(self.spec.loss(labels, preds), tf.float32)
-        sums = {"loss": tf.reduce_sum(per_example)}
-        for name, fn in self.spec.metrics.items():
-            sums[name] = tf.reduce_sum(tf.cast(fn(labels, preds), tf.float32))
-        sums["count"] = tf.cast(tf.shape(per_example)[0], tf.float32)
-        return per_example, sums
-
-    def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-        tvars = self.model.trainable_variables
-        k = self.grad_accum
-        if k == 1:
-            micro = [(features, labels)]
-        else:
-            parts = [tf.split(t, k, axis=0) for t in tf.nest.flatten(features)]
-            ys = tf.split(labels, k, axis=0)
-            micro = [
-                (tf.nest.pack_sequence_as(features, [p[i] for p in parts]), ys[i]) for i in range(k)
-            ]
-        grads: list[Any] = [None] * len(tvars)
-        totals: dict[str, tf.Tensor] = {}
-        for f, y in micro:
-            # Micro-batch i+1 starts after i's gradients exist, so only one is live at a time.
-            with tf.control_dependencies(_grad_tensors(grads)), tf.GradientTape() as tape:
-                per_example, sums = self._forward(f, y, training=True)
-                loss = tf.reduce_sum(per_example) / self._loss_denominator
-                loss = self.optimizer.scale_loss(loss)
-            step_grads = tape.gradient(loss, tvars)
-            grads = [_add_grads(a, b) for a, b in zip(grads, step_grads, strict=True)]
-            totals = {n: totals.get(n, 0.0) + v for n, v in sums.items()}
-        reduced, nbytes = self.strategy.reduce_gradients(grads, tvars)
-        self.optimizer.apply(reduced, tvars)
-        totals["comm_bytes_per_step"] = tf.cast(nbytes, tf.float32)
-        return totals
-
-    def _replica_eval_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return self._forward(features, labels, training=False)[1]
-
-    # -- orbit-like hooks --------------------------------------------------------------------
-    def train_loop_begin(self) -> None:
-        """Build the compiled step once; open logs on the chief."""
-        if self._train_fn is None:
-
-            @tf.function
-            def train_fn(iterator: Any) -> dict[str, tf.Tensor]:
-                features, labels = next(iterator)
-                out = self.strategy.run(self._replica_train_step, (features, labels))
-                # Counted in the graph: a host-side assign per step costs more than the op.
-                self.global_step.assign_add(1)
-                return self.strategy.reduce_sum(out)
-
-            self._train_fn = train_fn
-        self._open_logs()
-
-    def train_step(self, iterator: Any) -> dict[str, float]:
-        """One optimizer step over one global batch; returns averaged host-side numbers."""
-        out = {k: float(v) for k, v in self._train_fn(iterator).items()}
-        count = out.pop("count")
-        logs = {k: v / count for k, v in out.items() if k != "comm_bytes_per_step"}
-        logs["comm_bytes_per_step"] = out["comm_bytes_per_step"] / self.strategy.num_replicas
-        return logs
-
-    def train_loop_end(self) -> None:
-        """Agree on local statistics, flush logs, and wait until the chief's final checkpoint is
-        on disk before anyone reads it."""
-        self.strategy.sync_non_trainable(self.model.non_trainable_variables)
-        if self._writer is not None:
-            self._writer.flush()
-        self.strategy.barrier()
-
-    def eval_begin(self) -> dict[str, float]:
-        if self._eval_fn is None:
-
-            @tf.function(reduce_retracing=True)
-            def eval_fn(batch: Any) -> Any:
-                out = self.strategy.run(self._replica_eval_step, batch)
-                return self.strategy.eval_sum(out)
-
-            self._eval_fn = eval_fn
-        return {}
-
-    def eval_step(self, batch: Any, state: dict[str, float]) -> dict[str, float]:
-        for k, v in self._eval_fn(batch).items():
-            state[k] = state.get(k, 0.0) + float(v)
-        return state
-
-    def eval_end(self, state: dict[str, float]) -> dict[str, float]:
-        state = self.strategy.allreduce_host_sum(state)
-        count = state.pop("count", 0.0)
-        if not count:
-            raise DataError("evaluation saw no examples (empty eval split or eval_batches=0)")
-        return {k: v / count for k, v in state.items()}
-
-    # -- public API --------------------------------------------------------------------------
-    def train(
-        self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
-    ) -> dict[str, float]:
-        """Train to ``training.steps`` (resuming from the last checkpoint) and return final eval metrics."""
-        if self.config["training"]["loop"] == "keras_fit":
-            from dist_share import keras_fit
-
-            return keras_fit.train(
-                self,
-                train_dataset_fn,
-                eval_dataset_fn,
-                callbacks=self.fit_callbacks,
-                chief_callbacks=self.fit_chief_callbacks,
-            )
-        if self.config["training"]["loop"] != "custom":
-            raise ConfigError(
-                "training.loop",
-                f"expected custom or keras_fit, got {self.config['training']['loop']!r}",
-            )
-        start = self.start_step = self.restore()
-        tc = self.config["training"]
-        log_every, eval_every = int(tc["log_every"] or 0), int(tc["eval_every"] or 0)
-        ckpt_every = int(self.config["checkpoint"]["every"] or 0)
-        dist = self.strategy.distribute_dataset(self._train_input(train_dataset_fn, start))
-        iterator = iter(dist)
-        self.train_loop_begin()
-        progbar = None
-        if self.strategy.is_chief and self.config["logging"]["progress_bar"]:
-            progbar = keras.utils.Progbar(self.steps, stateful_metrics=["comm_bytes_per_step"])
-            progbar.update(start)
-        window: dict[str, float] = {}
-        n_window, t0 = 0, time.perf_counter()
-        result: dict[str, float] = {}
-        step = start
-        while step < self.steps:
-            logs = self.train_step(iterator)
-            step += 1
-            window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
-            n_window += 1
-            if progbar is not None:
-                progbar.update(step, values=list(logs.items()))
-            if (log_every and step % log_every == 0) or step == self.steps:
-                dt = time.perf_counter() - t0
-                self.last_logs = {k: v / n_window for k, v in window.items()}
-                self.last_logs["examples_per_sec"] = n_window * self.global_batch / max(dt, 1e-9)
-                self._log("train", step, self.last_logs)
-                window, n_window, t0 = {}, 0, time.perf_counter()
-            if eval_dataset_fn is not None and eval_every and step % eval_every == 0:
-                result = self.evaluate(eval_dataset_fn, step=step)
-            if (ckpt_every and step % ckpt_every == 0) or step == self.steps:
-                self.save()
-        if eval_dataset_fn is not None and (not result or self.steps % max(eval_every, 1)):
-            result = self.evaluate(eval_dataset_fn, step=step)
-        self.train_loop_end()
-        return result
-
-    def evaluate(self, eval_dataset_fn: DatasetFn, step: int | None = None) -> dict[str, float]:
-        """Mean loss and metrics over the eval split (or ``training.eval_batches`` batches)."""
-        limit = self.config["training"]["eval_batches"]
-
-        def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-            ds = eval_dataset_fn(ctx)
-            self._check_features(ds.element_spec)
-            return ds.take(int(limit)) if limit is not None else ds
-
-        self.strategy.sync_non_trainable(self.model.non_trainable_variables)
-        state = self.eval_begin()
-        for batch in self.strategy.distribute_dataset(fn):
-            state = self.eval_step(batch, state)
-        metrics = self.eval_end(state)
-        self._open_logs()
-        self._log("eval", int(self.global_step.numpy()) if step is None else step, metrics)
-        return metrics
-
-    # -- checkpoints -------------------------------------------------------------------------
     @property
     def checkpoint_directory(self) -> Path | None:
         return self.run_dir / "checkpoints" if self.run_dir is not None else None
 
     def save(self) -> str | None:
-        """Save on the chief (and, under MultiWorkerMirrored, scratch saves on the others)."""
+        """Save on the chief (and, under MultiWorkerMirrored, scratch saves on the others).
+
+        Every process calls this at the same step, so the collectives inside line up.
+        CheckpointManager writes the shards under temporary names, renames them, and only then
+        rewrites the 'checkpoint' index (itself written to a temp file and renamed), so a crash
+        mid-save leaves the index pointing at the previous, complete checkpoint.
+        """
         if self.checkpoint_directory is None:
             return None
-        # Every process calls save() at the same step, so this collective lines up.
         self.strategy.sync_non_trainable(self.model.non_trainable_variables)
         target = self.strategy.checkpoint_dir(str(self.checkpoint_directory))
         if target is None:
             return None
         if self._manager is None or self._manager.directory != target:
             self._manager = tf.train.CheckpointManager(
-                self._checkpoint, target, max_to_keep=int(self.config["checkpoint"]["keep"])
+                self._checkpoint, target, max_to_keep=self.checkpoint_config.keep
             )
-        # CheckpointManager writes the shards under temporary names, renames them, and only then
-        # rewrites the 'checkpoint' index (itself written to a temp file and renamed), so a crash
-        # mid-save leaves the index pointing at the previous, complete checkpoint.
-        path = self._manager.save(checkpoint_number=int(self.global_step.numpy()))
+        path = self._manager.save(checkpoint_number=self.step)
         self.strategy.cleanup_checkpoint_dir(target)
         return path if self.strategy.is_chief else None
 
     def restore(self) -> int:
-        """Restore the newest readable checkpoint (older ones if the newest is damaged); return its step."""
+        """Restore the newest readable checkpoint (older ones if the newest is damaged), make
+        every process's state the chief's, and return the step."""
         directory = self.checkpoint_directory
-        if directory is not None and self.config["checkpoint"]["resume"]:
+        if directory is not None and self.checkpoint_config.resume:
             state = tf.train.get_checkpoint_state(str(directory))
             paths = list(state.all_model_checkpoint_paths) if state else []
             errors = []
@@ -441,24 +192,110 @@ class Trainer:
         self.strategy.broadcast_variables(
             list(self.model.variables) + list(self.optimizer.variables) + [self.global_step]
         )
-        return int(self.global_step.numpy())
+        return self.step
 
-    # -- logs --------------------------------------------------------------------------------
-    def _open_logs(self) -> None:
-        if not self.strategy.is_chief or self.run_dir is None or self._metrics_file is not None:
+
+# -- logs ----------------------------------------------------------------------------------
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or Infinity; strict parsers reject Python's bare tokens, so they become null."""
+    return value if math.isfinite(value) else None
+
+
+class MetricsLogger:
+    """What a run shows and keeps: metrics.jsonl, TensorBoard, and the console. Chief only.
+
+    On a terminal the console gets Keras's progress bar; anywhere else (a Slurm output file,
+    ``kubectl logs``) one plain line per logging interval, since a bar's carriage-return frames
+    would fill the file. Lines carry the rank when ``rank`` is given.
+
+    Args:
+        run_dir: where metrics.jsonl and tensorboard/ go; None: console only.
+        is_chief: only the chief writes anything.
+        total_steps: the run's length, for the progress bar and the ETA.
+        tensorboard: write TensorBoard scalars.
+        progress: show progress on the console.
+        stream: the console (default sys.stdout); decides between the bar and plain lines.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike | None,
+        is_chief: bool,
+        total_steps: int,
+        tensorboard: bool = True,
+        progress: bool = True,
+        stream: Any = None,
+        rank: int | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.is_chief = is_chief
+        self.total_steps = total_steps
+        self.tensorboard = tensorboard
+        self.progress = progress and is_chief
+        self.stream = stream if stream is not None else sys.stdout
+        self.prefix = f"[rank {rank}] " if rank is not None else ""
+        self._file = None
+        self._writer = None
+        self._opened = False
+        self._bar: keras.utils.Progbar | None = None
+        self._t_start = 0.0
+        self._step_start = 0
+
+    def open(self, start_step: int, resume: bool = True) -> None:
+        """Start (or continue) the run's logs at ``start_step``; later calls do nothing.
+
+        With ``resume``, records of steps after ``start_step`` were written by a run that died
+        before its next checkpoint; they are dropped, so that metrics.jsonl holds each step once.
+        """
+        if self._opened:
+            return
+        self._opened = True
+        self._t_start, self._step_start = time.perf_counter(), start_step
+        if not self.is_chief or self.run_dir is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        if self.config["logging"]["tensorboard"]:
+        path = self.run_dir / "metrics.jsonl"
+        if resume and path.exists():
+            self._drop_records_after(path, start_step)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+        if self.tensorboard:
             self._writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
 
-    def _log(self, split: str, step: int, values: Mapping[str, float]) -> None:
-        if not self.strategy.is_chief or self._metrics_file is None:
+    @staticmethod
+    def _drop_records_after(path: Path, step: int) -> None:
+        from dist_share.rundir import atomic_write_text
+
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write
+            if int(record.get("step", 0)) <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+    @property
+    def is_tty(self) -> bool:
+        """The console is a terminal: progress is a bar, not plain lines."""
+        isatty = getattr(self.stream, "isatty", None)
+        return bool(isatty and isatty())
+
+    def log(self, split: str, step: int, values: Mapping[str, float]) -> None:
+        """Append one record to metrics.jsonl and TensorBoard (and, for eval, the console)."""
+        if not self.is_chief:
             return
-        record = {"split": split, "step": int(step), "time": time.time()}
-        record.update({k: float(v) for k, v in values.items()})
-        self._metrics_file.write(json.dumps(record) + "\n")
-        self._metrics_file.flush()
+        if split != "train" and self.progress and not self.is_tty:
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
+            print(f"{self.prefix}{split} step {step}: {shown}", file=self.stream, flush=True)
+        if self._file is None:
+            return
+        record: dict[str, Any] = {"split": split, "step": int(step), "time": time.time()}
+        record.update({k: _finite_or_none(float(v)) for k, v in values.items()})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
         if self._writer is not None:
             with self._writer.as_default():
                 for k, v in values.items():
@@ -468,19 +305,404 @@ class Trainer:
                         f"{split}/{k}", tf.constant(float(v)), step=step, metadata=_SCALAR_METADATA
                     )
 
+    def show_progress(self, step: int, logs: Mapping[str, float], interval_end: bool) -> None:
+        """The console: the bar on every update, a plain line at the end of each interval."""
+        if not self.progress:
+            return
+        if self.is_tty:
+            if self._bar is None:
+                self._bar = keras.utils.Progbar(
+                    self.total_steps, stateful_metrics=["comm_bytes_per_step"]
+                )
+                self._bar.update(self._step_start)
+            self._bar.update(step, values=list(logs.items()))
+            return
+        if not interval_end:
+            return
+        elapsed = time.perf_counter() - self._t_start
+        done = step - self._step_start
+        eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+        shown = " ".join(
+            f"{k}={v:.4g}" for k, v in logs.items() if k not in ("comm_bytes_per_step",)
+        )
+        print(
+            f"{self.prefix}step {step}/{self.total_steps} {shown} eta={eta:.0f}s",
+            file=self.stream,
+            flush=True,
+        )
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.close()
-            self._metrics_file = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._opened = False
+        self._bar = None
 
 
-def variable_checksums(variables: list[Any]) -> dict[str, float]:
-    """A cheap fingerprint per variable (sum and sum of squares), for cross-replica comparisons."""
-    out = {}
-    for v in variables:
-        a = np.asarray(v.numpy() if hasattr(v, "numpy") else v, dtype=np.float64)
-        out[getattr(v, "path", getattr(v, "name", str(id(v))))] = float(a.sum() + (a * a).sum())
+# -- evaluation ----------------------------------------------------------------------------
+class Evaluator:
+    """Mean loss and metrics over the eval split, the same on every process.
+
+    Hooks: ``eval_begin``, ``eval_step``, ``eval_end`` (orbit's names).
+
+    Args:
+        state: whose model is evaluated.
+        eval_batches: stop after this many batches per input pipeline; None: the whole split.
+    """
+
+    def __init__(self, state: TrainState, eval_batches: int | None = None) -> None:
+        self.state = state
+        self.strategy = state.strategy
+        self.eval_batches = eval_batches
+        self._eval_fn = None
+
+    def _replica_eval_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return forward(self.state.spec, features, labels, training=False)[1]
+
+    def eval_begin(self) -> dict[str, float]:
+        if self._eval_fn is None:
+
+            @tf.function(reduce_retracing=True)
+            def eval_fn(batch: Any) -> Any:
+                return self.strategy.eval_sum(self.strategy.run(self._replica_eval_step, batch))
+
+            self._eval_fn = eval_fn
+        return {}
+
+    def eval_step(self, batch: Any, state: dict[str, float]) -> dict[str, float]:
+        for k, v in self._eval_fn(batch).items():
+            state[k] = state.get(k, 0.0) + float(v)
+        return state
+
+    def eval_end(self, state: dict[str, float]) -> dict[str, float]:
+        state = self.strategy.allreduce_host_sum(state)
+        count = state.pop("count", 0.0)
+        if not count:
+            raise DataError("evaluation saw no examples (empty eval split or eval_batches=0)")
+        return {k: v / count for k, v in state.items()}
+
+    def evaluate(self, eval_dataset_fn: DatasetFn) -> dict[str, float]:
+        """One pass over the split; every process must call it (it reduces across them)."""
+        limit = self.eval_batches
+        names = self.state.spec.stream_names
+
+        def fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+            ds = eval_dataset_fn(ctx)
+            check_element_spec(ds.element_spec, names)
+            return ds.take(limit) if limit is not None else ds
+
+        self.strategy.sync_non_trainable(self.state.model.non_trainable_variables)
+        state = self.eval_begin()
+        for batch in self.strategy.distribute_dataset(fn):
+            state = self.eval_step(batch, state)
+        return self.eval_end(state)
+
+
+def forward(spec: ModelSpec, features: Any, labels: tf.Tensor, training: bool) -> tuple:
+    """(per-example loss, {loss, metrics and count summed over the batch}) of one batch."""
+    preds = spec.model(features, training=training)
+    per_example = tf.cast(spec.loss(labels, preds), tf.float32)
+    sums = {"loss": tf.reduce_sum(per_example)}
+    for name, fn in spec.metrics.items():
+        sums[name] = tf.reduce_sum(tf.cast(fn(labels, preds), tf.float32))
+    sums["count"] = tf.cast(tf.shape(per_example)[0], tf.float32)
+    return per_example, sums
+
+
+# -- the custom loop -----------------------------------------------------------------------
+def _add_grads(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0), a.dense_shape
+        )
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+
+
+def _grad_tensors(grads: list[Any]) -> list[tf.Tensor]:
+    out = []
+    for g in grads:
+        if isinstance(g, tf.IndexedSlices):
+            out.extend([g.values, g.indices])
+        elif g is not None:
+            out.append(g)
     return out
+
+
+class CustomLoop:
+    """A compiled train step, the same code for every strategy, with orbit's hooks.
+
+    ``training.steps_per_loop`` steps run inside one compiled call (the data is read inside the
+    loop and the logged sums are added up in the graph), so the per-call cost of a
+    ``tf.function``, host reads and Python bookkeeping is paid once per loop. Logs, evaluation
+    and checkpoints happen at loop boundaries; a loop is cut short to land on each of them.
+
+    Override a hook in a subclass to change one piece: ``train_loop_begin``, ``train_step``,
+    ``train_loop_end``.
+    """
+
+    def __init__(
+        self,
+        state: TrainState,
+        logger: MetricsLogger,
+        evaluator: Evaluator,
+        config: Config,
+    ) -> None:
+        self.state = state
+        self.logger = logger
+        self.evaluator = evaluator
+        self.strategy = state.strategy
+        self.config = config
+        tc = config.training
+        self.steps = tc.steps
+        self.global_batch = tc.batch_size
+        self.grad_accum = tc.grad_accum_steps
+        self.steps_per_loop = tc.steps_per_loop
+        take_over_reduction(state.optimizer)
+        # Loss denominator: Horovod with op=average averages, everything else sums.
+        per_replica = self.global_batch // self.strategy.num_replicas
+        self._loss_denominator = float(
+            self.global_batch if self.strategy.gradient_op == "sum" else per_replica
+        )
+        self._train_fn = None
+        self.last_logs: dict[str, float] = {}
+
+    # -- replica computations ------------------------------------------------------------
+    def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        model, optimizer = self.state.model, self.state.optimizer
+        tvars = model.trainable_variables
+        k = self.grad_accum
+        if k == 1:
+            micro = [(features, labels)]
+        else:
+            parts = [tf.split(t, k, axis=0) for t in tf.nest.flatten(features)]
+            ys = tf.split(labels, k, axis=0)
+            micro = [
+                (tf.nest.pack_sequence_as(features, [p[i] for p in parts]), ys[i]) for i in range(k)
+            ]
+        grads: list[Any] = [None] * len(tvars)
+        totals: dict[str, tf.Tensor] = {}
+        for f, y in micro:
+            # Micro-batch i+1 starts after i's gradients exist, so only one is live at a time.
+            with tf.control_dependencies(_grad_tensors(grads)), tf.GradientTape() as tape:
+                per_example, sums = forward(self.state.spec, f, y, training=True)
+                loss = tf.reduce_sum(per_example) / self._loss_denominator
+                loss = optimizer.scale_loss(loss)
+            step_grads = tape.gradient(loss, tvars)
+            grads = [_add_grads(a, b) for a, b in zip(grads, step_grads, strict=True)]
+            totals = {n: totals.get(n, 0.0) + v for n, v in sums.items()}
+        reduced, nbytes = self.strategy.reduce_gradients(grads)
+        optimizer.apply(reduced, tvars)
+        totals["comm_bytes_per_step"] = tf.cast(nbytes, tf.float32)
+        return totals
+
+    def _one_step(self, iterator: Any) -> dict[str, tf.Tensor]:
+        features, labels = next(iterator)
+        out = self.strategy.reduce_sum(
+            self.strategy.run(self._replica_train_step, (features, labels))
+        )
+        # Counted in the graph: a host-side assign per step costs more than the op.
+        self.state.global_step.assign_add(1)
+        return out
+
+    # -- orbit's hooks -------------------------------------------------------------------
+    def train_loop_begin(self) -> None:
+        """Build the compiled loop once."""
+        if self._train_fn is not None:
+            return
+
+        @tf.function
+        def train_fn(iterator: Any, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
+            totals = self._one_step(iterator)
+            for _ in tf.range(num_steps - 1):
+                totals = tf.nest.map_structure(tf.add, totals, self._one_step(iterator))
+            return totals
+
+        self._train_fn = train_fn
+
+    def train_step(self, iterator: Any, num_steps: int = 1) -> dict[str, float]:
+        """``num_steps`` optimizer steps over global batches; returns their mean logs."""
+        out = {
+            k: float(v)
+            for k, v in self._train_fn(iterator, tf.constant(num_steps, tf.int32)).items()
+        }
+        count = out.pop("count")
+        nbytes = out.pop("comm_bytes_per_step")
+        logs = {k: v / count for k, v in out.items()}
+        logs["comm_bytes_per_step"] = nbytes / (self.strategy.num_replicas * num_steps)
+        return logs
+
+    def train_loop_end(self) -> None:
+        """Agree on local statistics, flush logs, and wait until the chief's final checkpoint
+        is on disk before anyone reads it."""
+        self.strategy.sync_non_trainable(self.state.model.non_trainable_variables)
+        self.logger.flush()
+        self.strategy.barrier()
+
+    # -- driver --------------------------------------------------------------------------
+    def _next_boundary(self, step: int, eval_on: bool) -> int:
+        """The next step at which something must happen outside the compiled loop."""
+        tc, every = self.config.training, self.config.checkpoint.every
+        candidates = [self.steps, step + self.steps_per_loop]
+        for interval in (tc.log_every, tc.eval_every if eval_on else 0, every):
+            if interval:
+                candidates.append((step // interval + 1) * interval)
+        return min(candidates)
+
+    def train(
+        self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
+    ) -> dict[str, float]:
+        """Train from the restored step to ``training.steps``; returns the final eval metrics."""
+        tc = self.config.training
+        start = self.state.restore()
+        self.start_step = start
+        self.logger.open(start)
+        names = self.state.spec.stream_names
+        dist = self.strategy.distribute_dataset(train_input(train_dataset_fn, start, names))
+        iterator = iter(dist)
+        self.train_loop_begin()
+        window: dict[str, float] = {}
+        n_window, t0 = 0, time.perf_counter()
+        result: dict[str, float] = {}
+        step = start
+        eval_on = eval_dataset_fn is not None
+        while step < self.steps:
+            n = self._next_boundary(step, eval_on) - step
+            logs = self.train_step(iterator, n)
+            step += n
+            window = {k: window.get(k, 0.0) + v * n for k, v in logs.items()}
+            n_window += n
+            log_now = step % tc.log_every == 0 or step == self.steps
+            self.logger.show_progress(step, logs, log_now)
+            if log_now:
+                dt = time.perf_counter() - t0
+                self.last_logs = {k: v / n_window for k, v in window.items()}
+                self.last_logs["examples_per_sec"] = n_window * self.global_batch / max(dt, 1e-9)
+                self.logger.log("train", step, self.last_logs)
+                window, n_window, t0 = {}, 0, time.perf_counter()
+            if eval_on and tc.eval_every and step % tc.eval_every == 0:
+                result = self.evaluate(eval_dataset_fn, step)
+            every = self.config.checkpoint.every
+            if (every and step % every == 0) or step == self.steps:
+                self.state.save()
+        if eval_on and (not result or self.steps % max(tc.eval_every, 1)):
+            result = self.evaluate(eval_dataset_fn, step)
+        self.train_loop_end()
+        return result
+
+    def evaluate(self, eval_dataset_fn: DatasetFn, step: int) -> dict[str, float]:
+        metrics = self.evaluator.evaluate(eval_dataset_fn)
+        self.logger.log("eval", step, metrics)
+        return metrics
+
+
+# -- putting it together ----------------------------------------------------------------------
+LOOPS: dict[str, type] = {"custom": CustomLoop, "keras_fit": keras_fit.FitLoop}
+
+
+class Trainer:
+    """A run of a config: its state, logs, evaluator and the loop ``training.loop`` names.
+
+    Args:
+        build_spec: called in ``strategy.scope()``; returns a `models.ModelSpec`-like object.
+        strategy: from `strategies.get_strategy`, built first thing in the process.
+        config: the run's `Config`; ``optimizer``, ``training``, ``checkpoint`` and ``logging``
+            are read (the model section is `build_spec`'s business).
+        run_dir: where checkpoints, metrics.jsonl and TensorBoard go; None keeps nothing.
+        loop: the loop class, if not the one ``training.loop`` names (e.g. a `CustomLoop`
+            subclass that overrides a hook).
+
+    Raises:
+        ConfigError: the global batch does not split over the replicas and micro-batches.
+    """
+
+    def __init__(
+        self,
+        build_spec: Callable[[], ModelSpec],
+        strategy: Strategy,
+        config: Config,
+        run_dir: str | os.PathLike | None = None,
+        loop: type | None = None,
+    ) -> None:
+        check_batch(config.training, strategy.num_replicas)
+        configure_process(config.training)
+        self.config = config
+        self.strategy = strategy
+        self.state = TrainState(build_spec, strategy, config, run_dir)
+        self.logger = MetricsLogger(
+            run_dir,
+            strategy.is_chief,
+            config.training.steps,
+            tensorboard=config.logging.tensorboard,
+            progress=config.logging.progress_bar,
+        )
+        self.evaluator = Evaluator(self.state, config.training.eval_batches)
+        loop_cls = loop or LOOPS[config.training.loop]
+        self.loop = loop_cls(self.state, self.logger, self.evaluator, config)
+
+    @property
+    def model(self) -> keras.Model:
+        return self.state.model
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        return self.state.optimizer
+
+    @property
+    def global_step(self) -> tf.Variable:
+        return self.state.global_step
+
+    @property
+    def last_logs(self) -> dict[str, float]:
+        return self.loop.last_logs
+
+    @property
+    def start_step(self) -> int:
+        return getattr(self.loop, "start_step", 0)
+
+    def train(
+        self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
+    ) -> dict[str, float]:
+        """Train to ``training.steps`` (resuming from the last checkpoint); final eval metrics."""
+        return self.loop.train(train_dataset_fn, eval_dataset_fn)
+
+    def evaluate(self, eval_dataset_fn: DatasetFn, step: int | None = None) -> dict[str, float]:
+        """Evaluate the current model and log the result at ``step`` (default: the current one)."""
+        self.logger.open(self.state.step, resume=False)
+        metrics = self.evaluator.evaluate(eval_dataset_fn)
+        self.logger.log("eval", self.state.step if step is None else step, metrics)
+        return metrics
+
+    def restore(self) -> int:
+        return self.state.restore()
+
+    def save(self) -> str | None:
+        return self.state.save()
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def check_batch(training: TrainingConfig, num_replicas: int) -> None:
+    """The global batch must split evenly over the replicas and each replica's micro-batches."""
+    n, batch, accum = num_replicas, training.batch_size, training.grad_accum_steps
+    if batch % n:
+        raise ConfigError(
+            "training.batch_size",
+            f"global batch {batch} must be a positive multiple of the {n} replicas",
+        )
+    if (batch // n) % accum:
+        raise ConfigError(
+            "training.grad_accum_steps",
+            f"per-replica batch {batch // n} must split into {accum} equal micro-batches",
+        )

@@ -22,9 +22,9 @@ from dist_share.towers import SharedTower
 from dist_share.training import Trainer
 
 # 1. The strategy comes first: it may create devices or initialise Horovod before TF runs.
-strategy = get_strategy({"name": sys.argv[1] if len(sys.argv) > 1 else "local"})
+strategy = get_strategy(config.StrategyConfig(name=sys.argv[1] if len(sys.argv) > 1 else "local"))
 
-# 2. Configs are plain dicts; the default Siamese config gives data, optimizer and training.
+# 2. The default Siamese config (typed, validated) gives data, optimizer and training settings.
 default_config = Path(__file__).resolve().parents[1] / "configs" / "siamese_digits.yaml"
 cfg = config.load_config(default_config, ["training.steps=300", "training.eval_every=300"])
 
@@ -46,8 +46,8 @@ def build_spec() -> ModelSpec:
 
 
 # 3. Global batch 64: each replica gets 64 / num_replicas; data is sharded per worker.
-train_fn = data.make_dataset_fn(cfg["data"], "train", cfg["training"]["batch_size"], seed=0)
-eval_fn = data.make_dataset_fn(cfg["data"], "eval", cfg["training"]["batch_size"], seed=0)
+train_fn = data.make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
+eval_fn = data.make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
 trainer = Trainer(build_spec, strategy, cfg, run_dir=None)
 result = trainer.train(train_fn, eval_fn)
 if strategy.is_chief:  # only rank 0 prints

@@ -60,7 +60,7 @@ def _check_run(run_dir: Path, cfg_path: Path, extra: list[str], strategy: str) -
     expected = config.load_config(
         cfg_path, [*_overrides(SHORT), *_overrides(extra), f"strategy.name={strategy}"]
     )
-    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == expected
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == expected.to_dict()
     records = _records(run_dir)
     train = [r for r in records if r["split"] == "train"]
     evals = [r for r in records if r["split"] == "eval"]
@@ -93,7 +93,8 @@ def test_config_command_prints_the_resolved_config() -> None:
     out = dist_share("config", str(CONFIGS / "multiview_digits.yaml"), "--set", "data.num_views=4")
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
-    assert printed == config.load_config(CONFIGS / "multiview_digits.yaml", ["data.num_views=4"])
+    expected = config.load_config(CONFIGS / "multiview_digits.yaml", ["data.num_views=4"])
+    assert printed == expected.to_dict()
     assert "view3" in out.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from dist_share.compat import v1 as cv1
-from dist_share.processes import horovodrun_command, run_job
+from dist_share.processes import local_horovodrun_command, run_job
 
 v1 = tf.compat.v1
 WORKERS = Path(__file__).parent / "workers"
@@ -132,7 +132,7 @@ def test_tensor_initializers_work_because_variables_are_created_outside_cond() -
 
 @pytest.mark.multiprocess
 def test_horovod_graph_mode_distributed_optimizer_keeps_ranks_identical(tmp_path: Path) -> None:
-    cmd = horovodrun_command(
+    cmd = local_horovodrun_command(
         2, [sys.executable, str(WORKERS / "towers_hvd_v1.py"), str(tmp_path)], "gloo"
     )
     run_job(cmd, timeout=240).check()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -33,16 +34,16 @@ def test_the_four_families_ship_a_config() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_validates_and_round_trips(path: Path) -> None:
     cfg = config.load_config(path)
-    assert list(cfg)[:7] == list(config.SECTIONS)
-    assert cfg["data"]["family"] == cfg["model"]["family"]
-    # The saved (dumped) resolved config loads back to exactly the same dict.
+    assert list(cfg.to_dict()) == list(config.SECTIONS)
+    assert cfg.data.family == cfg.model.family
+    # The saved (dumped) resolved config loads back to exactly the same config.
     assert config.validate(yaml.safe_load(config.dump(cfg))) == cfg
 
 
 def test_defaults_are_filled_from_a_minimal_config() -> None:
     cfg = config.validate({"model": {"family": "siamese"}})
-    assert cfg["training"]["batch_size"] == 64
-    assert cfg["strategy"] == {
+    assert cfg.training.batch_size == 64
+    assert cfg.to_dict()["strategy"] == {
         "name": "local",
         "num_cpu_devices": None,
         "horovod": {
@@ -53,12 +54,13 @@ def test_defaults_are_filled_from_a_minimal_config() -> None:
         },
         "sparse": {"dedup": True, "dense_threshold": 0.5},
     }
-    assert cfg["model"]["tower"]["block"]["type"] == "conv2d"
-    assert cfg["model"]["loss"] == {"type": "contrastive", "margin": 1.0}
-    assert cfg["data"]["source"] == "digits"
+    assert cfg.model.tower.block["type"] == "conv2d"
+    assert cfg.model.loss == {"type": "contrastive", "margin": 1.0}
+    assert cfg.data.source == "digits"
     tt = config.validate({"model": {"family": "two_tower"}})
-    assert tt["data"]["source"] == "two_tower_synthetic"
-    assert "tower" not in tt["model"] and "head" not in tt["model"]
+    assert tt.data.source == "two_tower_synthetic"
+    assert "tower" not in tt.to_dict()["model"] and "head" not in tt.to_dict()["model"]
+    assert tt.model.tables["items"].vocab_size == 2000
 
 
 def test_a_users_block_replaces_the_default_block_instead_of_merging() -> None:
@@ -68,7 +70,7 @@ def test_a_users_block_replaces_the_default_block_instead_of_merging() -> None:
             "data": {"source": "random", "random": {"image_shape": [4]}},
         }
     )
-    assert cfg["model"]["tower"]["block"] == {"type": "mlp", "units": [8]}
+    assert cfg.model.tower.block == {"type": "mlp", "units": [8]}
 
 
 def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
@@ -83,11 +85,12 @@ def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
             "logging.tensorboard=false",
         ],
     )
-    assert cfg["training"]["steps"] == 3
-    assert cfg["optimizer"]["learning_rate"] == pytest.approx(1e-3)
-    assert cfg["model"]["tower"]["block"]["filters"] == [4, 8]
-    assert cfg["strategy"]["horovod"]["compression"] == "fp16"
-    assert cfg["logging"]["tensorboard"] is False
+    assert cfg.training.steps == 3
+    assert cfg.optimizer.learning_rate == pytest.approx(1e-3)
+    assert cfg.model.tower.block["filters"] == [4, 8]
+    assert cfg.strategy.horovod.compression == "fp16"
+    assert cfg.logging.tensorboard is False
+    assert cfg.replace("training.steps=9").training.steps == 9
 
 
 def test_override_errors_name_the_key(tmp_path: Path) -> None:
@@ -228,10 +231,10 @@ def test_stream_count_mismatch_in_grouped_sharing_names_the_streams() -> None:
         "data": {"num_views": 3},
     }
     err = _error(raw)
-    assert err.path == "model.tower.groups"
+    assert err.path.startswith("model.tower.groups")
     assert "view0" in str(err) and "view2" in str(err)
     raw["data"]["num_views"] = 4
-    assert config.validate(raw)["model"]["tower"]["groups"] == [[0, 1], [2, 3]]
+    assert config.validate(raw).model.tower.groups == [[0, 1], [2, 3]]
 
 
 def test_unparsable_yaml_names_the_file_and_line(tmp_path: Path) -> None:
@@ -258,11 +261,7 @@ def test_base_configs_merge_and_cycles_are_reported(tmp_path: Path) -> None:
     )
     child = _write(tmp_path, "base: base.yaml\ntraining: {steps: 20}\n", "child.yaml")
     cfg = config.load_config(child)
-    assert (
-        cfg["model"]["embedding_dim"],
-        cfg["training"]["steps"],
-        cfg["training"]["batch_size"],
-    ) == (16, 20, 32)
+    assert (cfg.model.embedding_dim, cfg.training.steps, cfg.training.batch_size) == (16, 20, 32)
     _write(tmp_path, "base: b.yaml\n", "a.yaml")
     _write(tmp_path, "base: a.yaml\n", "b.yaml")
     with pytest.raises(ConfigError, match="cycle"):
@@ -272,14 +271,27 @@ def test_base_configs_merge_and_cycles_are_reported(tmp_path: Path) -> None:
 def test_diff_lists_changed_key_paths() -> None:
     a = config.validate({"model": {"family": "siamese"}})
     b = config.validate({"model": {"family": "siamese"}, "training": {"steps": 7}})
-    assert config.diff(a, b) == ["training.steps: 600 -> 7"]
+    assert config.diff(a.to_dict(), b.to_dict()) == ["training.steps: 600 -> 7"]
 
 
-def test_block_and_loss_tables_agree_with_the_model_code() -> None:
-    """config.py checks blocks and losses without importing Keras; its tables must not drift."""
-    from dist_share import blocks, losses, models
+def test_the_config_is_frozen_and_typed() -> None:
+    cfg = config.validate({"model": {"family": "siamese"}})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.steps = 3  # type: ignore[misc]
+    assert isinstance(cfg.training, config.TrainingConfig)
+    assert cfg.data.streams == ["left", "right"]
 
-    assert config.BLOCK_KEYS == blocks._BLOCK_KEYS
-    assert set(config.BLOCK_TYPES) == set(blocks.BLOCK_TYPES)
-    assert set(config.LOSS_OPTIONS) == set(losses.LOSS_TYPES)
-    assert models._FAMILY_LOSSES is config.LOSSES and models._FAMILY_HEADS is config.HEADS
+
+def test_family_registry_answers_for_config_data_and_models() -> None:
+    """One object per family: its streams, losses and heads are asked, never re-listed."""
+    from dist_share import families
+
+    assert families.NAMES == ("siamese", "triplet", "multiview", "two_tower")
+    for name in families.NAMES:
+        fam = families.get(name)
+        cfg = config.validate({"model": {"family": name}})
+        assert cfg.model.loss["type"] == fam.losses[0]
+        assert cfg.data.source == fam.sources[0]
+        assert cfg.data.streams == fam.streams(cfg.data)
+    with pytest.raises(ConfigError, match="did you mean 'siamese'"):
+        families.get("siames")

@@ -11,28 +11,28 @@ from dist_share import config, data
 from dist_share.errors import ConfigError, DataError
 
 
-def _cfg(family: str, **data_keys) -> dict:
-    return config.validate({"model": {"family": family}, "data": data_keys})["data"]
+def _cfg(family: str, **data_keys) -> config.DataConfig:
+    return config.validate({"model": {"family": family}, "data": data_keys}).data
 
 
-def _class_of(images: np.ndarray, cfg: dict) -> np.ndarray:
+def _class_of(images: np.ndarray, cfg: config.DataConfig) -> np.ndarray:
     """Recover each image's digit by exact lookup in the split's images (pairs copy images)."""
     lookup = {}
     for split in data.SPLITS:
-        x, y = data._digit_images(cfg, split)
+        x, y, _ = data.digits_with_labels(cfg, split, salt=0)
         lookup.update({img.tobytes(): int(label) for img, label in zip(x, y, strict=True)})
     return np.array([lookup[img.tobytes()] for img in images])
 
 
 def test_train_and_eval_digit_images_are_disjoint_and_fixed_by_the_seed() -> None:
     cfg = _cfg("siamese")
-    tr, _ = data._digit_images(cfg, "train")
-    ev, _ = data._digit_images(cfg, "eval")
-    assert len(tr) + len(ev) == 1797 and abs(len(ev) / 1797 - cfg["eval_fraction"]) < 0.01
+    tr, _, _ = data.digits_with_labels(cfg, "train", salt=0)
+    ev, _, _ = data.digits_with_labels(cfg, "eval", salt=0)
+    assert len(tr) + len(ev) == 1797 and abs(len(ev) / 1797 - cfg.eval_fraction) < 0.01
     assert not {x.tobytes() for x in tr} & {x.tobytes() for x in ev} - {
         np.zeros_like(tr[0]).tobytes()
     }
-    other = data._digit_images(_cfg("siamese", split_seed=1), "eval")[0]
+    other = data.digits_with_labels(_cfg("siamese", split_seed=1), "eval", salt=0)[0]
     assert not np.array_equal(ev, other)
 
 
@@ -83,26 +83,26 @@ def test_multiview_views_disagree_and_combining_them_helps() -> None:
 
 def test_two_tower_synthetic_has_the_planted_structure() -> None:
     cfg = _cfg("two_tower", train_examples=4000)
-    s = cfg["synthetic"]
+    s = cfg.synthetic
     feats, labels = data.load_arrays(cfg, "train")
     item_cluster, _, _, _, prefs, histories = data._two_tower_world(
-        cfg["split_seed"],
-        s["num_users"],
-        s["num_items"],
-        s["num_clusters"],
-        s["preferred_clusters"],
-        s["history_length"],
-        float(s["zipf_exponent"]),
+        cfg.split_seed,
+        s.num_users,
+        s.num_items,
+        s.num_clusters,
+        s.preferred_clusters,
+        s.history_length,
+        float(s.zipf_exponent),
     )
     users, items = feats["query_user"], feats["candidate_item"]
     relevant = np.array([item_cluster[i] in prefs[u] for u, i in zip(users, items, strict=True)])
     np.testing.assert_array_equal(relevant, labels == 1.0)
-    assert abs(labels.mean() - s["positive_fraction"]) < 0.05
+    assert abs(labels.mean() - s.positive_fraction) < 0.05
     # Histories come from the user's preferred clusters.
-    assert all(set(item_cluster[histories[u]]) <= set(prefs[u]) for u in range(s["num_users"]))
+    assert all(set(item_cluster[histories[u]]) <= set(prefs[u]) for u in range(s.num_users))
     np.testing.assert_array_equal(feats["query_history"], histories[users])
     # Zipf popularity: the most frequent items are far more frequent than the median one.
-    counts = np.sort(np.bincount(items, minlength=s["num_items"]))[::-1]
+    counts = np.sort(np.bincount(items, minlength=s.num_items))[::-1]
     assert counts[0] > 8 * max(1, np.median(counts))
     assert all(v.dtype == np.int32 for v in feats.values())
 
@@ -112,7 +112,7 @@ def test_input_specs_match_the_arrays_and_the_contract(family: str) -> None:
     cfg = _cfg(family)
     specs = data.input_specs(cfg)
     feats, labels = data.load_arrays(cfg, "eval")
-    assert list(specs) == config.family_streams(family, cfg["num_views"])
+    assert list(specs) == cfg.streams
     for name, spec in specs.items():
         assert tuple(spec.shape) == feats[name].shape[1:]
         assert spec.dtype.as_numpy_dtype == feats[name].dtype
@@ -219,3 +219,26 @@ def test_a_global_batch_larger_than_the_data_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         data.make_dataset_fn(cfg, "train", global_batch_size=16, seed=0)
     assert info.value.path == "training.batch_size"
+
+
+@pytest.mark.parametrize(
+    ("family", "labels", "words"),
+    [
+        ("siamese", np.array([-5.0, 0.0, 1.0, 22.0]), ["0 or 1", "-5.0", "22.0"]),
+        ("siamese", np.array(["same", "diff", "same", "diff"]), ["dtype <U4", "0 or 1"]),
+        ("multiview", np.array([0.0, 1.5, 2.0, 3.0]), ["integer classes"]),
+    ],
+)
+def test_npz_labels_that_cannot_be_the_familys_are_refused(
+    tmp_path: Path, family: str, labels: np.ndarray, words: list[str]
+) -> None:
+    """Labels out of range would train silently on a meaningless loss; strings would crash deep
+    in TensorFlow. Both are refused up front, naming the key and the file."""
+    path = tmp_path / "bad.npz"
+    streams = config.validate({"model": {"family": family}}).data.streams
+    np.savez(path, **{s: np.zeros((4, 8, 8, 1)) for s in streams}, labels=labels)
+    with pytest.raises(ConfigError) as info:
+        data.stream_shapes(_cfg(family, source="npz", train_path=str(path)))
+    assert info.value.path.startswith("data.train_path") and str(path) in str(info.value)
+    for word in words:
+        assert word in str(info.value), str(info.value)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_share.processes import horovodrun_command, run_job
+from dist_share.processes import local_horovodrun_command, run_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_siamese.py"
 
@@ -31,5 +31,7 @@ def test_example_trains_locally() -> None:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_example_trains_under_horovodrun() -> None:
-    job = run_job(horovodrun_command(2, [sys.executable, str(EXAMPLE), "horovod"]), timeout=300)
+    job = run_job(
+        local_horovodrun_command(2, [sys.executable, str(EXAMPLE), "horovod"]), timeout=300
+    )
     assert _final_metrics(job.check().output)["pair_accuracy"] > 0.85

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from dist_share import config, processes
 from dist_share import gradients as G
-from dist_share import processes
 from dist_share.errors import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
@@ -94,8 +94,20 @@ def test_shared_embedding_gradient_dedup_same_update_fewer_bytes() -> None:
 )
 def test_bad_options_name_the_key(cfg: dict, path: str) -> None:
     with pytest.raises(ConfigError) as e:
-        G.GradientOptions.from_config(cfg)
+        config.validate({"model": {"family": "siamese"}, "strategy": cfg})
     assert e.value.path == path
+
+
+def test_options_come_from_the_strategy_section() -> None:
+    strategy = config.validate(
+        {
+            "model": {"family": "two_tower"},
+            "strategy": {"horovod": {"compression": "fp16"}, "sparse": {"dense_threshold": None}},
+        }
+    ).strategy
+    opts = G.GradientOptions.from_config(strategy)
+    assert (opts.compression, opts.dense_threshold, opts.dedup) == ("fp16", None, True)
+    assert opts.dense_switch == "measured"
 
 
 def test_cost_model_crossover_matches_the_issue_example() -> None:
@@ -206,6 +218,8 @@ def test_dense_switch_agrees_across_mirrored_replicas() -> None:
 def test_dense_switch_agrees_across_horovod_ranks() -> None:
     with tempfile.TemporaryDirectory() as out:
         argv = [sys.executable, str(Path(worker.__file__)), out, "horovod"]
-        processes.run_job(processes.horovodrun_command(2, argv), timeout=300, cwd=ROOT).check()
+        processes.run_job(
+            processes.local_horovodrun_command(2, argv), timeout=300, cwd=ROOT
+        ).check()
         variants = {"": {}, "/fp16_average": {"value_bytes": 2, "average": True}}
         _check_worker_results(Path(out), variants)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_share.config import StrategyConfig
 from dist_share.errors import ConfigError
 from dist_share.strategies import get_strategy
 from dist_share.training import Trainer
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 import train_common as tc  # noqa: E402
 import train_jobs  # noqa: E402
 
-STRATEGY = get_strategy({"name": "local"})
+STRATEGY = get_strategy(StrategyConfig(name="local"))
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -60,18 +61,18 @@ def test_fit_under_tf_distribute_matches_custom_loop(launcher: str) -> None:
 
 
 def test_fit_logs_checkpoints_and_evaluates(tmp_path: Path) -> None:
-    cfg = {
-        "optimizer": {"name": "adam", "learning_rate": 0.01},
-        "training": {
+    cfg = tc.run_config(
+        optimizer={"name": "adam", "learning_rate": 0.01},
+        training={
             "steps": 4,
             "batch_size": 8,
             "loop": "keras_fit",
             "log_every": 2,
             "eval_every": 2,
         },
-        "checkpoint": {"every": 2, "keep": 2},
-        "logging": {"progress_bar": False, "tensorboard": False},
-    }
+        checkpoint={"every": 2, "keep": 2},
+        logging={"progress_bar": False, "tensorboard": False},
+    )
     trainer = Trainer(tc.build_shared, STRATEGY, cfg, tmp_path)
     result = trainer.train(
         tc.make_dataset_fn("shared", 8), tc.make_dataset_fn("shared", 8, drop_remainder=False)
@@ -91,8 +92,9 @@ def test_fit_logs_checkpoints_and_evaluates(tmp_path: Path) -> None:
 
 
 def test_fit_rejects_grad_accumulation() -> None:
-    cfg = {"training": {"steps": 1, "batch_size": 8, "loop": "keras_fit", "grad_accum_steps": 2}}
-    trainer = Trainer(tc.build_shared, STRATEGY, cfg, None)
+    cfg = tc.run_config(
+        training={"steps": 1, "batch_size": 8, "loop": "keras_fit", "grad_accum_steps": 2}
+    )
     with pytest.raises(ConfigError) as e:
-        trainer.train(tc.make_dataset_fn("shared", 8))
+        Trainer(tc.build_shared, STRATEGY, cfg, None)
     assert e.value.path == "training.grad_accum_steps"

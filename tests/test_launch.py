@@ -14,8 +14,8 @@ import yaml
 
 from dist_share import launching
 from dist_share.errors import ConfigError
-from dist_share.launching import Host
-from dist_share.processes import free_port, run_job
+from dist_share.launching import Host, free_port
+from dist_share.processes import run_job
 
 ROOT = Path(__file__).parents[1]
 LAUNCH = ROOT / "launch"

@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras.src.testing import TestCase
 
 from dist_share import heads, losses
+from dist_share.config import parse_model
 from dist_share.errors import ConfigError
 from dist_share.models import MODEL_FAMILIES, ModelSpec, build_model
 from dist_share.processes import run_job
@@ -110,7 +111,7 @@ def test_families_constant() -> None:
 @pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_fit_then_save_load_round_trip(family: str, tmp_path: Path) -> None:
     cfg, specs = CASES[family]
-    spec = build_model(cfg, specs)
+    spec = build_model(parse_model(cfg), specs)
     assert isinstance(spec, ModelSpec)
     assert sorted(spec.model.input.keys()) == sorted(specs) == sorted(spec.stream_names)
     x, y = _batch(family, specs)
@@ -138,7 +139,7 @@ def test_fit_then_save_load_round_trip(family: str, tmp_path: Path) -> None:
 
 def test_two_tower_shares_item_table_between_towers() -> None:
     cfg, specs = CASES["two_tower"]
-    model = build_model(cfg, specs).model
+    model = build_model(parse_model(cfg), specs).model
     tables = [w for w in model.trainable_weights if "table_" in w.path]
     assert sorted(w.shape[0] for w in tables) == [30, 40]  # one users, one items: not duplicated
     items = model.get_layer("table_items")
@@ -156,14 +157,14 @@ def test_build_is_deterministic_under_set_random_seed() -> None:
     weights = []
     for _ in range(2):
         keras.utils.set_random_seed(42)
-        weights.append([w.numpy() for w in build_model(cfg, specs).model.weights])
+        weights.append([w.numpy() for w in build_model(parse_model(cfg), specs).model.weights])
     for a, b in zip(*weights, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 def test_switchable_model_param_count_and_flag() -> None:
     cfg, specs = CASES["triplet"]
-    model = build_model(cfg, specs).model
+    model = build_model(parse_model(cfg), specs).model
     tower = model.get_layer("tower")
     per_set = sum(int(np.prod(w.shape)) for w in tower.blocks[0].trainable_weights)
     assert sum(int(np.prod(w.shape)) for w in tower.trainable_weights) == 4 * per_set
@@ -178,13 +179,13 @@ def test_mixed_precision_distances_and_losses_are_float32() -> None:
     try:
         for family in MODEL_FAMILIES:
             cfg, specs = CASES[family]
-            spec = build_model(cfg, specs)
+            spec = build_model(parse_model(cfg), specs)
             x, y = _batch(family, specs)
             out = spec.model(x, training=True)
             assert out.dtype == tf.float32, family
             assert spec.loss(y, out).dtype == tf.float32, family
         cfg, specs = CASES["siamese"]
-        spec = build_model(cfg, specs)
+        spec = build_model(parse_model(cfg), specs)
         assert spec.model.get_layer("tower").compute_dtype == "float16"
         spec.model.compile(optimizer="sgd", loss=spec.loss)
         x, y = _batch("siamese", specs)
@@ -224,7 +225,7 @@ BAD = [
         "sharing",
         _mutate("siamese", lambda c, s: c["tower"].update(sharing="tied")),
         "model.tower.sharing",
-        "unknown sharing",
+        "'tied', expected one of shared",
     ),
     (
         "groups",
@@ -248,19 +249,19 @@ BAD = [
         "family",
         _mutate("siamese", lambda c, s: c.update(family="gan")),
         "model.family",
-        "unknown family",
+        "'gan', expected one of siamese",
     ),
     (
         "head",
         _mutate("siamese", lambda c, s: c.update(head="concat")),
         "model.head",
-        "unknown head",
+        "'concat', expected one of l2, cosine",
     ),
     (
         "loss",
         _mutate("siamese", lambda c, s: c.update(loss={"type": "triplet"})),
         "model.loss.type",
-        "does not fit",
+        "'triplet', expected one of contrastive",
     ),
     (
         "loss opt",
@@ -309,7 +310,7 @@ BAD = [
         "dim",
         _mutate("siamese", lambda c, s: c.update(embedding_dim=0)),
         "model.embedding_dim",
-        "positive",
+        "got 0, expected an integer > 0",
     ),
 ]
 
@@ -320,7 +321,7 @@ BAD = [
 def test_bad_config_raises_config_error_naming_path(cfg_specs, path: str, match: str) -> None:
     cfg, specs = cfg_specs
     with pytest.raises(ConfigError, match=match) as err:
-        build_model(cfg, specs)
+        build_model(parse_model(cfg), specs)
     assert err.value.path == path
 
 

@@ -12,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from dist_share.processes import horovodrun_command, mpirun_command, run_job, run_multiworker
+from dist_share.processes import (
+    local_horovodrun_command,
+    local_mpirun_command,
+    run_job,
+    run_local_multiworker,
+)
 
 WORKERS = Path(__file__).parent / "workers"
 
@@ -34,7 +39,9 @@ def _check_horovod(results: list[dict]) -> None:
 
 @pytest.mark.multiprocess
 def test_horovodrun_gloo_allreduce_and_broadcast(tmp_path: Path) -> None:
-    cmd = horovodrun_command(2, [sys.executable, str(WORKERS / "smoke_horovod.py"), str(tmp_path)])
+    cmd = local_horovodrun_command(
+        2, [sys.executable, str(WORKERS / "smoke_horovod.py"), str(tmp_path)]
+    )
     run_job(cmd, timeout=180).check()
     results = _read_ranks(tmp_path, "rank", 2)
     _check_horovod(results)
@@ -43,7 +50,9 @@ def test_horovodrun_gloo_allreduce_and_broadcast(tmp_path: Path) -> None:
 
 @pytest.mark.multiprocess
 def test_mpirun_allreduce_and_broadcast(tmp_path: Path) -> None:
-    cmd = mpirun_command(2, [sys.executable, str(WORKERS / "smoke_horovod.py"), str(tmp_path)])
+    cmd = local_mpirun_command(
+        2, [sys.executable, str(WORKERS / "smoke_horovod.py"), str(tmp_path)]
+    )
     run_job(cmd, timeout=180).check()
     results = _read_ranks(tmp_path, "rank", 2)
     _check_horovod(results)
@@ -62,7 +71,7 @@ def test_mirrored_strategy_on_two_cpu_devices(tmp_path: Path) -> None:
 @pytest.mark.multiprocess
 def test_multiworker_mirrored_two_local_processes(tmp_path: Path) -> None:
     argv = [sys.executable, str(WORKERS / "smoke_tf_strategy.py"), "multiworker", str(tmp_path)]
-    for job in run_multiworker(2, argv, timeout=240):
+    for job in run_local_multiworker(2, argv, timeout=240):
         job.check()
     results = _read_ranks(tmp_path, "multiworker", 2)
     for r in results:

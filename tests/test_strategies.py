@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_share import processes
+from dist_share import config, processes
 from dist_share.errors import ConfigError
-from dist_share.strategies import (
-    discover_tf_config,
-    expand_nodelist,
-    get_strategy,
-    tf_config_from_slurm,
-)
+from dist_share.launching import discover_tf_config, expand_nodelist, tf_config_from_slurm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
@@ -33,8 +28,9 @@ def test_import_leaves_horovod_out_and_multiworker_needs_a_launcher() -> None:
     code = (
         "import sys, dist_share, dist_share.strategies, dist_share.training, dist_share.gradients\n"
         "print('HVD', sorted(m for m in sys.modules if m.split('.')[0] == 'horovod'))\n"
+        "from dist_share.config import StrategyConfig\n"
         "from dist_share.errors import ConfigError\n"
-        "try:\n    dist_share.strategies.get_strategy({'name': 'multiworker'})\n"
+        "try:\n    dist_share.strategies.get_strategy(StrategyConfig(name='multiworker'))\n"
         "except ConfigError as e:\n    print('PATH', e.path)\n"
         "print('HVD', sorted(m for m in sys.modules if m.split('.')[0] == 'horovod'))\n"
     )
@@ -50,6 +46,9 @@ def test_import_leaves_horovod_out_and_multiworker_needs_a_launcher() -> None:
 def test_expand_nodelist_without_scontrol() -> None:
     hosts = expand_nodelist("node[01-03,07],gpu5,a[8-10]", use_scontrol=False)
     assert hosts == ["node01", "node02", "node03", "node07", "gpu5", "a8", "a9", "a10"]
+    # Asked to use scontrol: missing, or installed without a reachable controller (it then
+    # exits 1), the built-in parser answers; with a controller, scontrol answers the same.
+    assert expand_nodelist("node[01-03,07],gpu5,a[8-10]", use_scontrol=True) == hosts
 
 
 def test_tf_config_from_slurm_places_tasks_blockwise() -> None:
@@ -69,7 +68,7 @@ def test_tf_config_from_slurm_places_tasks_blockwise() -> None:
 )
 def test_bad_strategy_config(cfg: dict, path: str) -> None:
     with pytest.raises(ConfigError) as e:
-        get_strategy(cfg)
+        config.validate({"model": {"family": "siamese"}, "strategy": cfg})
     assert e.value.path == path
 
 
@@ -80,9 +79,9 @@ def test_bad_strategy_config(cfg: dict, path: str) -> None:
 def test_multiworker_finds_its_cluster_from_the_launcher(launcher: str, tmp_path: Path) -> None:
     out = str(tmp_path / "d")
     if launcher == "mpirun":
-        cmd = processes.mpirun_command(2, [*DISCOVER, out])
+        cmd = processes.local_mpirun_command(2, [*DISCOVER, out])
     else:
-        cmd = processes.horovodrun_command(2, [*DISCOVER, out])
+        cmd = processes.local_horovodrun_command(2, [*DISCOVER, out])
     processes.run_job(cmd, 180, train_jobs._env(), train_jobs.ROOT).check()
     results = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
     for r, res in enumerate(results):

@@ -15,32 +15,26 @@ import pytest
 import tensorflow as tf
 
 from dist_share import processes
+from dist_share.config import StrategyConfig
 from dist_share.errors import ConfigError, DataError
 from dist_share.strategies import get_strategy
-from dist_share.training import Trainer, resolve_config
+from dist_share.training import Trainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 import train_common as tc  # noqa: E402
 import train_jobs  # noqa: E402
 
-STRATEGY = get_strategy({"name": "local"})
+STRATEGY = get_strategy(StrategyConfig(name="local"))
 
 
-def config(**training) -> dict:
-    return {
-        "optimizer": {"name": "sgd", "learning_rate": 0.05},
-        "training": {"steps": 4, "batch_size": 8, "log_every": 2, "eval_every": 2, **training},
-        "checkpoint": {"every": 2, "keep": 2},
-        "logging": {"progress_bar": False},
-    }
-
-
-def test_partial_config_gets_documented_defaults() -> None:
-    cfg = resolve_config({"training": {"steps": 3}})
-    assert cfg["training"]["steps"] == 3 and cfg["training"]["batch_size"] == 64
-    assert cfg["strategy"]["sparse"] == {"dedup": True, "dense_threshold": 0.5}
-    assert cfg["optimizer"]["scale_lr_by_world_size"] is False
+def config(optimizer: dict | None = None, **training):
+    return tc.run_config(
+        optimizer=optimizer or {"name": "sgd", "learning_rate": 0.05},
+        training={"steps": 4, "batch_size": 8, "log_every": 2, "eval_every": 2, **training},
+        checkpoint={"every": 2, "keep": 2},
+        logging={"progress_bar": False},
+    )
 
 
 def test_logs_eval_tensorboard_and_resume(tmp_path: Path) -> None:
@@ -70,7 +64,7 @@ def test_batch_and_stream_errors_name_the_problem(tmp_path: Path) -> None:
         Trainer(tc.build_shared, STRATEGY, config(grad_accum_steps=3), None)
     assert e.value.path == "training.grad_accum_steps"
     with pytest.raises(ConfigError) as e:
-        Trainer(tc.build_shared, STRATEGY, {"optimizer": {"name": "lion"}}, None)
+        config(optimizer={"name": "lion"})
     assert e.value.path == "optimizer.name"
     trainer = Trainer(tc.build_shared, STRATEGY, config(), None)
     with pytest.raises(DataError, match=r"missing \['a', 'b', 'c'\]"):
@@ -123,16 +117,14 @@ def test_evaluation_covers_the_split_once_everywhere(launcher: str) -> None:
 
 
 def test_lr_scaling_and_clipping(tmp_path: Path) -> None:
+    from dist_share.config import OptimizerConfig
     from dist_share.training import make_optimizer
 
-    opt = make_optimizer({"name": "sgd", "learning_rate": 0.1, "scale_lr_by_world_size": True}, 4)
+    opt = make_optimizer(OptimizerConfig("sgd", 0.1, scale_lr_by_world_size=True), 4)
     assert float(opt.learning_rate) == pytest.approx(0.4)
-    assert float(
-        make_optimizer({"name": "sgd", "learning_rate": 0.1}, 4).learning_rate
-    ) == pytest.approx(0.1)
+    assert float(make_optimizer(OptimizerConfig("sgd", 0.1), 4).learning_rate) == pytest.approx(0.1)
     # clipnorm bounds each variable's step by lr * clipnorm (the reduced gradient is clipped).
-    cfg = config(steps=1)
-    cfg["optimizer"] = {"name": "sgd", "learning_rate": 1.0, "clipnorm": 1e-3}
+    cfg = config({"name": "sgd", "learning_rate": 1.0, "clipnorm": 1e-3}, steps=1)
     trainer = Trainer(tc.build_shared, STRATEGY, cfg, None)
     before = [v.numpy().copy() for v in trainer.model.trainable_variables]
     trainer.train(tc.make_dataset_fn("shared", 8))
@@ -181,7 +173,7 @@ def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None
     assert not (tmp_path / "k.rank0.json").exists()
 
     state = tf.train.get_checkpoint_state(str(killed_dir / "checkpoints"))
-    newest, older = state.all_model_checkpoint_paths[-1], state.all_model_checkpoint_paths[-2]
+    newest = state.all_model_checkpoint_paths[-1]
     for data in Path(newest).parent.glob(Path(newest).name + ".data-*"):
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
@@ -206,21 +198,24 @@ def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None
         for line in (killed_dir / "metrics.jsonl").read_text().splitlines()
         if json.loads(line)["split"] == "train"
     ]
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    assert steps[restart] == int(older.rsplit("-", 1)[1]) + 1
-    assert steps[-1] == 12
+    # The killed run logged steps past its last readable checkpoint; the resumed run dropped
+    # them and logged them again, so every step is there exactly once, in order.
+    assert steps == list(range(1, 13))
 
 
 def test_checkpoint_holds_every_model_variable_of_list_held_layers(tmp_path: Path) -> None:
     """SharedTower keeps its weight sets in a Python list, which tf.train.Checkpoint(model=...)
     does not see; the checkpoint must still carry every weight and the batch-norm statistics."""
+    from dist_share.config import parse_model
     from dist_share.models import build_model
 
-    model_cfg = {
-        "family": "siamese",
-        "embedding_dim": 4,
-        "tower": {"sharing": "shared", "block": {"type": "mlp", "units": [8], "norm": "batch"}},
-    }
+    model_cfg = parse_model(
+        {
+            "family": "siamese",
+            "embedding_dim": 4,
+            "tower": {"sharing": "shared", "block": {"type": "mlp", "units": [8], "norm": "batch"}},
+        }
+    )
     specs = {s: tf.TensorSpec((8, 8, 1), tf.float32) for s in ("left", "right")}
     trainer = Trainer(lambda: build_model(model_cfg, specs), STRATEGY, config(steps=2), tmp_path)
     for v in trainer.model.variables:  # distinct values everywhere, statistics included
@@ -235,3 +230,70 @@ def test_checkpoint_holds_every_model_variable_of_list_held_layers(tmp_path: Pat
     assert any("moving_mean" in n for n in names), names
     for name, want, got in zip(names, saved, again.model.variables, strict=True):
         np.testing.assert_array_equal(got.numpy(), want, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("launcher", ["local", "mirrored", "horovod_gloo", "multiworker"])
+def test_steps_per_loop_ends_where_single_steps_end(launcher: str) -> None:
+    """training.steps_per_loop: 3 runs 3 steps per compiled call (a loop of 3, then one cut
+    short to land on the end); the variables are those of one step per call, on every rank,
+    and a run resumed from the checkpoint at the loop boundary ends there too."""
+    for rank, result in train_jobs.run(launcher).items():
+        runs = result["runs"]
+        for name in ("shared_k3", "shared_k3_resume"):
+            if name not in runs:
+                continue
+            assert runs[name]["step"] == 5, (launcher, name)
+            for k, v in runs["shared"]["variables"].items():
+                np.testing.assert_allclose(
+                    runs[name]["variables"][k], v, atol=1e-6, err_msg=f"{launcher} {rank} {name}"
+                )
+        if "shared_k3_resume" in runs:
+            assert runs["shared_k3_resume"]["start_step"] == 3
+
+
+def test_steps_per_loop_lands_on_every_log_eval_and_checkpoint(tmp_path: Path) -> None:
+    """A loop is cut short at each logging, evaluation and checkpoint step, so nothing that
+    happens between loops moves when steps_per_loop grows."""
+    cfg = config(steps=7, steps_per_loop=4, log_every=3, eval_every=5)
+    trainer = Trainer(tc.build_shared, STRATEGY, cfg, tmp_path)
+    trainer.train(tc.make_dataset_fn("shared", 8), tc.make_dataset_fn("shared", 8, False))
+    trainer.close()
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in records] == [
+        ("train", 3),
+        ("eval", 5),
+        ("train", 6),
+        ("train", 7),
+        ("eval", 7),
+    ]
+    saved = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+    # checkpoint.every 2 (keep 2): saved at 2, 4, 6 and the final 7; the last two are kept.
+    assert [p.rsplit("-", 1)[1] for p in saved.all_model_checkpoint_paths] == ["6", "7"]
+
+
+def test_logs_are_plain_lines_off_a_terminal_and_strict_json(tmp_path: Path) -> None:
+    """A Slurm output file or `kubectl logs` gets one line per logging interval, not progress
+    bar frames; metrics.jsonl stays strict JSON whatever the values (NaN -> null)."""
+    import io
+
+    from dist_share.training import MetricsLogger
+
+    console = io.StringIO()
+    logger = MetricsLogger(tmp_path, True, 100, tensorboard=False, stream=console, rank=1)
+    logger.open(0)
+    for step in range(1, 101):
+        logger.show_progress(step, {"loss": 0.25}, interval_end=step % 50 == 0)
+    logger.log("train", 50, {"loss": float("nan"), "accuracy": float("inf"), "ok": 1.0})
+    logger.close()
+    lines = console.getvalue().splitlines()
+    assert "\r" not in console.getvalue() and len(lines) == 2
+    assert lines[0].startswith("[rank 1] step 50/100 loss=0.25 eta=")
+
+    def reject(token: str) -> None:
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=reject)
+    assert record["loss"] is None and record["accuracy"] is None and record["ok"] == 1.0

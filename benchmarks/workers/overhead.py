@@ -40,10 +40,11 @@ def main() -> None:
     import tensorflow as tf
 
     from dist_share import data
+    from dist_share.config import StrategyConfig
     from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
-    strategy = get_strategy({"name": args.strategy})
+    strategy = get_strategy(StrategyConfig(name=args.strategy))
     blocks = args.warmup + args.repeats
     steps = blocks * args.block + 1  # the last step closes the last window
     overrides = list(args.set)
@@ -54,16 +55,16 @@ def main() -> None:
             "checkpoint.every=200",
         ]
     cfg = bench_config(args.family, args.batch, steps, {"name": args.strategy}, overrides)
-    specs = data.input_specs(cfg["data"])
-    dataset_fn = data.make_dataset_fn(cfg["data"], "train", args.batch, cfg["training"]["seed"])
+    specs = data.input_specs(cfg.data)
+    dataset_fn = data.make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
 
     def build_spec():
-        return build_model(cfg["model"], specs)
+        return build_model(cfg.model, specs)
 
     # ---- the hand-written loop -------------------------------------------------------------
     import keras
 
-    lr = cfg["optimizer"]["learning_rate"]
+    lr = cfg.optimizer.learning_rate
     if args.strategy == "horovod":
         import horovod.tensorflow as hvd
 
@@ -140,9 +141,9 @@ def main() -> None:
         "block_steps": args.block,
         "warmup_blocks": w,
         "threads": threads,
-        "trainer_examples_per_sec": [examples / t for t in trainer.windows[w:]],
+        "trainer_examples_per_sec": [examples / t for t in trainer.loop.windows[w:]],
         "plain_examples_per_sec": [examples / t for t in plain_times[w:]],
-        "trainer_cpu_ms_per_step": [1e3 * t / args.block for t in trainer.cpu_windows[w:]],
+        "trainer_cpu_ms_per_step": [1e3 * t / args.block for t in trainer.loop.cpu_windows[w:]],
         "plain_cpu_ms_per_step": [1e3 * t / args.block for t in plain_cpu[w:]],
         "parameters": int(sum(int(v.numpy().size) for v in plain.model.trainable_variables)),
     }

@@ -35,25 +35,30 @@ def main() -> None:
     import tensorflow as tf
 
     from dist_share import data
+    from dist_share.config import StrategyConfig
+    from dist_share.data import train_input
     from dist_share.gradients import comm_bytes
     from dist_share.models import build_model
     from dist_share.strategies import get_strategy
     from dist_share.training import Trainer
 
-    strategy = get_strategy({"name": "local"})
+    strategy = get_strategy(StrategyConfig(name="local"))
     cfg = bench_config(args.family, args.batch, 10**9, {"name": "local"}, args.set)
-    specs = data.input_specs(cfg["data"])
-    dataset_fn = data.make_dataset_fn(cfg["data"], "train", args.batch, cfg["training"]["seed"])
+    specs = data.input_specs(cfg.data)
+    dataset_fn = data.make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
 
     def build_spec():
-        return build_model(cfg["model"], specs)
+        return build_model(cfg.model, specs)
 
-    trainer = Trainer(build_spec, strategy, cfg, None)
-    t_iter = iter(strategy.distribute_dataset(trainer._train_input(dataset_fn, 0)))
-    trainer.train_loop_begin()
+    loop = Trainer(build_spec, strategy, cfg, None).loop
+    t_iter = iter(
+        strategy.distribute_dataset(train_input(dataset_fn, 0, loop.state.spec.stream_names))
+    )
+    loop.train_loop_begin()
+    one = tf.constant(1, tf.int32)
 
     spec = build_spec()
-    model, opt = spec.model, keras.optimizers.Adam(cfg["optimizer"]["learning_rate"])
+    model, opt = spec.model, keras.optimizers.Adam(cfg.optimizer.learning_rate)
     p_iter = iter(dataset_fn(tf.distribute.InputContext()))
 
     def make_step(metrics: bool, count_bytes: bool):
@@ -93,17 +98,17 @@ def main() -> None:
     def trainer_fn() -> None:
         out = None
         for _ in range(args.block):
-            out = trainer._train_fn(t_iter)
+            out = loop._train_fn(t_iter, one)
         float(out["loss"])
 
     def trainer_step() -> None:
         for _ in range(args.block):
-            trainer.train_step(t_iter)
+            loop.train_step(t_iter)
 
     def trainer_step_assign() -> None:
         for i in range(args.block):
-            trainer.train_step(t_iter)
-            trainer.global_step.assign(i)
+            loop.train_step(t_iter)
+            loop.state.global_step.assign(i)
 
     # The same plain step, fed the way the Trainer feeds its step: the iterator inside the
     # tf.function, and then tf.distribute's dataset/iterator + strategy.run (OneDeviceStrategy).
@@ -156,7 +161,7 @@ def main() -> None:
 
     features, labels = next(p_iter)
     plain_ops = graph_ops(steps["plain"], features, labels)
-    trainer_ops = graph_ops(trainer._train_fn, t_iter)
+    trainer_ops = graph_ops(loop._train_fn, t_iter, one)
     write_result(
         args.out_dir,
         "breakdown",

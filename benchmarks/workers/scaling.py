@@ -32,22 +32,23 @@ def main() -> None:
     threads = setup_threads(args.intra, args.inter)
 
     from dist_share import data
+    from dist_share.config import StrategyConfig
     from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
     strategy_cfg = {"name": args.strategy}
     if args.strategy == "mirrored":
         strategy_cfg["num_cpu_devices"] = args.devices or 2
-    strategy = get_strategy(strategy_cfg)
+    strategy = get_strategy(StrategyConfig(**strategy_cfg))
     replicas = strategy.num_replicas
     batch = args.per_replica_batch * replicas
     steps = (args.warmup + args.repeats) * args.block + 1
     cfg = bench_config(args.family, batch, steps, strategy_cfg, args.set)
-    specs = data.input_specs(cfg["data"])
-    dataset_fn = data.make_dataset_fn(cfg["data"], "train", batch, cfg["training"]["seed"])
+    specs = data.input_specs(cfg.data)
+    dataset_fn = data.make_dataset_fn(cfg.data, "train", batch, cfg.training.seed)
 
     def build_spec():
-        return build_model(cfg["model"], specs)
+        return build_model(cfg.model, specs)
 
     trainer = make_timed_trainer(args.block)(build_spec, strategy, cfg, None)
     trainer.train(dataset_fn)
@@ -64,8 +65,8 @@ def main() -> None:
             "per_replica_batch": args.per_replica_batch,
             "global_batch": batch,
             "threads": threads,
-            "examples_per_sec": [args.block * batch / t for t in trainer.windows[w:]],
-            "cpu_s_per_step": [t / args.block for t in trainer.cpu_windows[w:]],
+            "examples_per_sec": [args.block * batch / t for t in trainer.loop.windows[w:]],
+            "cpu_s_per_step": [t / args.block for t in trainer.loop.cpu_windows[w:]],
             "comm_bytes_per_step": trainer.last_logs.get("comm_bytes_per_step"),
             "wall_s": time.perf_counter() - t_start,
         },

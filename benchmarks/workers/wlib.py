@@ -57,17 +57,19 @@ def bench_config(
 
 
 def make_timed_trainer(block: int, between: Callable[[], None] | None = None) -> Callable[..., Any]:
-    """A Trainer subclass whose ``train_step`` hook timestamps every `block` steps.
+    """A Trainer factory whose loop's ``train_step`` hook timestamps every `block` steps.
 
     Window i is the wall time from the start of step i*block to the start of step (i+1)*block,
-    so it includes everything ``Trainer.train`` does around its steps (progress bar, logging,
-    step counter, checkpoints). Process CPU time is recorded as well: on a shared machine it is
-    much less disturbed by other processes than wall time. `between`, if given, runs between windows (untimed by the
-    trainer): that is where the overhead benchmark interleaves the hand-written loop.
+    so it includes everything the loop does around its steps (progress bar, logging, step
+    counter, checkpoints). Process CPU time is recorded as well: on a shared machine it is much
+    less disturbed by other processes than wall time. `between`, if given, runs between
+    windows (untimed by the trainer): that is where the overhead benchmark interleaves the
+    hand-written loop. With ``training.steps_per_loop`` k, a window starts at the first call
+    that begins at or after a multiple of `block` steps (make `block` a multiple of k).
     """
-    from dist_share.training import Trainer
+    from dist_share.training import CustomLoop, Trainer
 
-    class TimedTrainer(Trainer):
+    class TimedLoop(CustomLoop):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.windows: list[float] = []
@@ -75,7 +77,7 @@ def make_timed_trainer(block: int, between: Callable[[], None] | None = None) ->
             self._count = 0
             self._t0 = self._c0 = 0.0
 
-        def train_step(self, iterator: Any) -> dict[str, float]:
+        def train_step(self, iterator: Any, num_steps: int = 1) -> dict[str, float]:
             now, cpu = time.perf_counter(), time.process_time()
             if self._count and self._count % block == 0:
                 self.windows.append(now - self._t0)
@@ -85,10 +87,13 @@ def make_timed_trainer(block: int, between: Callable[[], None] | None = None) ->
                 now, cpu = time.perf_counter(), time.process_time()
             if self._count % block == 0:
                 self._t0, self._c0 = now, cpu
-            self._count += 1
-            return super().train_step(iterator)
+            self._count += num_steps
+            return super().train_step(iterator, num_steps)
 
-    return TimedTrainer
+    def make(*args: Any, **kwargs: Any) -> Trainer:
+        return Trainer(*args, loop=TimedLoop, **kwargs)
+
+    return make
 
 
 def write_result(out_dir: Path, name: str, payload: dict) -> None:

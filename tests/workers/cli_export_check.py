@@ -14,17 +14,21 @@ import numpy as np
 import tensorflow as tf
 
 from dist_share import data, models, rundir
+from dist_share.config import StrategyConfig
 from dist_share.strategies import get_strategy
 from dist_share.training import Trainer
 
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = rundir.read_config(run_dir)
-specs = data.input_specs(cfg["data"])
+specs = data.input_specs(cfg.data)
 trainer = Trainer(
-    lambda: models.build_model(cfg["model"], specs), get_strategy({"name": "local"}), cfg, run_dir
+    lambda: models.build_model(cfg.model, specs),
+    get_strategy(StrategyConfig(name="local")),
+    cfg,
+    run_dir,
 )
 step = trainer.restore()
-features, _ = next(iter(data.make_dataset_fn(cfg["data"], "eval", 32, 0)(None)))
+features, _ = next(iter(data.make_dataset_fn(cfg.data, "eval", 32, 0)(None)))
 reference = np.asarray(trainer.model(features, training=False))
 loaded = tf.saved_model.load(str(run_dir / "export" / "saved_model"))
 served = np.asarray(loaded.serve(features))
@@ -32,7 +36,7 @@ reloaded = np.asarray(
     keras.models.load_model(str(run_dir / "export" / "model.keras"))(features, training=False)
 )
 untrained = np.asarray(
-    models.build_model(cfg["model"], data.input_specs(cfg["data"])).model(features, training=False)
+    models.build_model(cfg.model, data.input_specs(cfg.data)).model(features, training=False)
 )
 out.write_text(
     json.dumps(

@@ -20,6 +20,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+from dist_share.config import parse_model  # noqa: E402
 from dist_share.models import MODEL_FAMILIES, build_model  # noqa: E402
 from tests.test_models import CASES, _batch  # noqa: E402
 
@@ -39,7 +40,7 @@ def main(out_path: str) -> None:
         cfg, specs = CASES[family]
         keras.utils.set_random_seed(0)
         with strategy.scope():
-            spec = build_model(cfg, specs)
+            spec = build_model(parse_model(cfg), specs)
             spec.model.compile(optimizer=keras.optimizers.SGD(0.05), loss=spec.loss)
         x, y = _batch(family, specs)
         before = _snapshot(spec.model.trainable_weights)

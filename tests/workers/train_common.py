@@ -27,6 +27,14 @@ VOCAB = 200
 IN_DIM = 4
 
 
+def run_config(**sections: dict):
+    """A validated dist_share Config with these sections (the model section is unused: the
+    tests' models are built by the functions below)."""
+    from dist_share.config import validate
+
+    return validate({"model": {"family": "siamese"}, **sections})
+
+
 @dataclasses.dataclass
 class Spec:
     model: keras.Model

@@ -21,14 +21,17 @@ TIMEOUT = 300
 
 # What each launcher trains (one process start each): see RUNS in train_worker.py.
 LAUNCHES = {
-    "local": "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit",
-    "mirrored": "shared,two_tower,two_tower_naive,shared_fit,shared_resume",
+    "local": (
+        "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit,shared_k3,"
+        "shared_k3_resume"
+    ),
+    "mirrored": "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3",
     "horovod_gloo": (
         "shared,two_tower,two_tower_sum,two_tower_fp16,two_tower_naive,shared_fit,two_tower_fit,"
-        "shared_resume,shared_bn"
+        "shared_resume,shared_bn,shared_k3,shared_k3_resume"
     ),
     "horovod_mpirun": "shared,two_tower",
-    "multiworker": "shared,two_tower,shared_fit,shared_resume",
+    "multiworker": "shared,two_tower,shared_fit,shared_resume,shared_k3",
 }
 
 
@@ -49,16 +52,18 @@ def run(launcher: str) -> dict[int, dict]:
         processes.run_job(cmd, TIMEOUT, _env(), ROOT).check()
         ranks = 1
     elif launcher == "horovod_gloo":
-        cmd = processes.horovodrun_command(2, [*WORKER, "--strategy", "horovod", "--ids", *args])
+        cmd = processes.local_horovodrun_command(
+            2, [*WORKER, "--strategy", "horovod", "--ids", *args]
+        )
         processes.run_job(cmd, TIMEOUT, _env(), ROOT).check()
         ranks = 2
     elif launcher == "horovod_mpirun":
-        cmd = processes.mpirun_command(2, [*WORKER, "--strategy", "horovod", *args])
+        cmd = processes.local_mpirun_command(2, [*WORKER, "--strategy", "horovod", *args])
         processes.run_job(cmd, TIMEOUT, _env(), ROOT).check()
         ranks = 2
     elif launcher == "multiworker":
         cmd = [*WORKER, "--strategy", "multiworker", "--ids", *args]
-        for r in processes.run_multiworker(2, cmd, TIMEOUT, _env(), ROOT):
+        for r in processes.run_local_multiworker(2, cmd, TIMEOUT, _env(), ROOT):
             r.check()
         ranks = 2
     else:

@@ -15,7 +15,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# name -> (family, loop, strategy overrides)
+# name -> (family, loop, strategy overrides[, training overrides])
+K3 = {"steps_per_loop": 3, "log_every": 5}
 RUNS = {
     "shared": ("shared", "custom", {}),
     "shared_accum": ("shared", "custom", {}),
@@ -41,6 +42,10 @@ RUNS = {
     # 3 steps with a checkpoint, then a new trainer on the same run dir trains to 5.
     "shared_resume": ("shared", "custom", {}),
     "two_tower_fit": ("two_tower", "keras_fit", {}),
+    # 3 steps per compiled call (logs every 5): must end exactly where one step per call ends.
+    "shared_k3": ("shared", "custom", {}, K3),
+    # ... and resumed from the checkpoint at the loop boundary, step 3.
+    "shared_k3_resume": ("shared", "custom", {}, K3),
 }
 
 
@@ -60,25 +65,26 @@ def main() -> None:
     p.add_argument("--eval", action="store_true")
     a = p.parse_args()
 
+    from dist_share.config import StrategyConfig
+    from dist_share.gradients import GradientOptions
     from dist_share.strategies import get_strategy
 
     # First thing: logical devices / TF_CONFIG / hvd.init must happen before TF initialises.
-    strategy = get_strategy({"name": a.strategy, "num_cpu_devices": a.num_cpu_devices})
+    strategy = get_strategy(StrategyConfig(name=a.strategy, num_cpu_devices=a.num_cpu_devices))
 
     import keras
     import numpy as np
     import train_common as tc
 
-    from dist_share.gradients import GradientOptions
-    from dist_share.training import Trainer
+    from dist_share.training import CustomLoop, Trainer
 
-    class SlowTrainer(Trainer):
+    class SlowLoop(CustomLoop):
         """Lets the kill test catch the run between checkpoints."""
 
-        def train_step(self, iterator):
+        def train_step(self, iterator, num_steps=1):
             if a.step_delay:
                 time.sleep(a.step_delay)
-            return super().train_step(iterator)
+            return super().train_step(iterator, num_steps)
 
     result: dict = {
         "rank": strategy.rank,
@@ -97,10 +103,9 @@ def main() -> None:
         result["ids"] = seen
 
     for name in a.runs.split(","):
-        family, loop, overrides = RUNS[name]
+        family, loop, overrides, *training = RUNS[name]
         strategy_cfg = {"name": a.strategy, "num_cpu_devices": a.num_cpu_devices, **overrides}
-        strategy.gradient_options = GradientOptions.from_config(strategy_cfg)
-        config = {
+        sections = {
             "optimizer": {"name": "sgd", "learning_rate": a.lr},
             "training": {
                 "steps": a.steps,
@@ -111,25 +116,30 @@ def main() -> None:
                 "eval_every": 0,
                 "deterministic": True,
                 "seed": 3,
+                **(training[0] if training else {}),
             },
             "strategy": strategy_cfg,
             "checkpoint": {"every": a.ckpt_every, "keep": 3, "resume": True},
             "logging": {"tensorboard": a.run_dir is not None, "progress_bar": False},
         }
+        config = tc.run_config(**sections)
+        strategy.gradient_options = GradientOptions.from_config(config.strategy)
+        loop_cls = SlowLoop if loop == "custom" else None
         run_dir = a.run_dir
         if name.endswith("_resume"):
             run_dir = os.path.join(os.path.dirname(os.path.abspath(a.out)), name)
-            first = dict(config, training={**config["training"], "steps": 3})
-            trainer = SlowTrainer(tc.BUILDERS[family], strategy, first, run_dir)
+            first = config.replace("training.steps=3")
+            trainer = Trainer(tc.BUILDERS[family], strategy, first, run_dir, loop=loop_cls)
             trainer.train(tc.make_dataset_fn(family, a.batch))
             trainer.close()
-        trainer = SlowTrainer(tc.BUILDERS[family], strategy, config, run_dir)
+        trainer = Trainer(tc.BUILDERS[family], strategy, config, run_dir, loop=loop_cls)
         chief_logs: list[dict] = []
-        trainer.fit_chief_callbacks.append(
-            keras.callbacks.LambdaCallback(
-                on_epoch_end=lambda e, logs, out=chief_logs: out.append(logs)
+        if loop == "keras_fit":
+            trainer.loop.chief_callbacks.append(
+                keras.callbacks.LambdaCallback(
+                    on_epoch_end=lambda e, logs, out=chief_logs: out.append(logs)
+                )
             )
-        )
         run: dict = {
             "initial": {v.path: np.asarray(v.numpy()).tolist() for v in trainer.model.weights}
         }
