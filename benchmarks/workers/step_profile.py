@@ -35,13 +35,12 @@ def main() -> None:
 
     from dist_share import data
     from dist_share import gradients as G
-    from dist_share.config import apply_overrides, load_yaml, validate
+    from dist_share.config import StrategyConfig, load_config
     from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
-    strategy = get_strategy({"name": args.strategy})
-    raw = load_yaml(args.config)
-    per_worker = int(raw.get("training", {}).get("batch_size", 64))
+    strategy = get_strategy(StrategyConfig(name=args.strategy))
+    per_worker = load_config(args.config).training.batch_size
     batch = per_worker * strategy.num_replicas  # weak scaling: the config's batch per worker
     steps = (args.warmup + args.repeats) * args.block + 1
     overrides = [
@@ -54,12 +53,12 @@ def main() -> None:
         "logging.progress_bar=false",
         *args.set,
     ]
-    cfg = validate(apply_overrides(raw, overrides))
-    specs = data.input_specs(cfg["data"])
-    dataset_fn = data.make_dataset_fn(cfg["data"], "train", batch, cfg["training"]["seed"])
+    cfg = load_config(args.config, overrides)
+    specs = data.input_specs(cfg.data)
+    dataset_fn = data.make_dataset_fn(cfg.data, "train", batch, cfg.training.seed)
 
     def build_spec():
-        return build_model(cfg["model"], specs)
+        return build_model(cfg.model, specs)
 
     trainer = make_timed_trainer(args.block)(build_spec, strategy, cfg, None)
     trainer.train(dataset_fn)
@@ -94,8 +93,8 @@ def main() -> None:
             "replicas": strategy.num_replicas,
             "batch_per_worker": per_worker,
             "threads": threads,
-            "step_s": [t / args.block for t in trainer.windows[w:]],
-            "cpu_s_per_step": [t / args.block for t in trainer.cpu_windows[w:]],
+            "step_s": [t / args.block for t in trainer.loop.windows[w:]],
+            "cpu_s_per_step": [t / args.block for t in trainer.loop.cpu_windows[w:]],
             "dense_bytes": dense_bytes,
             "tables": tables,
             "trainer_comm_bytes_per_step": trainer.last_logs.get("comm_bytes_per_step"),
