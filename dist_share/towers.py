@@ -80,9 +80,12 @@ class SharedTower(keras.layers.Layer):
     variable passed as ``use_shared=`` to ``call`` overrides it. The unused sets receive zero
     gradient (the choice is a ``cond``, so the unused branch is not even computed).
 
-    ``batch_sets`` (default True): ``separate`` and ``grouped`` towers of MLP blocks run all
+    ``batch_sets`` (default False): ``separate`` and ``grouped`` towers of MLP blocks run all
     their weight sets as one batched matmul per layer instead of one set after another, with
-    the same per-set variables (see `dist_share.batched_sets` for what qualifies).
+    the same per-set variables (see `dist_share.batched_sets` for what qualifies). Off by
+    default: on CPU, TensorFlow's batched matmul and its gradient were slower than N matmuls
+    (0.3-0.9x, benchmarks/bench_batched_sets.py); it is for accelerators, where N small
+    kernels cost N launches.
     """
 
     def __init__(
@@ -94,7 +97,7 @@ class SharedTower(keras.layers.Layer):
         fold: bool = True,
         use_shared: bool = True,
         output_dim: int | None = None,
-        batch_sets: bool = True,
+        batch_sets: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

@@ -69,6 +69,7 @@ def test_batched_equals_one_set_after_another(sharing, n, groups, stacked) -> No
 
 def test_batched_in_a_tf_function_and_sets_move_independently() -> None:
     tower, _ = _pair("separate", 3)
+    assert tower.batch_sets
     xs = _inputs(3, stacked=True)
     tower(xs)
     before = [w.numpy().copy() for w in tower.trainable_variables]
@@ -111,5 +112,6 @@ def test_blocks_that_cannot_batch_fall_back(block, sharing, groups) -> None:
 
 
 def test_config_round_trip_keeps_the_flag() -> None:
-    tower = SharedTower(MLP, num_streams=2, sharing="separate", batch_sets=False)
-    assert SharedTower.from_config(tower.get_config()).batch_sets is False
+    tower = SharedTower(MLP, num_streams=2, sharing="separate", batch_sets=True)
+    assert SharedTower.from_config(tower.get_config()).batch_sets is True
+    assert SharedTower(MLP, num_streams=2, sharing="separate").batch_sets is False
