@@ -87,6 +87,9 @@ def run(quick: bool = False) -> dict:
         cases = [
             ("local", "quiet", 64, None),
             ("local", "default", 64, None),
+            ("local", "default_spl10", 64, None),
+            ("local", "fit", 64, None),
+            ("mirrored", "quiet", 64, None),
             ("local", "quiet", 512, None),
             ("horovod", "quiet", 128, 1),
             ("horovod", "default", 128, 1),
@@ -108,7 +111,11 @@ def run(quick: bool = False) -> dict:
             "(siamese, conv2d tower, project defaults), interleaved blocks of "
             f"{block} steps, {warmup} warm-up block(s) dropped, median over {repeats} pairs. "
             "quiet: no run_dir/progress bar; default: metrics.jsonl + TensorBoard + progress bar "
-            "+ checkpoint every 200 steps. Horovod: horovodrun -np 2 (Gloo), 1 intra-op thread "
+            "+ checkpoint every 200 steps; default_spl10: default with training.steps_per_loop=10 "
+            "(target >= 1.0; default at batch 64: target >= 0.98); fit: the Trainer's keras_fit "
+            "loop against the same plain loop as the custom loop's row (fit vs custom = the ratio "
+            "of the two rows); mirrored: 2 logical CPU devices, plain = TF's MirroredStrategy "
+            "custom-training loop (strategy.run, Keras optimizer summing across replicas). Horovod: horovodrun -np 2 (Gloo), 1 intra-op thread "
             "per process; plain = Horovod's TF2 example loop. trainer_over_plain: median over pairs of the "
             "wall-clock examples/s ratio (< 1: the Trainer is slower); cpu_per_step_trainer_over_plain: "
             "ratio of process CPU time per step (> 1: the Trainer costs more)."

@@ -151,8 +151,9 @@ def plot_result(name: str, result: Mapping[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(result.get("table") or [])
     spec = dict(result.get("plot") or {})
+    # A plot may bring its own long-format rows (e.g. one row per point of a curve).
+    rows = list(spec.get("rows") or result.get("table") or [])
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     if rows and spec.get("x"):
         x, ys = spec["x"], spec.get("y") or []

@@ -223,6 +223,7 @@ class HorovodConfig:
 class SparseConfig:
     dedup: bool = True
     dense_threshold: float | None = option(0.5, minimum=0.0, maximum=1.0)
+    dense_switch: str = option("measured", choices=("measured", "static"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dist_share import batched_sets
 from dist_share.blocks import BlockSpec, build_block, is_builtin_block, validate_block_spec
 from dist_share.errors import ConfigError
 from dist_share.folding import fold_streams, prepare_for_folding
@@ -281,6 +282,12 @@ class SharedTower(keras.layers.Layer):
             are made exact for it first (`folding.prepare_for_folding`: BatchNormalization is
             converted in place, layers that mix the batch otherwise are refused).
         use_shared: for ``switchable``: the initial value of the flag.
+        batch_sets: ``separate`` and ``grouped`` towers of MLP blocks run all their weight
+            sets as one batched matmul per layer instead of one set after another, with the
+            same per-set variables (see `dist_share.batched_sets` for what qualifies). Off by
+            default: on CPU, TensorFlow's batched matmul and its gradient were slower than N
+            matmuls (0.3-0.9x, benchmarks/bench_batched_sets.py); it is for accelerators,
+            where N small kernels cost N launches.
         output_dim: built-in blocks end in a linear projection to this width; user layers get
             a ``Dense(output_dim)`` per weight set after them (None: no projection).
         **kwargs: `keras.layers.Layer` arguments (name, dtype, ...).
@@ -300,10 +307,12 @@ class SharedTower(keras.layers.Layer):
         fold: bool = True,
         use_shared: bool = True,
         output_dim: int | None = None,
+        batch_sets: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.sharing, self.groups = validate_tower_layout(sharing, groups, num_streams)
+        self.batch_sets = bool(batch_sets)
         self.num_streams = num_streams
         self.fold = bool(fold)
         self.use_shared_init = bool(use_shared)
@@ -450,10 +459,34 @@ class SharedTower(keras.layers.Layer):
         return dict(zip(streams, ops.split(y, k, axis=0), strict=True))
 
     def _apply_sets(self, set_indices: list[int], xs: Any, stacked: bool, training: Any) -> list:
+        streams = [self._set_streams(i) for i in set_indices]
+        blocks = [self.blocks[i] for i in set_indices]
+        if self.batch_sets and batched_sets.can_batch(blocks, streams):
+            return self._apply_sets_batched(blocks, streams, xs, stacked)
         out: dict[int, Any] = {}
         for i in set_indices:
             out.update(self._apply_set(i, self._set_streams(i), xs, stacked, training))
         return [out[s] for s in range(self.num_streams)]
+
+    def _apply_sets_batched(
+        self, blocks: list, streams: list[list[int]], xs: Any, stacked: bool
+    ) -> list:
+        """Every set at once (`batched_sets.apply_batched`); a set's streams are concatenated
+        on the batch axis (stream-major), as the folded path does."""
+
+        def rows(s: int) -> Any:
+            return xs[:, s] if stacked else xs[s]
+
+        inputs = [
+            rows(ss[0]) if len(ss) == 1 else ops.concatenate([rows(s) for s in ss], axis=0)
+            for ss in streams
+        ]
+        outs = batched_sets.apply_batched(blocks, inputs)
+        result: dict[int, Any] = {}
+        for ss, y in zip(streams, outs, strict=True):
+            parts = [y] if len(ss) == 1 else ops.split(y, len(ss), axis=0)
+            result.update(zip(ss, parts, strict=True))
+        return [result[s] for s in range(self.num_streams)]
 
     def _stacked_shared(self, xs: Any, training: Any) -> Any:
         """Shared built-in block on a stacked input: one reshape in, one reshape out, no copies."""
@@ -553,6 +586,7 @@ class SharedTower(keras.layers.Layer):
             fold=self.fold,
             use_shared=self.use_shared_init,
             output_dim=self.output_dim,
+            batch_sets=self.batch_sets,
         )
         if self.block_spec is not None:
             config["block"] = self.block_spec.to_dict()

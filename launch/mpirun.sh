@@ -28,6 +28,8 @@ if [ -z "${NP:-}" ]; then
 fi
 mpi=(mpirun -np "$NP" -H "$HOSTS" -bind-to none -map-by slot -mca pml ob1 -mca btl '^openib')
 [ "$(id -u)" -eq 0 ] && mpi+=(--allow-run-as-root)
+# A waiting rank yields its core (its peer may need it): docs/PERFORMANCE.md, launchers.
+mpi+=(-mca mpi_yield_when_idle 1)
 if [ -n "${IFACE:-}" ]; then
   mpi+=(-mca btl_tcp_if_include "$IFACE" -mca oob_tcp_if_include "$IFACE"
         -x "NCCL_SOCKET_IFNAME=$IFACE" -x "HOROVOD_GLOO_IFACE=$IFACE")

@@ -26,13 +26,14 @@ from benchmarks.workers.wlib import (
 
 def main() -> None:
     p = common_args(__doc__)
-    p.add_argument("--strategy", choices=("local", "horovod"), default="local")
+    p.add_argument("--strategy", choices=("local", "mirrored", "horovod"), default="local")
     p.add_argument(
         "--variant",
-        choices=("quiet", "default"),
+        choices=("quiet", "default", "default_spl10", "fit"),
         default="quiet",
         help="quiet: no run_dir, no progress bar; default: run_dir with metrics.jsonl, "
-        "TensorBoard, progress bar and checkpoints every 200 steps (the project defaults)",
+        "TensorBoard, progress bar and checkpoints every 200 steps (the project defaults); "
+        "default_spl10: default + training.steps_per_loop=10; fit: quiet, loop keras_fit",
     )
     args = p.parse_args()
     threads = setup_threads(args.intra, args.inter)
@@ -44,17 +45,24 @@ def main() -> None:
     from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
-    strategy = get_strategy(StrategyConfig(name=args.strategy))
+    # mirrored: 2 logical CPU devices in this process (made before anything else runs).
+    devices = 2 if args.strategy == "mirrored" else None
+    strategy = get_strategy(StrategyConfig(name=args.strategy, num_cpu_devices=devices))
     blocks = args.warmup + args.repeats
     steps = blocks * args.block + 1  # the last step closes the last window
     overrides = list(args.set)
-    if args.variant == "default":
+    if args.variant.startswith("default"):
         overrides += [
             "logging.progress_bar=true",
             "logging.tensorboard=true",
             "checkpoint.every=200",
         ]
-    cfg = bench_config(args.family, args.batch, steps, {"name": args.strategy}, overrides)
+    if args.variant == "default_spl10":
+        overrides.append("training.steps_per_loop=10")
+    if args.variant == "fit":
+        overrides.append("training.loop=keras_fit")
+    strategy_raw = {"name": args.strategy, "num_cpu_devices": devices}
+    cfg = bench_config(args.family, args.batch, steps, strategy_raw, overrides)
     specs = data.input_specs(cfg.data)
     dataset_fn = data.make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
 
@@ -72,11 +80,37 @@ def main() -> None:
         ctx = tf.distribute.InputContext(size, rank, size)
     else:
         hvd, size, rank, ctx = None, 1, 0, tf.distribute.InputContext()
-    plain = build_spec()
-    plain_opt = keras.optimizers.Adam(lr)
-    plain_iter = iter(dataset_fn(ctx).repeat())
+    mirrored = strategy.tf_strategy if args.strategy == "mirrored" else None
+    if mirrored is not None:
+        # The loop of TF's custom-training tutorial: variables in the strategy's scope, a
+        # distributed dataset, strategy.run of a replica step whose Keras optimizer sums the
+        # gradients across replicas, loss divided by the global batch.
+        with mirrored.scope():
+            plain = build_spec()
+            plain_opt = keras.optimizers.Adam(lr)
+            plain_opt.build(plain.model.trainable_variables)
+        plain_iter = iter(mirrored.distribute_datasets_from_function(dataset_fn))
+    else:
+        plain = build_spec()
+        plain_opt = keras.optimizers.Adam(lr)
+        plain_iter = iter(dataset_fn(ctx).repeat())
 
-    if hvd is None:
+    if mirrored is not None:
+
+        def replica_step(features, labels):
+            with tf.GradientTape() as tape:
+                per_example = plain.loss(labels, plain.model(features, training=True))
+                loss = tf.reduce_sum(per_example) / args.batch
+            grads = tape.gradient(loss, plain.model.trainable_variables)
+            plain_opt.apply_gradients(zip(grads, plain.model.trainable_variables, strict=True))
+            return loss
+
+        @tf.function
+        def plain_step(features, labels):
+            per_replica = mirrored.run(replica_step, (features, labels))
+            return mirrored.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    elif hvd is None:
 
         @tf.function
         def plain_step(features, labels):
@@ -125,7 +159,16 @@ def main() -> None:
     # ---- the trainer, with the plain blocks interleaved --------------------------------------
     Timed = make_timed_trainer(args.block, between=plain_block)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Timed(build_spec, strategy, cfg, run_dir if args.variant == "default" else None)
+        use_dir = run_dir if args.variant.startswith("default") else None
+        if args.variant == "fit":
+            from dist_share.training import Trainer
+
+            trainer = Trainer(build_spec, strategy, cfg, use_dir)
+            timer = _FitWindows(args.block, plain_block)
+            trainer.loop.callbacks.append(timer)
+        else:
+            trainer = Timed(build_spec, strategy, cfg, use_dir)
+            timer = trainer.loop
         trainer.train(dataset_fn)
         trainer.close()
 
@@ -141,13 +184,42 @@ def main() -> None:
         "block_steps": args.block,
         "warmup_blocks": w,
         "threads": threads,
-        "trainer_examples_per_sec": [examples / t for t in trainer.loop.windows[w:]],
+        "trainer_examples_per_sec": [examples / t for t in timer.windows[w:]],
         "plain_examples_per_sec": [examples / t for t in plain_times[w:]],
-        "trainer_cpu_ms_per_step": [1e3 * t / args.block for t in trainer.loop.cpu_windows[w:]],
+        "trainer_cpu_ms_per_step": [1e3 * t / args.block for t in timer.cpu_windows[w:]],
         "plain_cpu_ms_per_step": [1e3 * t / args.block for t in plain_cpu[w:]],
         "parameters": int(sum(int(v.numpy().size) for v in plain.model.trainable_variables)),
     }
     write_result(args.out_dir, f"overhead_{args.strategy}_{args.variant}_rank{rank}", result)
+
+
+class _FitWindows:
+    """A Keras callback timing windows of `block` fit batches and running `between` after each
+    window (untimed), like `wlib.make_timed_trainer` does for the custom loop."""
+
+    def __new__(cls, block: int, between):  # noqa: ANN001, ANN204 - a keras.Callback factory
+        import keras
+
+        class FitWindows(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.windows: list[float] = []
+                self.cpu_windows: list[float] = []
+                self._count = 0
+                self._t0 = self._c0 = 0.0
+
+            def on_train_batch_begin(self, batch, logs=None) -> None:  # noqa: ANN001
+                now, cpu = time.perf_counter(), time.process_time()
+                if self._count and self._count % block == 0:
+                    self.windows.append(now - self._t0)
+                    self.cpu_windows.append(cpu - self._c0)
+                    between()
+                    now, cpu = time.perf_counter(), time.process_time()
+                if self._count % block == 0:
+                    self._t0, self._c0 = now, cpu
+                self._count += 1
+
+        return FitWindows()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ RUNS = {
         "custom",
         {"sparse": {"dedup": False, "dense_threshold": None}},
     ),
-    "two_tower_dense": ("two_tower", "custom", {"sparse": {"dedup": True, "dense_threshold": 0.0}}),
+    "two_tower_dense": (
+        "two_tower",
+        "custom",
+        {"sparse": {"dedup": True, "dense_switch": "static", "dense_threshold": 0.0}},
+    ),
     "two_tower_sum": (
         "two_tower",
         "custom",

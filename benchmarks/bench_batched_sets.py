@@ -1,0 +1,116 @@
+"""Batched weight sets: a separate MLP tower's N sets in one batched matmul per layer vs one
+set after another.
+
+A ``separate`` tower of N MLP blocks (units [256, 256], a 128 projection, batch 64 per stream,
+128 input features per stream) trains one step (forward, backward, SGD apply) in a
+``tf.function``, once with ``batch_sets=True`` (one batched ``matmul`` over the stacked ``[N, in, out]``
+kernels per layer, `dist_share.batched_sets`) and once with ``batch_sets=False`` (N matmuls per
+layer), same weights. Timed in interleaved blocks in one process (benchmarks.bench_folding's
+``time_variants``), median; speedup = median over rounds of unbatched / batched wall time
+(adjacent in time), and the same ratio of process CPU time.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+from benchmarks.bench_folding import conditions, time_variants
+from benchmarks.common import bench_main
+
+NAME = "batched_sets"
+BLOCK = {"type": "mlp", "units": [256, 256], "activation": "relu"}
+IN_FEATURES, OUT_DIM, BATCH = 128, 128, 64
+
+
+def make_step(n: int, batched: bool, batch: int = BATCH) -> Callable:
+    import keras
+    import tensorflow as tf
+
+    from dist_share.towers import SharedTower
+
+    keras.utils.set_random_seed(0)
+    tower = SharedTower(BLOCK, n, "separate", output_dim=OUT_DIM, batch_sets=batched)
+    x = tf.random.normal((batch, n, IN_FEATURES))
+    tower(x)
+    variables = tower.trainable_variables
+    opt = keras.optimizers.SGD(1e-4)
+    opt.build(variables)
+
+    @tf.function
+    def step(inp):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(tower(inp, training=True))) * n
+        grads = tape.gradient(loss, variables)
+        opt.apply(grads, variables)
+        return loss
+
+    return lambda: step(x)
+
+
+def run(quick: bool = False) -> dict:
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    streams = [2, 8] if quick else [2, 4, 8, 16]
+    repeats, block = (3, 3) if quick else (15, 10)
+    before = conditions()
+    table = []
+    for n in streams:
+        steps = {"one_after_another": make_step(n, False), "batched": make_step(n, True)}
+        samples: dict[str, list[float]] = {}
+        cpu: dict[str, float] = {}
+        ms = time_variants(steps, repeats, block, cpu_ms=cpu, samples=samples)
+        ratios = [
+            a / b for a, b in zip(samples["one_after_another"], samples["batched"], strict=True)
+        ]
+        table.append(
+            {
+                "streams": n,
+                "examples_per_step": n * BATCH,
+                "one_after_another_ms": ms["one_after_another"],
+                "batched_ms": ms["batched"],
+                "speedup": statistics.median(ratios),
+                "speedup_min": min(ratios),
+                "speedup_max": max(ratios),
+                "speedup_cpu_time": cpu["one_after_another"] / cpu["batched"],
+            }
+        )
+    target = next((r for r in table if r["streams"] == 8), None)
+    return {
+        "name": NAME,
+        "description": (
+            f"separate MLP tower (units {BLOCK['units']} + {OUT_DIM} projection, {IN_FEATURES} "
+            f"input features, batch {BATCH} per stream), training step ms (fwd+bwd+SGD, "
+            f"tf.function), {repeats} interleaved rounds of {block} steps, median; speedup = "
+            "median over rounds of one_after_another / batched (wall); speedup_cpu_time = ratio "
+            "of median process CPU time per step. Target (issue 14): N = 8 at least 1.3x; not met "
+            "on this CPU, so batch_sets stays off by default."
+        ),
+        "conditions_before": before,
+        "conditions_after": conditions(),
+        "table": table,
+        "extra_tables": {
+            "Target (issue 14)": [
+                {
+                    "target": "separate MLP tower, N = 8: batched speedup over one set after another",
+                    "goal": ">= 1.3",
+                    "measured": target["speedup"] if target else None,
+                }
+            ]
+        },
+        "plot": {
+            "x": "streams",
+            "y": ["speedup", "speedup_cpu_time"],
+            "logx": True,
+            "title": "Batched weight sets: speedup over one set after another",
+        },
+    }
+
+
+def main() -> int:
+    return bench_main(NAME, run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
