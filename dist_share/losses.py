@@ -247,7 +247,7 @@ def validate_loss_spec(
         if key not in options:
             raise ConfigError(
                 f"{path}.{key}",
-                f"unknown option for loss {kind!r}" + hint(key, ("type", *options)),
+                f"unknown option for loss {kind!r}" + hint(key, ("type", *options), "allowed"),
             )
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{path}.{key}", f"must be a number > 0, got {value!r}")
