@@ -1,10 +1,7 @@
 """``dist-share``: train, evaluate, export, check configs, and launch distributed jobs.
 
 Exit codes: 0 success; 2 bad config or usage (the message names the key path, and no run
-directory is left behind); 1 runtime failure (a traceback follows); 3 a peer process died or
-stopped answering (the job was aborted; rerun to resume); 4 a non-finite loss or gradient
-stopped the run; 75 preempted (SIGTERM: a checkpoint was saved; rerun to resume); 130
-interrupted.
+directory is left behind); 1 runtime failure (a traceback follows); 130 interrupted.
 
 TensorFlow is imported only by the subcommands that need it, so ``--help`` and ``launch`` start
 fast; Horovod is imported only by the ``horovod`` strategy, inside ``train``.
@@ -29,7 +26,6 @@ from dist_share.config import Config
 from dist_share.errors import ConfigError, DataError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_PEER_LOST, EXIT_NONFINITE, EXIT_PREEMPTED = 3, 4, 75
 STRATEGY_NAMES = config_lib.STRATEGIES
 
 

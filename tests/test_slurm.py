@@ -32,7 +32,6 @@ import train_common as tc  # noqa: E402
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(900)]
 
 TOL = 1e-5
-EXIT_PREEMPTED = 75  # dist-share train's exit code after SIGTERM (checkpoint saved)
 # What the #SBATCH lines ask for (2 nodes, GPUs) does not exist here: 2 tasks on one node.
 ONE_NODE_TWO_TASKS = [
     "--nodes=1",
