@@ -21,7 +21,7 @@ from typing import Any
 from dist_share import __version__, launching, rundir
 from dist_share import config as config_lib
 from dist_share import data as data_lib
-from dist_share.errors import ConfigError, DataError
+from dist_share.errors import ConfigError, DataError, JobError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STRATEGY_NAMES = config_lib.STRATEGIES
@@ -84,8 +84,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     existed = run_dir.exists()
     mode = rundir.check(run_dir, cfg, args.overwrite)
     run = _Run(cfg)
+    # issue 11: one live run per directory (the chief holds the lock); heartbeats bound a stall.
+    run_lock = rundir.lock(run_dir) if run.strategy.is_chief else None
     if run.strategy.is_chief:
         rundir.prepare(run_dir, cfg, mode)
+    from dist_share import watchdog
+
+    heartbeat = watchdog.Heartbeat(
+        run_dir, run.strategy.rank, run.strategy.world_size, cfg["training"]["stall_timeout"]
+    ).start()
     trainer = None
     try:
         trainer = run.trainer(run_dir)
@@ -96,8 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
+        heartbeat.stop()
         if trainer is not None:
             trainer.close()
+        if run_lock is not None:
+            run_lock.release()
     step = int(trainer.global_step.numpy())
     _say(run.strategy, f"final eval (step {step}): {_format_metrics(result)}")
     _say(run.strategy, f"run directory: {run_dir}")
@@ -227,7 +237,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
             for w in workers:
                 print(launching.format_worker(w))
             return EXIT_OK
-        return launching.run_multiworker(workers)
+        return launching.run_with_restarts(
+            lambda: launching.run_multiworker(workers), args.max_restarts
+        )
     if args.launcher == "horovodrun":
         argv = launching.horovodrun_command(
             hosts,
@@ -245,7 +257,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if shutil.which(argv[0]) is None:
         raise UsageError(f"{argv[0]} is not on PATH")
-    return launching.run(argv)
+    return launching.run_with_restarts(lambda: launching.run(argv), args.max_restarts)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -326,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the command(s) instead of running them"
     )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=int(os.environ.get("MAX_RESTARTS", "0") or 0),
+        metavar="K",
+        help="relaunch a job that failed (exit 1 or 3) up to K times with back-off; it resumes "
+        "from the last checkpoint (default: $MAX_RESTARTS or 0)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=cmd_launch)
     return parser
@@ -339,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, UsageError) as e:
         print(f"dist-share {args.command_name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except JobError as e:
+        print(f"dist-share {args.command_name}: error: {e.message}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("dist-share: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -200,6 +200,8 @@ _TRAINING = {
     "eval_batches": Field("int", None, positive=True, nullable=True),
     "deterministic": Field("bool", False),
     "seed": Field("int", 0),
+    # issue 11: seconds without a peer's heartbeat before the job is aborted (exit 3)
+    "stall_timeout": Field("float", 30.0, minimum=5.0),
 }
 _STRATEGY = {
     "name": Field("str", "local", choices=STRATEGIES),

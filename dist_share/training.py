@@ -28,6 +28,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from dist_share.config import OPTIMIZERS, runtime_defaults
+from dist_share import rundir
 from dist_share.errors import ConfigError, DataError
 from dist_share.gradients import take_over_reduction
 from dist_share.strategies import DatasetFn, Strategy
@@ -411,7 +412,7 @@ class Trainer:
         # CheckpointManager writes the shards under temporary names, renames them, and only then
         # rewrites the 'checkpoint' index (itself written to a temp file and renamed), so a crash
         # mid-save leaves the index pointing at the previous, complete checkpoint.
-        path = self._manager.save(checkpoint_number=int(self.global_step.numpy()))
+        path = rundir.save_checkpoint(self._manager, int(self.global_step.numpy()))
         self.strategy.cleanup_checkpoint_dir(target)
         return path if self.strategy.is_chief else None
 
