@@ -267,8 +267,15 @@ def job_exit_code(code: int) -> int:
     shells' 128+N likewise; documented codes pass through."""
     if code < 0 or (128 < code < 160 and code != EXIT_INTERRUPTED):
         return EXIT_PEER_LOST
-    if code in (0, EXIT_FAILURE, EXIT_USAGE, EXIT_PEER_LOST, EXIT_NONFINITE, EXIT_PREEMPTED,
-                EXIT_INTERRUPTED):
+    if code in (
+        0,
+        EXIT_FAILURE,
+        EXIT_USAGE,
+        EXIT_PEER_LOST,
+        EXIT_NONFINITE,
+        EXIT_PREEMPTED,
+        EXIT_INTERRUPTED,
+    ):
         return code
     return EXIT_FAILURE
 
@@ -277,7 +284,9 @@ def _say(text: str) -> None:
     print(f"dist-share launch: {text}", file=sys.stderr, flush=True)
 
 
-def terminate_group(pid: int, grace: float = TERMINATE_GRACE, proc: subprocess.Popen | None = None) -> None:
+def terminate_group(
+    pid: int, grace: float = TERMINATE_GRACE, proc: subprocess.Popen | None = None
+) -> None:
     """SIGCONT (a frozen process cannot act on SIGTERM) and SIGTERM to the group, SIGKILL after
     ``grace`` seconds if its leader is still there."""
     for sig in (signal.SIGCONT, signal.SIGTERM):
@@ -329,21 +338,58 @@ class _ForwardSignals:
             signal.signal(sig, old)
 
 
+# horovodrun (Gloo) exits 1 whatever its ranks did and names the first failure in its error.
+_HOROVODRUN_FIRST_FAILURE = re.compile(r"^Exit code: (-?\d+)\s*$")
+
+
+def _echo_and_scan(stream: Any, sink: Any, pattern: re.Pattern, found: list[int]) -> None:
+    for line in iter(stream.readline, ""):
+        sink.write(line)
+        sink.flush()
+        m = pattern.match(line)
+        if m and not found:
+            found.append(int(m.group(1)))
+    stream.close()
+
+
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Run a launcher in its own process group and return a documented exit code.
 
     SIGTERM / Ctrl-C sent to us reach every process it started (they save and exit 75 / 130).
+    horovodrun's stderr is passed through and read for the exit code of the first rank that
+    failed, which horovodrun itself turns into 1.
     """
+    scan = Path(argv[0]).name == "horovodrun"
+    first_failure: list[int] = []
     with _ForwardSignals() as fwd:
         proc = subprocess.Popen(
-            list(argv), env=dict(env) if env is not None else None, start_new_session=True
+            list(argv),
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+            stderr=subprocess.PIPE if scan else None,
+            text=scan,
         )
         fwd.groups.append(proc.pid)
+        reader = None
+        if scan:
+            reader = threading.Thread(
+                target=_echo_and_scan,
+                args=(proc.stderr, sys.stderr, _HOROVODRUN_FIRST_FAILURE, first_failure),
+                daemon=True,
+            )
+            reader.start()
         try:
             code = proc.wait()
         finally:
             if proc.poll() is None:
                 terminate_group(proc.pid, proc=proc)
+            if reader is not None:
+                reader.join(timeout=10)
+    if code != 0 and first_failure:
+        _say(
+            f"{argv[0]} {describe_exit(code)}; the first rank to fail {describe_exit(first_failure[0])}"
+        )
+        return job_exit_code(first_failure[0])
     if code not in (0, EXIT_INTERRUPTED, EXIT_PREEMPTED):
         _say(f"{argv[0]} {describe_exit(code)}")
     return job_exit_code(code)

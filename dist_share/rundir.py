@@ -29,6 +29,7 @@ import datetime
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -123,9 +124,11 @@ class RunLock:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise RunDirBusy("--run-dir", f"{self.run_dir} is in use by {self._holder()}; "
-                             "wait for that run to end, stop it, or choose another --run-dir"
-                             ) from None
+            raise RunDirBusy(
+                "--run-dir",
+                f"{self.run_dir} is in use by {self._holder()}; "
+                "wait for that run to end, stop it, or choose another --run-dir",
+            ) from None
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -175,7 +178,7 @@ def remove_partial_checkpoints(directory: str | os.PathLike) -> list[str]:
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():
-        if "_temp" in p.name or p.name.endswith(".tmp"):
+        if "_temp" in p.name or ".tmp" in p.name:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -212,6 +215,44 @@ def save_checkpoint(manager, step: int) -> str:
             f"could not write the checkpoint of step {step} to {directory}: {reason}. "
             f"Partial files removed; {kept}."
         ) from None
+
+
+def metrics_line(record: Mapping) -> str:
+    """One strict-JSON line: NaN and infinities (which ``json.dumps`` writes as bare ``NaN``
+    tokens that strict parsers reject) become ``null``."""
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, Mapping):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(record), allow_nan=False)
+
+
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Drop the lines of ``metrics.jsonl`` logged after ``step`` (the step a resumed run restored:
+    it logs the later steps again). Keeps lines that do not parse. Returns how many were dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None
+        if isinstance(record_step, int) and record_step > step:
+            dropped += 1
+            continue
+        kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:

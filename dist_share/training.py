@@ -14,7 +14,6 @@ sees the global gradient and `comm_bytes_per_step` is what was really handed to 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -27,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from dist_share.config import OPTIMIZERS, runtime_defaults
 from dist_share import rundir
+from dist_share.config import OPTIMIZERS, runtime_defaults
 from dist_share.errors import ConfigError, DataError
 from dist_share.gradients import take_over_reduction
 from dist_share.strategies import DatasetFn, Strategy
@@ -449,6 +448,8 @@ class Trainer:
         if not self.strategy.is_chief or self.run_dir is None or self._metrics_file is not None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A resumed run logs the steps after its checkpoint again: keep each step once.
+        rundir.truncate_metrics(self.run_dir / "metrics.jsonl", int(self.global_step.numpy()))
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if self.config["logging"]["tensorboard"]:
             self._writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
@@ -458,7 +459,7 @@ class Trainer:
             return
         record = {"split": split, "step": int(step), "time": time.time()}
         record.update({k: float(v) for k, v in values.items()})
-        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.write(rundir.metrics_line(record) + "\n")
         self._metrics_file.flush()
         if self._writer is not None:
             with self._writer.as_default():

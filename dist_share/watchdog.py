@@ -152,7 +152,9 @@ class Heartbeat:
         if self.world_size > 1 and self._thread is None:
             with contextlib.suppress(OSError):
                 self.beat()
-            self._thread = threading.Thread(target=self._run, name="dist_share-heartbeat", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="dist_share-heartbeat", daemon=True
+            )
             self._thread.start()
         return self
 

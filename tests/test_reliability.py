@@ -4,6 +4,7 @@ launcher's handling of a dead or frozen worker, and --max-restarts. Real process
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -43,10 +44,8 @@ def _reap(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         children = []
     for p in [*children, proc]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
             p.kill()
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass
     proc.wait(timeout=10)
 
 
@@ -115,7 +114,9 @@ BEATING_RANK = """
 
 def _beating_rank(run_dir: Path, rank: int, seconds: float) -> subprocess.Popen:
     argv = [*_python(BEATING_RANK), str(run_dir), str(rank), str(seconds)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+    )
     assert proc.stdout.readline().strip() == "beating"
     return proc
 
@@ -268,8 +269,8 @@ def test_run_with_restarts_backs_off_and_gives_up(capfd):
     assert "job failed with exit code 3; restart 1/5 in 2 s" in err
     assert "restart 2/2 in 2 s" in err and "giving up after 2 restart(s); last exit code 3" in err
     for final in (2, 4, 75, 130):  # not fixable by a rerun: returned at once
-        calls = []
-        assert launching.run_with_restarts(lambda f=final: calls.append(1) or f, 5) == final
+        calls: list[int] = []
+        assert launching.run_with_restarts(lambda f=final, c=calls: c.append(1) or f, 5) == final
         assert len(calls) == 1
 
 
@@ -290,8 +291,19 @@ def test_launch_max_restarts_relaunches_the_whole_job(tmp_path):
         """)
     )
     env = {**ENV, "MAX_RESTARTS": "2"}
-    cmd = [EXE, "launch", "--launcher", "multiworker", "--hosts", "localhost:2", "--base-port",
-           str(launching.free_port()), "--", sys.executable, str(script)]
+    cmd = [
+        EXE,
+        "launch",
+        "--launcher",
+        "multiworker",
+        "--hosts",
+        "localhost:2",
+        "--base-port",
+        str(launching.free_port()),
+        "--",
+        sys.executable,
+        str(script),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "worker 1 (localhost, pid" in proc.stderr and "killed by SIGKILL" in proc.stderr
@@ -305,20 +317,36 @@ def test_launch_scripts_honour_max_restarts(tmp_path):
     fake_cli = tmp_path / "fake-dist-share"
     fake_cli.write_text(
         "#!/usr/bin/env bash\n"
-        f'echo x >> {marker}\n'
+        f"echo x >> {marker}\n"
         f'if [ "$(wc -l < {marker})" = 1 ]; then kill -9 $$; fi\n'
         'echo "trained: $*"\n'
     )
     fake_cli.chmod(0o755)
-    env = {**ENV, "MAX_RESTARTS": "1", "RESTART_BACKOFF": "1", "DIST_SHARE": str(fake_cli),
-           "INDEX": "0", "WORKERS": "localhost:1"}
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "multiworker.sh"), "--steps", "5"],
-                          capture_output=True, text=True, timeout=60, env=env)
+    env = {
+        **ENV,
+        "MAX_RESTARTS": "1",
+        "RESTART_BACKOFF": "1",
+        "DIST_SHARE": str(fake_cli),
+        "INDEX": "0",
+        "WORKERS": "localhost:1",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "multiworker.sh"), "--steps", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "multiworker.sh: job failed with exit code 3; restart 1/1 in 1 s" in proc.stderr
     assert "--steps 5" in proc.stdout and marker.read_text().count("x") == 2
     marker.unlink()
     env["MAX_RESTARTS"] = "0"  # the default: exec, no loop
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "multiworker.sh")],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 137 and "restart" not in proc.stderr
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "multiworker.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == -9 and "restart" not in proc.stderr  # exec: no wrapper left

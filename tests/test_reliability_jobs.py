@@ -1,0 +1,319 @@
+"""Faults in real training jobs: a rank killed or frozen under horovodrun, mpirun and
+multi-worker, an automatic restart that resumes exactly, a full disk while checkpointing, and
+two runs on one run directory. Every job has a timeout and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from dist_share import launching, watchdog
+
+ROOT = Path(__file__).parents[1]
+EXE = str(Path(sys.executable).parent / "dist-share")
+CONFIG = str(ROOT / "configs" / "siamese_digits.yaml")
+TIMEOUT = 420
+# Small and deterministic: a resumed run must equal an uninterrupted one.
+SMALL = [
+    "--set", "data.train_examples=512",
+    "--set", "data.eval_examples=64",
+    "--set", "training.batch_size=16",
+    "--set", "training.log_every=1",
+    "--set", "training.eval_every=0",
+    "--set", "training.deterministic=true",
+    "--set", "logging.progress_bar=false",
+    "--set", "logging.tensorboard=false",
+    "--set", "model.tower.block={type: mlp, units: [32]}",
+    "--set", "model.tower.fold=false",
+]  # fmt: skip
+STRATEGY = {"horovodrun": "horovod", "mpirun": "horovod", "multiworker": "multiworker"}
+
+
+def _env() -> dict[str, str]:
+    from dist_share.processes import worker_env
+
+    env = worker_env({"PYTHONPATH": str(ROOT)})
+    env.pop("MAX_RESTARTS", None)
+    return env
+
+
+class Job:
+    """``dist-share launch`` in the background: output in files, every descendant tracked."""
+
+    def __init__(self, launcher: str, run_dir: Path, train_args: list[str], launch_args=()):
+        self.run_dir = run_dir
+        self.log = run_dir.parent / f"{run_dir.name}.{launcher}.log"
+        hosts = ["--hosts", "localhost:2"]
+        if launcher == "horovodrun" or launcher == "mpirun":
+            extra = ["--network-interface", "lo"]
+        else:
+            extra = ["--base-port", str(launching.free_port())]
+        train = [EXE, "train", CONFIG, "--strategy", STRATEGY[launcher], "--run-dir", str(run_dir)]
+        self.argv = [EXE, "launch", "--launcher", launcher, *hosts, *extra, *launch_args, "--",
+                     *train, *SMALL, *train_args]  # fmt: skip
+        self._out = open(self.log, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._out, stderr=subprocess.STDOUT, env=_env(),
+            start_new_session=True, cwd=run_dir.parent,
+        )  # fmt: skip
+        self.started = time.monotonic()
+        self.seen: set[int] = set()
+
+    def track(self) -> None:
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self.seen.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+
+    def steps(self) -> list[int]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            if line.strip():
+                with_step = json.loads(line)
+                if with_step.get("split") == "train":
+                    out.append(with_step["step"])
+        return out
+
+    def wait_for_step(self, step: int, timeout: float = TIMEOUT) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.track()
+            done = self.steps()
+            if done and done[-1] >= step:
+                return done[-1]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"job ended ({self.proc.returncode}) early:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no step {step} after {timeout} s:\n{self.output()}")
+            time.sleep(0.1)
+
+    def rank_pid(self, rank: int) -> int:
+        path = self.run_dir / watchdog.HEARTBEAT_DIR / f"rank-{rank}.json"
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {rank} wrote no heartbeat:\n{self.output()}")
+            time.sleep(0.1)
+        return json.loads(path.read_text())["pid"]
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        try:
+            while self.proc.poll() is None:
+                self.track()
+                time.sleep(0.1)
+                if time.monotonic() - self.started > timeout:
+                    raise TimeoutError(f"job still running after {timeout} s:\n{self.output()}")
+            return self.proc.returncode
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Kill whatever is left (SIGCONT first: a stopped process ignores the rest)."""
+        self.track()
+        for pid in [*self.seen, self.proc.pid]:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=30)
+        self._out.close()
+
+    def leftovers(self) -> list[int]:
+        alive = []
+        for pid in self.seen:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text()[-8000:]
+
+
+def _checkpoint_values(run_dir: Path) -> dict[str, np.ndarray]:
+    import tensorflow as tf
+
+    path = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert path, f"no checkpoint in {run_dir}"
+    reader = tf.train.load_checkpoint(path)
+    return {
+        k: reader.get_tensor(k)
+        for k in reader.get_variable_to_shape_map()
+        if "save_counter" not in k and k != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_multiworker_killed_worker_restarts_and_resumes_exactly(tmp_path):
+    """SIGKILL of worker 1: the launcher names it and exits 3; --max-restarts relaunches, the
+    job resumes from the last checkpoint, ends equal to an uninterrupted run, and
+    metrics.jsonl holds each step once."""
+    steps = ["--steps", "60", "--set", "checkpoint.every=10"]
+    faulty = Job("multiworker", tmp_path / "faulty", steps, ["--max-restarts", "1"])
+    try:
+        at_kill = faulty.wait_for_step(13)
+        pid = faulty.rank_pid(1)
+        os.kill(pid, signal.SIGKILL)
+        assert faulty.wait() == 0, faulty.output()
+    finally:
+        faulty.close()
+    out = faulty.output()
+    assert f"worker 1 (localhost, pid {pid}) was killed by SIGKILL" in out
+    assert "job failed with exit code 3; restart 1/1" in out
+    assert not faulty.leftovers()
+    train_steps = faulty.steps()
+    assert train_steps == list(range(1, 61)), "each step once after the resume"
+    print(f"killed at step >= {at_kill}; resumed from step 10; steps lost: {at_kill - 10}+")
+
+    reference = Job("multiworker", tmp_path / "reference", steps)
+    assert reference.wait() == 0, reference.output()
+    want, got = _checkpoint_values(tmp_path / "reference"), _checkpoint_values(tmp_path / "faulty")
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "launcher,fault",
+    [
+        ("horovodrun", "SIGSTOP"),
+        ("mpirun", "SIGSTOP"),
+        ("multiworker", "SIGSTOP"),
+        ("horovodrun", "SIGKILL"),
+        ("mpirun", "SIGKILL"),
+    ],
+)
+def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault):
+    """The job exits 3 within stall_timeout plus tear-down, names the rank, leaves no process,
+    and the newest checkpoint is readable."""
+    args = [
+        "--steps",
+        "100000",
+        "--set",
+        "checkpoint.every=3",
+        "--set",
+        "training.stall_timeout=10",
+    ]
+    job = Job(launcher, tmp_path / "run", args)
+    try:
+        job.wait_for_step(4)
+        time.sleep(1.5)  # a few more beats of rank 1 after its start-up
+        pid = job.rank_pid(1)
+        os.kill(pid, getattr(signal, fault))
+        t0 = time.monotonic()
+        code = job.wait(timeout=TIMEOUT)
+        elapsed = time.monotonic() - t0
+    finally:
+        job.close()
+    out = job.output()
+    print(f"{launcher} {fault}: job exited {code} {elapsed:.1f} s after the fault")
+    assert code == 3, out
+    if fault == "SIGSTOP":
+        assert f"rank 1 (pid {pid} on" in out and "stopped answering" in out, out
+        assert elapsed < 10 + 50, out  # the bound: stall_timeout + beats + launcher tear-down
+    assert not job.leftovers(), f"processes left: {job.leftovers()}"
+    assert _checkpoint_values(job.run_dir)  # the newest checkpoint reads
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 6 MB tmpfs (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("the full-disk test mounts a tmpfs and needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _train(run_dir: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [EXE, "train", CONFIG, "--run-dir", str(run_dir), *SMALL, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_full_disk_while_checkpointing_fails_clearly_and_keeps_the_previous_one(small_tmpfs):
+    run = small_tmpfs / "run"
+    first = _train(run, "--steps", "3", "--set", "checkpoint.every=3")
+    assert first.returncode == 0, first.stderr
+    filler = small_tmpfs / "filler"
+    # Leave 16 KB: metrics lines fit, a checkpoint (about 100 KB) does not.
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - 16 * 1024))
+    full = _train(run, "--steps", "6", "--set", "checkpoint.every=3")
+    assert full.returncode == 1, full.stderr
+    assert "could not write the checkpoint of step 6" in full.stderr
+    assert "No space left on device" in full.stderr
+    assert "the previous checkpoint ckpt-3 is intact; rerun to resume from it" in full.stderr
+    assert "Traceback" not in full.stderr and len(full.stderr.splitlines()) < 10, full.stderr
+    assert not [p.name for p in (run / "checkpoints").iterdir() if "_temp" in p.name]
+    filler.unlink()
+    again = _train(run, "--steps", "6", "--set", "checkpoint.every=3")
+    assert again.returncode == 0, again.stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "ckpt-6.index" in names and "ckpt-3.index" in names
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_second_train_on_a_busy_run_dir_is_refused_and_a_killed_run_frees_it(tmp_path):
+    run = tmp_path / "run"
+    cmd = [EXE, "train", CONFIG, "--run-dir", str(run), *SMALL, "--set", "checkpoint.every=5"]
+    first = subprocess.Popen([*cmd, "--steps", "100000"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=_env(),
+                             start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "checkpoints" / "ckpt-5.index").exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run([*cmd, "--steps", "100000"], capture_output=True, text=True,
+                                timeout=TIMEOUT, env=_env())  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by pid {first.pid} on" in second.stderr
+        lines_before = len((run / "metrics.jsonl").read_text().splitlines())
+        assert lines_before > 0
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    import tensorflow as tf
+
+    saved = int(tf.train.latest_checkpoint(str(run / "checkpoints")).rsplit("-", 1)[1])
+    last = subprocess.run([*cmd, "--steps", str(saved + 2)], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=_env())  # fmt: skip
+    assert last.returncode == 0, last.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]  # fmt: skip
+    assert steps == list(range(1, saved + 3)), "each step once after the resume"
