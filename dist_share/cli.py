@@ -102,6 +102,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if run.strategy.is_chief and not existed:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    except Exception as e:  # issue 11: a collective failed because a peer died or froze
+        lost = watchdog.as_peer_lost(e, run.strategy.rank)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         heartbeat.stop()
         if trainer is not None:

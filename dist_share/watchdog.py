@@ -27,13 +27,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from dist_share.errors import EXIT_PEER_LOST
+from dist_share.errors import EXIT_PEER_LOST, PeerLost
 
 HEARTBEAT_DIR = ".heartbeats"
 DEFAULT_STALL_TIMEOUT = 30.0
@@ -172,3 +173,29 @@ class Heartbeat:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- collective failures as "peer lost" ----------------------------------------------------------
+_TASK = re.compile(r"/job:worker/(?:replica:\d+/)?task:(\d+)")
+_COLLECTIVE_ERRORS = ("UnavailableError", "AbortedError", "HorovodInternalError")
+
+
+def as_peer_lost(error: BaseException, rank: int) -> PeerLost | None:
+    """`PeerLost` (exit 3) for an error that means another rank died or froze, else None.
+
+    TensorFlow's collectives fail with ``UnavailableError`` / ``AbortedError`` once the
+    coordination service notices a worker stopped heart-beating or a connection broke (the
+    message names ``/job:worker/task:N``); Horovod raises ``HorovodInternalError`` when a peer
+    vanishes from a Gloo/MPI collective. Their tracebacks say nothing a user can act on.
+    """
+    if type(error).__name__ not in _COLLECTIVE_ERRORS:
+        return None
+    text = str(getattr(error, "message", None) or error)
+    tasks = sorted({int(t) for t in _TASK.findall(text)} - {rank})
+    who = f"worker {', '.join(map(str, tasks))}" if tasks else "a peer rank"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    return PeerLost(
+        f"{who} died or stopped answering ({type(error).__name__}: {first[:300]}). Rank {rank} "
+        f"aborts the job (exit code {EXIT_PEER_LOST}); rerun the same command to resume from "
+        "the last checkpoint."
+    )

@@ -131,7 +131,8 @@ class Job:
                     break
         if self.proc.poll() is None:
             self.proc.wait(timeout=30)
-        self._out.close()
+        if not self._out.closed:
+            self._out.close()
 
     def leftovers(self) -> list[int]:
         alive = []
@@ -144,7 +145,8 @@ class Job:
         return alive
 
     def output(self) -> str:
-        self._out.flush()
+        if not self._out.closed:
+            self._out.flush()
         return self.log.read_text()[-8000:]
 
 
@@ -197,16 +199,18 @@ def test_multiworker_killed_worker_restarts_and_resumes_exactly(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
-    "launcher,fault",
+    "launcher,fault,rank",
     [
-        ("horovodrun", "SIGSTOP"),
-        ("mpirun", "SIGSTOP"),
-        ("multiworker", "SIGSTOP"),
-        ("horovodrun", "SIGKILL"),
-        ("mpirun", "SIGKILL"),
+        # A frozen chief is the hard case for MultiWorkerMirrored: TensorFlow's coordination
+        # service, which notices a worker that stops heart-beating, runs inside the chief.
+        ("multiworker", "SIGSTOP", 0),
+        ("horovodrun", "SIGSTOP", 1),
+        ("mpirun", "SIGSTOP", 0),
+        ("horovodrun", "SIGKILL", 1),
+        ("mpirun", "SIGKILL", 1),
     ],
 )
-def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault):
+def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault, rank):
     """The job exits 3 within stall_timeout plus tear-down, names the rank, leaves no process,
     and the newest checkpoint is readable."""
     args = [
@@ -220,8 +224,8 @@ def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault):
     job = Job(launcher, tmp_path / "run", args)
     try:
         job.wait_for_step(4)
-        time.sleep(1.5)  # a few more beats of rank 1 after its start-up
-        pid = job.rank_pid(1)
+        time.sleep(1.5)  # a few more beats of every rank after its start-up
+        pid = job.rank_pid(rank)
         os.kill(pid, getattr(signal, fault))
         t0 = time.monotonic()
         code = job.wait(timeout=TIMEOUT)
@@ -229,10 +233,12 @@ def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault):
     finally:
         job.close()
     out = job.output()
-    print(f"{launcher} {fault}: job exited {code} {elapsed:.1f} s after the fault")
+    print(f"{launcher} {fault} rank {rank}: job exited {code} {elapsed:.1f} s after the fault")
     assert code == 3, out
     if fault == "SIGSTOP":
-        assert f"rank 1 (pid {pid} on" in out and "stopped answering" in out, out
+        named = f"rank {rank} (pid {pid} on" in out and "stopped answering" in out
+        named = named or f"worker {rank} died or stopped answering" in out
+        assert named, out
         assert elapsed < 10 + 50, out  # the bound: stall_timeout + beats + launcher tear-down
     assert not job.leftovers(), f"processes left: {job.leftovers()}"
     assert _checkpoint_values(job.run_dir)  # the newest checkpoint reads
