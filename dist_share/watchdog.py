@@ -177,7 +177,12 @@ class Heartbeat:
 
 # -- collective failures as "peer lost" ----------------------------------------------------------
 _TASK = re.compile(r"/job:worker/(?:replica:\d+/)?task:(\d+)")
-_COLLECTIVE_ERRORS = ("UnavailableError", "AbortedError", "HorovodInternalError")
+_COLLECTIVE_ERRORS = (
+    "UnavailableError",
+    "AbortedError",
+    "DeadlineExceededError",
+    "HorovodInternalError",
+)
 
 
 def as_peer_lost(error: BaseException, rank: int) -> PeerLost | None:
@@ -185,14 +190,20 @@ def as_peer_lost(error: BaseException, rank: int) -> PeerLost | None:
 
     TensorFlow's collectives fail with ``UnavailableError`` / ``AbortedError`` once the
     coordination service notices a worker stopped heart-beating or a connection broke (the
-    message names ``/job:worker/task:N``); Horovod raises ``HorovodInternalError`` when a peer
+    message names ``/job:worker/task:N``), and with ``DeadlineExceededError`` when a worker's
+    own heartbeat to the coordination service (which lives in worker 0) times out; Horovod raises ``HorovodInternalError`` when a peer
     vanishes from a Gloo/MPI collective. Their tracebacks say nothing a user can act on.
     """
     if type(error).__name__ not in _COLLECTIVE_ERRORS:
         return None
     text = str(getattr(error, "message", None) or error)
     tasks = sorted({int(t) for t in _TASK.findall(text)} - {rank})
-    who = f"worker {', '.join(map(str, tasks))}" if tasks else "a peer rank"
+    if tasks:
+        who = f"worker {', '.join(map(str, tasks))}"
+    elif "CoordinationService/Heartbeat" in text and rank != 0:
+        who = "worker 0 (it runs TensorFlow's coordination service)"
+    else:
+        who = "a peer rank"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
     return PeerLost(
         f"{who} died or stopped answering ({type(error).__name__}: {first[:300]}). Rank {rank} "
