@@ -65,7 +65,9 @@ def test_elastic_horovod_survives_a_lost_worker_and_takes_a_new_one(tmp_path):
         "--commit-every", str(commit_every), "--delay", "0.25",
     ]  # fmt: skip
     log = tmp_path / "job.log"
-    env = processes.worker_env({"PYTHONPATH": str(ROOT)})
+    # A joining worker loads TensorFlow while the others wait in the rendezvous: on a loaded
+    # 2-core machine that can take longer than Gloo's default 30 s.
+    env = processes.worker_env({"PYTHONPATH": str(ROOT), "HOROVOD_GLOO_TIMEOUT_SECONDS": "180"})
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # fmt: skip

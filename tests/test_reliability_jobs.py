@@ -13,154 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
-from dist_share import launching, watchdog
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
-ROOT = Path(__file__).parents[1]
-EXE = str(Path(sys.executable).parent / "dist-share")
-CONFIG = str(ROOT / "configs" / "siamese_digits.yaml")
-TIMEOUT = 420
-# Small and deterministic: a resumed run must equal an uninterrupted one.
-SMALL = [
-    "--set", "data.train_examples=512",
-    "--set", "data.eval_examples=64",
-    "--set", "training.batch_size=16",
-    "--set", "training.log_every=1",
-    "--set", "training.eval_every=0",
-    "--set", "training.deterministic=true",
-    "--set", "logging.progress_bar=false",
-    "--set", "logging.tensorboard=false",
-    "--set", "model.tower.block={type: mlp, units: [32]}",
-    "--set", "model.tower.fold=false",
-]  # fmt: skip
-STRATEGY = {"horovodrun": "horovod", "mpirun": "horovod", "multiworker": "multiworker"}
-
-
-def _env() -> dict[str, str]:
-    from dist_share.processes import worker_env
-
-    env = worker_env({"PYTHONPATH": str(ROOT)})
-    env.pop("MAX_RESTARTS", None)
-    return env
-
-
-class Job:
-    """``dist-share launch`` in the background: output in files, every descendant tracked."""
-
-    def __init__(self, launcher: str, run_dir: Path, train_args: list[str], launch_args=()):
-        self.run_dir = run_dir
-        self.log = run_dir.parent / f"{run_dir.name}.{launcher}.log"
-        hosts = ["--hosts", "localhost:2"]
-        if launcher == "horovodrun" or launcher == "mpirun":
-            extra = ["--network-interface", "lo"]
-        else:
-            extra = ["--base-port", str(launching.free_port())]
-        train = [EXE, "train", CONFIG, "--strategy", STRATEGY[launcher], "--run-dir", str(run_dir)]
-        self.argv = [EXE, "launch", "--launcher", launcher, *hosts, *extra, *launch_args, "--",
-                     *train, *SMALL, *train_args]  # fmt: skip
-        self._out = open(self.log, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.argv, stdout=self._out, stderr=subprocess.STDOUT, env=_env(),
-            start_new_session=True, cwd=run_dir.parent,
-        )  # fmt: skip
-        self.started = time.monotonic()
-        self.seen: set[int] = set()
-
-    def track(self) -> None:
-        try:
-            for p in psutil.Process(self.proc.pid).children(recursive=True):
-                self.seen.add(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-
-    def steps(self) -> list[int]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            if line.strip():
-                with_step = json.loads(line)
-                if with_step.get("split") == "train":
-                    out.append(with_step["step"])
-        return out
-
-    def wait_for_step(self, step: int, timeout: float = TIMEOUT) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.track()
-            done = self.steps()
-            if done and done[-1] >= step:
-                return done[-1]
-            if self.proc.poll() is not None:
-                raise AssertionError(f"job ended ({self.proc.returncode}) early:\n{self.output()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no step {step} after {timeout} s:\n{self.output()}")
-            time.sleep(0.1)
-
-    def rank_pid(self, rank: int) -> int:
-        path = self.run_dir / watchdog.HEARTBEAT_DIR / f"rank-{rank}.json"
-        deadline = time.monotonic() + 60
-        while not path.exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"rank {rank} wrote no heartbeat:\n{self.output()}")
-            time.sleep(0.1)
-        return json.loads(path.read_text())["pid"]
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        try:
-            while self.proc.poll() is None:
-                self.track()
-                time.sleep(0.1)
-                if time.monotonic() - self.started > timeout:
-                    raise TimeoutError(f"job still running after {timeout} s:\n{self.output()}")
-            return self.proc.returncode
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Kill whatever is left (SIGCONT first: a stopped process ignores the rest)."""
-        self.track()
-        for pid in [*self.seen, self.proc.pid]:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    break
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=30)
-        if not self._out.closed:
-            self._out.close()
-
-    def leftovers(self) -> list[int]:
-        alive = []
-        for pid in self.seen:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return alive
-
-    def output(self) -> str:
-        if not self._out.closed:
-            self._out.flush()
-        return self.log.read_text()[-8000:]
-
-
-def _checkpoint_values(run_dir: Path) -> dict[str, np.ndarray]:
-    import tensorflow as tf
-
-    path = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-    assert path, f"no checkpoint in {run_dir}"
-    reader = tf.train.load_checkpoint(path)
-    return {
-        k: reader.get_tensor(k)
-        for k in reader.get_variable_to_shape_map()
-        if "save_counter" not in k and k != "_CHECKPOINTABLE_OBJECT_GRAPH"
-    }
+from fault_jobs import CONFIG, EXE, SMALL, TIMEOUT, Job, checkpoint_values, env  # noqa: E402
 
 
 @pytest.mark.slow
@@ -189,7 +46,7 @@ def test_multiworker_killed_worker_restarts_and_resumes_exactly(tmp_path):
 
     reference = Job("multiworker", tmp_path / "reference", steps)
     assert reference.wait() == 0, reference.output()
-    want, got = _checkpoint_values(tmp_path / "reference"), _checkpoint_values(tmp_path / "faulty")
+    want, got = checkpoint_values(tmp_path / "reference"), checkpoint_values(tmp_path / "faulty")
     assert want.keys() == got.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
@@ -242,7 +99,7 @@ def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault, rank):
         assert named, out
         assert elapsed < 10 + 50, out  # the bound: stall_timeout + beats + launcher tear-down
     assert not job.leftovers(), f"processes left: {job.leftovers()}"
-    assert _checkpoint_values(job.run_dir)  # the newest checkpoint reads
+    assert checkpoint_values(job.run_dir)  # the newest checkpoint reads
 
 
 @pytest.fixture
@@ -261,7 +118,7 @@ def small_tmpfs(tmp_path):
 
 def _train(run_dir: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     cmd = [EXE, "train", CONFIG, "--run-dir", str(run_dir), *SMALL, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
 
 
 @pytest.mark.slow
@@ -295,7 +152,7 @@ def test_second_train_on_a_busy_run_dir_is_refused_and_a_killed_run_frees_it(tmp
     run = tmp_path / "run"
     cmd = [EXE, "train", CONFIG, "--run-dir", str(run), *SMALL, "--set", "checkpoint.every=5"]
     first = subprocess.Popen([*cmd, "--steps", "100000"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env=_env(),
+                             stderr=subprocess.PIPE, text=True, env=env(),
                              start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -304,7 +161,7 @@ def test_second_train_on_a_busy_run_dir_is_refused_and_a_killed_run_frees_it(tmp
             assert time.monotonic() < deadline
             time.sleep(0.2)
         second = subprocess.run([*cmd, "--steps", "100000"], capture_output=True, text=True,
-                                timeout=TIMEOUT, env=_env())  # fmt: skip
+                                timeout=TIMEOUT, env=env())  # fmt: skip
         assert second.returncode == 2, second.stderr
         assert f"is in use by pid {first.pid} on" in second.stderr
         lines_before = len((run / "metrics.jsonl").read_text().splitlines())
@@ -319,7 +176,7 @@ def test_second_train_on_a_busy_run_dir_is_refused_and_a_killed_run_frees_it(tmp
 
     saved = int(tf.train.latest_checkpoint(str(run / "checkpoints")).rsplit("-", 1)[1])
     last = subprocess.run([*cmd, "--steps", str(saved + 2)], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=_env())  # fmt: skip
+                          timeout=TIMEOUT, env=env())  # fmt: skip
     assert last.returncode == 0, last.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "train"]  # fmt: skip
