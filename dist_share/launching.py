@@ -395,6 +395,26 @@ def run(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     return job_exit_code(code)
 
 
+def check_local_ports(workers: Sequence[WorkerLaunch]) -> None:
+    """Refuse (`ConfigError`, exit 2) when a local worker's TF_CONFIG port is taken: the worker
+    would otherwise die in TensorFlow's server start-up with a gRPC traceback."""
+    for w in workers:
+        if w.argv and w.argv[0] == "ssh":
+            continue
+        address = json.loads(w.tf_config)["cluster"]["worker"][w.index]
+        port = int(address.rsplit(":", 1)[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+            try:
+                s.bind(("", port))
+            except OSError as e:
+                raise ConfigError(
+                    "--base-port",
+                    f"port {port} of worker {w.index} ({address}) is in use on this host "
+                    f"({e.strerror}); choose another --base-port",
+                ) from None
+
+
 def run_multiworker(workers: Sequence[WorkerLaunch], grace: float = TERMINATE_GRACE) -> int:
     """Start every worker (the collective needs all of them) and watch them.
 
@@ -403,6 +423,7 @@ def run_multiworker(workers: Sequence[WorkerLaunch], grace: float = TERMINATE_GR
     code: a worker killed by a signal -> 3 (`EXIT_PEER_LOST`), otherwise the worker's own code
     (2, 3, 4, 75, 130; anything else -> 1). Returns 0 when every worker succeeded.
     """
+    check_local_ports(workers)
     procs: list[subprocess.Popen] = []
     with _ForwardSignals() as fwd:
         try:

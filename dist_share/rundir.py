@@ -116,8 +116,11 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise `RunDirBusy` naming the holder (pid, host, start time)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise unwritable(self.run_dir, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -314,12 +317,25 @@ def check(run_dir: str | os.PathLike, cfg: Mapping, overwrite: bool = False) -> 
 def prepare(run_dir: str | os.PathLike, cfg: Mapping, mode: str) -> None:
     """Create the run directory (or clear a run being overwritten) and save the resolved config."""
     run_dir = Path(run_dir)
-    if mode == "overwrite":
-        for name in ARTIFACTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, config_lib.dump(cfg))
+    try:
+        if mode == "overwrite":
+            for name in ARTIFACTS:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, config_lib.dump(cfg))
+    except OSError as e:
+        raise unwritable(run_dir, e) from None
+
+
+def unwritable(run_dir: str | os.PathLike, error: OSError) -> ConfigError:
+    """The error for a run directory that cannot be created or written (exit 2, nothing lost)."""
+    where = f" ({error.filename})" if error.filename else ""
+    return ConfigError(
+        "--run-dir",
+        f"cannot write the run directory {run_dir}: {error.strerror or error}{where}; "
+        "choose a writable --run-dir",
+    )

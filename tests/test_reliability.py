@@ -350,3 +350,50 @@ def test_launch_scripts_honour_max_restarts(tmp_path):
         env=env,
     )
     assert proc.returncode == -9 and "restart" not in proc.stderr  # exec: no wrapper left
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs (root can write anywhere else), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a read-only tmpfs needs root")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_an_unwritable_run_dir_is_a_config_error_naming_it(read_only_dir):
+    from dist_share.errors import ConfigError
+
+    run = read_only_dir / "run"
+    assert rundir.check(run, {}) == "new"  # deciding touches nothing
+    with pytest.raises(
+        ConfigError, match=r"cannot write the run directory .*Read-only file system"
+    ):
+        rundir.lock(run)
+    with pytest.raises(ConfigError) as info:
+        rundir.prepare(run, {"training": {"steps": 1}}, "new")
+    assert info.value.path == "--run-dir" and "choose a writable --run-dir" in str(info.value)
+
+
+def test_launch_refuses_a_taken_port_and_a_missing_launcher(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [EXE, "launch", "--launcher", "multiworker", "--hosts", "localhost:2",
+               "--base-port", str(port - 1), "--", sys.executable, "-c", "pass"]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=ENV)
+    assert out.returncode == 2, out.stderr
+    assert f"--base-port: port {port} of worker 1 (localhost:{port}) is in use" in out.stderr
+    env = {**ENV, "PATH": str(tmp_path)}  # neither horovodrun nor mpirun here
+    for launcher in ("horovodrun", "mpirun"):
+        cmd = [EXE, "launch", "--launcher", launcher, "-np", "2", "--", "true"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 2 and f"{launcher} is not on PATH" in out.stderr, out.stderr
