@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dist_share import datacheck
 from dist_share.config import family_streams
 from dist_share.errors import ConfigError, DataError
 
@@ -275,7 +276,9 @@ def _read_npz(path: Path, key: str, data_cfg: Mapping) -> Arrays:
             raise DataError(
                 f"{path}: stream {name!r} has {len(a)} examples but 'labels' has {len(labels)}"
             )
+        datacheck.check_stream(path, name, a)  # issue 11: strings, NaN, inf named here
         feats[name] = a.astype(dtypes.get(name, np.float32), copy=False)
+    datacheck.check_labels(path, labels, family, data_cfg.get("num_classes"))
     label_dtype = np.int32 if family == "multiview" else np.float32
     return feats, labels.astype(label_dtype, copy=False)
 

@@ -397,3 +397,56 @@ def test_launch_refuses_a_taken_port_and_a_missing_launcher(tmp_path):
         cmd = [EXE, "launch", "--launcher", launcher, "-np", "2", "--", "true"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 2 and f"{launcher} is not on PATH" in out.stderr, out.stderr
+
+
+# -- bad input files ---------------------------------------------------------------------------
+def _pairs(n: int = 8, **change) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "left": rng.random((n, 8, 8, 1)).astype("float32"),
+        "right": rng.random((n, 8, 8, 1)).astype("float32"),
+        "labels": rng.integers(0, 2, n).astype("float32"),
+    }
+    arrays.update(change)
+    return arrays
+
+
+def _nan_left():
+    a = _pairs()["left"]
+    a[5, 2, 3, 0] = float("nan")
+    return a
+
+
+BAD_NPZ = {
+    "nan_features": ("siamese", _pairs(left=_nan_left()),
+                     "stream 'left' holds NaN values in 1 example(s), the first at index 5"),
+    "labels_out_of_range": ("siamese", _pairs(labels=__import__("numpy").arange(-5, 3)),
+                            "'labels' must be 0 or 1 for the siamese family"),
+    "string_labels": ("siamese", _pairs(labels=__import__("numpy").array(["same", "diff"] * 4)),
+                      "'labels' has dtype <U4; expected numbers"),
+    "string_stream": ("siamese", _pairs(right=__import__("numpy").array(["x"] * 8)),
+                      "stream 'right' has dtype <U1"),
+    "empty": ("siamese", _pairs(0), "holds no examples"),
+    "missing_stream": ("siamese", {k: v for k, v in _pairs().items() if k != "right"},
+                       "expects 2 streams ['left', 'right']"),
+    "class_labels": ("multiview", {**{f"view{i}": _pairs()["left"] for i in range(3)},
+                                   "labels": __import__("numpy").array([0, 1, 2.5, 3, 4, 5, 6, -1])},
+                     "must be integer classes"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NPZ))
+def test_bad_npz_files_are_rejected_naming_file_and_stream(tmp_path, case):
+    import numpy as np
+
+    family, arrays, needle = BAD_NPZ[case]
+    np.savez(tmp_path / "data.npz", **arrays)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model: {{family: {family}}}\ndata: {{source: npz, train_path: data.npz}}\n")
+    out = subprocess.run([EXE, "config", str(cfg)], capture_output=True, text=True, timeout=120,
+                         env=ENV, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr and "data.npz" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
