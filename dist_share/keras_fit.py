@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dist_share import preemption
 from dist_share.errors import ConfigError
 from dist_share.strategies import DatasetFn, Strategy
 
@@ -105,6 +106,11 @@ class TrainerBridge(keras.callbacks.Callback):
         self.ckpt_every = int(trainer.config["checkpoint"]["every"] or 0)
         self.eval_fn = eval_fn
         self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.preemption = preemption.PreemptionGuard(trainer.strategy)
+        self.preempted: int | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.preemption.install()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.step = self.start + batch + 1
@@ -118,6 +124,9 @@ class TrainerBridge(keras.callbacks.Callback):
             self.last_eval = (self.step, self.trainer.evaluate(self.eval_fn, step=self.step))
         if self.ckpt_every and self.step % self.ckpt_every == 0:
             self.trainer.save()
+        elif self.step < self.trainer.steps and self.preemption.should_stop():
+            self.preempted = self.step  # issue 11: on_train_end saves; train() raises
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs:
@@ -125,6 +134,12 @@ class TrainerBridge(keras.callbacks.Callback):
             logs.update(self.trainer.last_logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self.preemption.uninstall()
+        if self.preempted is not None:
+            self.stopped = self.preemption.stop(
+                self.preempted, self.trainer.save, self.trainer.checkpoint_directory
+            )
+            return
         self.trainer.save()
 
     def _average(self, logs: dict) -> dict[str, float]:
@@ -210,6 +225,8 @@ def train(
             model.__dict__.pop("train_step", None)
     strategy.sync_non_trainable(trainer.model.non_trainable_variables)
     strategy.barrier()  # the chief's final checkpoint is complete before anyone reads it
+    if bridge.preempted is not None:
+        raise bridge.stopped
     if eval_dataset_fn is None:
         return {}
     if bridge.last_eval is not None and bridge.last_eval[0] == trainer.steps:

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from dist_share import rundir
+from dist_share import preemption, rundir
 from dist_share.config import OPTIMIZERS, runtime_defaults
 from dist_share.errors import ConfigError, DataError
 from dist_share.gradients import take_over_reduction
@@ -350,6 +350,7 @@ class Trainer:
         n_window, t0 = 0, time.perf_counter()
         result: dict[str, float] = {}
         step = start
+        self._preemption = preemption.PreemptionGuard(self.strategy).install()  # issue 11
         while step < self.steps:
             logs = self.train_step(iterator)
             step += 1
@@ -367,6 +368,11 @@ class Trainer:
                 result = self.evaluate(eval_dataset_fn, step=step)
             if (ckpt_every and step % ckpt_every == 0) or step == self.steps:
                 self.save()
+            elif step < self.steps and self._preemption.should_stop():
+                stopped = self._preemption.stop(step, self.save, self.checkpoint_directory)
+                self.train_loop_end()  # a barrier: nobody exits before the chief's save is done
+                raise stopped
+        self._preemption.uninstall()
         if eval_dataset_fn is not None and (not result or self.steps % max(eval_every, 1)):
             result = self.evaluate(eval_dataset_fn, step=step)
         self.train_loop_end()
@@ -471,6 +477,8 @@ class Trainer:
                     )
 
     def close(self) -> None:
+        if getattr(self, "_preemption", None) is not None:
+            self._preemption.uninstall()
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None

@@ -20,14 +20,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 from fault_jobs import CONFIG, EXE, SMALL, TIMEOUT, Job, checkpoint_values, env  # noqa: E402
 
 
+def _assert_same_variables(want_dir: Path, got_dir: Path) -> None:
+    want, got = checkpoint_values(want_dir), checkpoint_values(got_dir)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(900)
-def test_multiworker_killed_worker_restarts_and_resumes_exactly(tmp_path):
-    """SIGKILL of worker 1: the launcher names it and exits 3; --max-restarts relaunches, the
-    job resumes from the last checkpoint, ends equal to an uninterrupted run, and
-    metrics.jsonl holds each step once."""
+@pytest.mark.timeout(1500)
+def test_multiworker_kill_restart_and_preemption_resume_exactly(tmp_path):
+    """One uninterrupted 2-worker run is the reference for two interrupted ones:
+
+    * SIGKILL of worker 1: the launcher names it and exits 3; --max-restarts relaunches, the
+      job resumes from the last checkpoint;
+    * SIGTERM to worker 1 only: both workers stop after the same step, the chief saves that
+      step, the job exits 75; the same command run again resumes.
+
+    Both end with variables equal (1e-6) to the reference and metrics.jsonl holds each step once.
+    """
     steps = ["--steps", "60", "--set", "checkpoint.every=10"]
+    reference = Job("multiworker", tmp_path / "reference", steps)
+    assert reference.wait() == 0, reference.output()
+
     faulty = Job("multiworker", tmp_path / "faulty", steps, ["--max-restarts", "1"])
     try:
         at_kill = faulty.wait_for_step(13)
@@ -40,16 +56,30 @@ def test_multiworker_killed_worker_restarts_and_resumes_exactly(tmp_path):
     assert f"worker 1 (localhost, pid {pid}) was killed by SIGKILL" in out
     assert "job failed with exit code 3; restart 1/1" in out
     assert not faulty.leftovers()
-    train_steps = faulty.steps()
-    assert train_steps == list(range(1, 61)), "each step once after the resume"
-    print(f"killed at step >= {at_kill}; resumed from step 10; steps lost: {at_kill - 10}+")
+    assert faulty.steps() == list(range(1, 61)), "each step once after the resume"
+    print(f"SIGKILL at step >= {at_kill}; resumed from step 10: {at_kill - 10}+ steps redone")
+    _assert_same_variables(tmp_path / "reference", tmp_path / "faulty")
 
-    reference = Job("multiworker", tmp_path / "reference", steps)
-    assert reference.wait() == 0, reference.output()
-    want, got = checkpoint_values(tmp_path / "reference"), checkpoint_values(tmp_path / "faulty")
-    assert want.keys() == got.keys()
-    for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
+    preempted = Job("multiworker", tmp_path / "preempted", steps)
+    try:
+        preempted.wait_for_step(13)
+        os.kill(preempted.rank_pid(1), signal.SIGTERM)
+        assert preempted.wait() == 75, preempted.output()
+    finally:
+        preempted.close()
+    out = preempted.output()
+    assert "rank 1 got SIGTERM; stopping at the next step boundary" in out
+    stopped = int(out.split("every rank stopped after step ")[1].split()[0])
+    assert stopped > 13 and stopped % 10, out  # not a regular checkpoint step: saved for this
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(tmp_path / "preempted" / "checkpoints"))
+    assert latest.endswith(f"ckpt-{stopped}"), latest
+    assert not preempted.leftovers()
+    resumed = Job("multiworker", tmp_path / "preempted", steps)
+    assert resumed.wait() == 0, resumed.output()
+    assert resumed.steps() == list(range(1, 61)), "each step once after the resume"
+    _assert_same_variables(tmp_path / "reference", tmp_path / "preempted")
 
 
 @pytest.mark.slow
@@ -181,3 +211,35 @@ def test_second_train_on_a_busy_run_dir_is_refused_and_a_killed_run_frees_it(tmp
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "train"]  # fmt: skip
     assert steps == list(range(1, saved + 3)), "each step once after the resume"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_keras_fit_preemption_saves_and_resumes_exactly(tmp_path):
+    """The Keras fit path: SIGTERM -> exit 75 with the checkpoint of the step it stopped at;
+    the rerun resumes and ends equal to an uninterrupted fit."""
+    fit = ["--set", "training.loop=keras_fit", "--set", "checkpoint.every=50", "--steps", "40"]
+    reference = _train(tmp_path / "reference", *fit)
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "run"
+    cmd = [EXE, "train", CONFIG, "--run-dir", str(run), *SMALL, *fit]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env(), start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 75
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "every rank stopped after step" in err and "Traceback" not in err, err
+    stopped = int(err.split("every rank stopped after step ")[1].split()[0])
+    assert 0 < stopped < 40
+    again = _train(run, *fit)
+    assert again.returncode == 0, again.stderr
+    _assert_same_variables(tmp_path / "reference", run)
