@@ -202,6 +202,8 @@ _TRAINING = {
     "seed": Field("int", 0),
     # issue 11: seconds without a peer's heartbeat before the job is aborted (exit 3)
     "stall_timeout": Field("float", 30.0, minimum=5.0),
+    # issue 11: what a non-finite loss / reduced gradient does (dist_share/nonfinite.py)
+    "on_nonfinite": Field("str", "stop", choices=("stop", "skip")),
 }
 _STRATEGY = {
     "name": Field("str", "local", choices=STRATEGIES),

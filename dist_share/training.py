@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from dist_share import preemption, rundir
+from dist_share import nonfinite, preemption, rundir
 from dist_share.config import OPTIMIZERS, runtime_defaults
 from dist_share.errors import ConfigError, DataError
 from dist_share.gradients import take_over_reduction
@@ -170,6 +170,9 @@ class Trainer:
         self._eval_fn = None
         self._metrics_file = None
         self.last_logs: dict[str, float] = {}
+        # issue 11: the non-finite guard (dist_share/nonfinite.py)
+        self.on_nonfinite = str(tc.get("on_nonfinite", "stop"))
+        self.nonfinite_skipped = 0
         self.start_step = 0
         # Extra Keras callbacks for `training.loop: keras_fit` (every process / chief only).
         self.fit_callbacks: list[keras.callbacks.Callback] = []
@@ -253,7 +256,14 @@ class Trainer:
             grads = [_add_grads(a, b) for a, b in zip(grads, step_grads, strict=True)]
             totals = {n: totals.get(n, 0.0) + v for n, v in sums.items()}
         reduced, nbytes = self.strategy.reduce_gradients(grads, tvars)
-        self.optimizer.apply(reduced, tvars)
+        if self.mixed_precision:  # the loss-scale optimizer skips overflowed steps itself
+            self.optimizer.apply(reduced, tvars)
+            bad = tf.constant(-1, tf.int32)
+        else:  # the same decision on every replica: the reduced gradient is the same
+            bad = nonfinite.first_nonfinite(reduced)
+            nonfinite.apply_if(self.optimizer, reduced, tvars, bad < 0)
+        totals["nonfinite_grad"] = tf.cast(bad >= 0, tf.float32)
+        totals["nonfinite_var"] = tf.cast(bad + 1, tf.float32)
         totals["comm_bytes_per_step"] = tf.cast(nbytes, tf.float32)
         return totals
 
@@ -280,9 +290,29 @@ class Trainer:
         """One optimizer step over one global batch; returns averaged host-side numbers."""
         out = {k: float(v) for k, v in self._train_fn(iterator).items()}
         count = out.pop("count")
+        n = self.strategy.num_replicas
+        self._nonfinite = (out.pop("nonfinite_grad") / n, int(round(out.pop("nonfinite_var") / n)))
         logs = {k: v / count for k, v in out.items() if k != "comm_bytes_per_step"}
         logs["comm_bytes_per_step"] = out["comm_bytes_per_step"] / self.strategy.num_replicas
         return logs
+
+    def _guard_nonfinite(self, step: int, logs: dict[str, float]) -> bool:
+        """Stop (raise) or count a step whose loss or reduced gradient was not finite."""
+        flagged, index = self._nonfinite
+        loss = logs.get("loss", 0.0)
+        if not flagged and np.isfinite(loss):
+            return False
+        if self.on_nonfinite == "skip":
+            self.nonfinite_skipped += 1
+            return True
+        variables = self.model.trainable_variables
+        name = variables[index - 1].path if flagged and 0 < index <= len(variables) else None
+        latest = None
+        if self.checkpoint_directory is not None:
+            latest = tf.train.latest_checkpoint(str(self.checkpoint_directory))
+        raise nonfinite.NonFiniteError(
+            nonfinite.describe(step, loss, name, Path(latest).name if latest else None)
+        )
 
     def train_loop_end(self) -> None:
         """Agree on local statistics, flush logs, and wait until the chief's final checkpoint is
@@ -354,14 +384,18 @@ class Trainer:
         while step < self.steps:
             logs = self.train_step(iterator)
             step += 1
+            if self._guard_nonfinite(step, logs):  # skipped: not part of the averages
+                logs = {}
             window = {k: window.get(k, 0.0) + v for k, v in logs.items()}
-            n_window += 1
+            n_window += 1 if logs else 0
             if progbar is not None:
                 progbar.update(step, values=list(logs.items()))
             if (log_every and step % log_every == 0) or step == self.steps:
                 dt = time.perf_counter() - t0
-                self.last_logs = {k: v / n_window for k, v in window.items()}
+                self.last_logs = {k: v / max(n_window, 1) for k, v in window.items()}
                 self.last_logs["examples_per_sec"] = n_window * self.global_batch / max(dt, 1e-9)
+                if self.on_nonfinite == "skip":
+                    self.last_logs["nonfinite_skipped"] = self.nonfinite_skipped
                 self._log("train", step, self.last_logs)
                 window, n_window, t0 = {}, 0, time.perf_counter()
             if eval_dataset_fn is not None and eval_every and step % eval_every == 0:
@@ -405,6 +439,11 @@ class Trainer:
         """Save on the chief (and, under MultiWorkerMirrored, scratch saves on the others)."""
         if self.checkpoint_directory is None:
             return None
+        bad = nonfinite.all_finite(self.model.variables)  # identical on every rank
+        if bad is not None:  # never let a NaN checkpoint push good ones out of the kept set
+            raise nonfinite.NonFiniteError(
+                f"not saving step {int(self.global_step.numpy())}: variable {bad!r} holds NaN/inf"
+            )
         # Every process calls save() at the same step, so this collective lines up.
         self.strategy.sync_non_trainable(self.model.non_trainable_variables)
         target = self.strategy.checkpoint_dir(str(self.checkpoint_directory))

@@ -243,3 +243,49 @@ def test_keras_fit_preemption_saves_and_resumes_exactly(tmp_path):
     again = _train(run, *fit)
     assert again.returncode == 0, again.stderr
     _assert_same_variables(tmp_path / "reference", run)
+
+
+def _strict_records(run_dir: Path) -> list[dict]:
+    def reject(token: str):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x, parse_constant=reject) for x in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_diverging_run_stops_with_exit_4_or_skips_on_every_replica(tmp_path):
+    """learning_rate=1e8 goes NaN within a few steps. stop: exit 4 naming the step and the
+    variable, no non-finite checkpoint. skip (2 replicas, MirroredStrategy): the steps are
+    skipped alike on both replicas and counted; metrics.jsonl is strict JSON throughout."""
+    import tensorflow as tf
+
+    diverge = ["--set", "optimizer.learning_rate=1e8", "--set", "checkpoint.every=1"]
+    stop = _train(tmp_path / "stop", "--steps", "30", *diverge)
+    assert stop.returncode == 4, stop.stderr
+    assert "non-finite values at step" in stop.stderr and "Traceback" not in stop.stderr
+    assert "training.on_nonfinite: skip" in stop.stderr
+    step = int(stop.stderr.split("non-finite values at step ")[1].split(":")[0])
+    latest = tf.train.latest_checkpoint(str(tmp_path / "stop" / "checkpoints"))
+    assert latest is None or int(latest.rsplit("-", 1)[1]) < step
+    if latest:
+        reader = tf.train.load_checkpoint(latest)
+        for k in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(k)
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                assert np.isfinite(value).all(), k
+    _strict_records(tmp_path / "stop")
+
+    skip = _train(tmp_path / "skip", "--steps", "12", *diverge, "--strategy", "mirrored",
+                  "--set", "strategy.num_cpu_devices=2", "--set", "training.on_nonfinite=skip")  # fmt: skip
+    assert skip.returncode == 0, skip.stderr
+    records = [r for r in _strict_records(tmp_path / "skip") if r["split"] == "train"]
+    assert records[-1]["step"] == 12 and records[-1]["nonfinite_skipped"] > 0
+    reader = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(str(tmp_path / "skip" / "checkpoints"))
+    )
+    for k in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(k)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), k
