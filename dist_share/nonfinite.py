@@ -89,22 +89,33 @@ def apply_if(optimizer: Any, grads: list[Any], variables: list[Any], ok: tf.Tens
     ctx.merge_call(cross_replica, args=(grads, variables, ok))
 
 
-def describe(step: int, loss: float, variable: str | None, checkpoint: str | None) -> str:
-    """The message of `NonFiniteError`."""
-    what = (
-        f"the reduced gradient of variable {variable!r} (the first of the model's variables "
-        "with NaN/inf)"
-        if variable is not None
-        else "the loss"
-    )
+def describe(
+    step: int,
+    loss: float,
+    variable: str | None,
+    checkpoint: str | None,
+    after_update: bool = False,
+) -> str:
+    """The message of `NonFiniteError`. ``after_update``: the gradient was finite but the
+    variable is not (the optimizer's update overflowed); found before saving it."""
+    if after_update:
+        what = f"variable {variable!r} (its gradient was finite; the optimizer's update overflowed)"
+    elif variable is not None:
+        what = (
+            f"the reduced gradient of variable {variable!r} (the first of the model's variables "
+            "with NaN/inf)"
+        )
+    else:
+        what = "the loss"
     kept = (
         f"the newest checkpoint ({checkpoint}) holds finite values"
         if checkpoint
         else "no checkpoint was written"
     )
     return (
-        f"non-finite values at step {step}: {what} is not finite (loss = {loss}). The update "
-        f"was not applied and {kept}. Lower optimizer.learning_rate (or set optimizer.clipnorm), "
+        f"non-finite values at step {step}: {what} is not finite (loss = {loss}). "
+        + ("It was not saved" if after_update else "The update was not applied")
+        + f" and {kept}. Lower optimizer.learning_rate (or set optimizer.clipnorm), "
         "check the input data, or set training.on_nonfinite: skip to skip such steps."
     )
 

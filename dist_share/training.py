@@ -441,8 +441,15 @@ class Trainer:
             return None
         bad = nonfinite.all_finite(self.model.variables)  # identical on every rank
         if bad is not None:  # never let a NaN checkpoint push good ones out of the kept set
+            latest = tf.train.latest_checkpoint(str(self.checkpoint_directory))
             raise nonfinite.NonFiniteError(
-                f"not saving step {int(self.global_step.numpy())}: variable {bad!r} holds NaN/inf"
+                nonfinite.describe(
+                    int(self.global_step.numpy()),
+                    float(self.last_logs.get("loss", float("nan"))),
+                    bad,
+                    Path(latest).name if latest else None,
+                    after_update=True,
+                )
             )
         # Every process calls save() at the same step, so this collective lines up.
         self.strategy.sync_non_trainable(self.model.non_trainable_variables)
