@@ -439,7 +439,8 @@ class Trainer:
         """Save on the chief (and, under MultiWorkerMirrored, scratch saves on the others)."""
         if self.checkpoint_directory is None:
             return None
-        bad = nonfinite.all_finite(self.model.variables)  # identical on every rank
+        # Model and optimizer state (Adam's moments overflow first); identical on every rank.
+        bad = nonfinite.all_finite(list(self.model.variables) + list(self.optimizer.variables))
         if bad is not None:  # never let a NaN checkpoint push good ones out of the kept set
             latest = tf.train.latest_checkpoint(str(self.checkpoint_directory))
             raise nonfinite.NonFiniteError(
