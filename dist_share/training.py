@@ -28,7 +28,7 @@ from tensorflow.core.framework import summary_pb2
 
 from dist_share import nonfinite, preemption, rundir
 from dist_share.config import OPTIMIZERS, runtime_defaults
-from dist_share.errors import ConfigError, DataError
+from dist_share.errors import ConfigError, DataError, JobError
 from dist_share.gradients import take_over_reduction
 from dist_share.strategies import DatasetFn, Strategy
 
@@ -485,7 +485,7 @@ class Trainer:
                     errors.append(f"{path}: {e}")
             else:
                 if paths:
-                    raise RuntimeError(
+                    raise JobError(
                         "no readable checkpoint in "
                         f"{directory} (set checkpoint.resume: false to start over):\n"
                         + "\n".join(errors)

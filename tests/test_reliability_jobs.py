@@ -292,3 +292,42 @@ def test_a_diverging_run_stops_with_exit_4_or_skips_on_every_replica(tmp_path):
         value = reader.get_tensor(k)
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             assert np.isfinite(value).all(), k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_missing_or_corrupt_checkpoints_and_indivisible_batches_are_named(tmp_path):
+    """evaluate/export of a run without a checkpoint: exit 2; with only an unreadable one:
+    exit 1 and a message, no traceback; a global batch the replicas cannot split: exit 2."""
+    from dist_share import config, rundir
+
+    run = tmp_path / "run"
+    cfg = config.load_config(CONFIG, [SMALL[i + 1] for i in range(0, len(SMALL), 2)])
+    rundir.prepare(run, cfg, "new")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=TIMEOUT,
+                              env=env())  # fmt: skip
+
+    for command in ("evaluate", "export"):
+        out = cli(command, str(run))
+        assert out.returncode == 2, out.stderr
+        assert f"has no checkpoint to {command}" in out.stderr and "Traceback" not in out.stderr
+    ckpts = run / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-5"\nall_model_checkpoint_paths: "ckpt-5"\n'
+    )
+    (ckpts / "ckpt-5.index").write_bytes(b"\x00garbage" * 10)
+    (ckpts / "ckpt-5.data-00000-of-00001").write_bytes(b"\x01" * 100)
+    out = cli("evaluate", str(run))
+    assert out.returncode == 1, out.stderr
+    assert "no readable checkpoint in" in out.stderr and "Traceback" not in out.stderr
+    assert "checkpoint.resume: false" in out.stderr
+
+    out = cli("train", CONFIG, "--run-dir", str(tmp_path / "odd"), *SMALL, "--steps", "2",
+              "--strategy", "mirrored", "--set", "strategy.num_cpu_devices=2",
+              "--set", "training.batch_size=15")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "training.batch_size" in out.stderr and "multiple of the 2 replicas" in out.stderr
+    assert not (tmp_path / "odd").exists()
