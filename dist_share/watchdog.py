@@ -129,11 +129,10 @@ class Heartbeat:
 
     def _abort(self, peer: int, record: dict, age: float) -> None:
         print(
-            f"dist-share: rank {peer} (pid {record.get('pid')} on {record.get('host')}, last "
-            f"finished step {record.get('step')}) stopped answering: no heartbeat for {age:.0f} s "
-            f"(training.stall_timeout={self.stall_timeout:g}). Rank {self.rank} at step "
-            f"{self.step} aborts the job (exit code {EXIT_PEER_LOST}); rerun the same command to "
-            "resume from the last checkpoint.",
+            f"dist-share: rank {peer} (pid {record.get('pid')} on {record.get('host')}) stopped "
+            f"answering: no heartbeat for {age:.0f} s (training.stall_timeout="
+            f"{self.stall_timeout:g}). Rank {self.rank} aborts the job (exit code "
+            f"{EXIT_PEER_LOST}); rerun the same command to resume from the last checkpoint.",
             file=sys.stderr,
             flush=True,
         )
@@ -191,12 +190,15 @@ def as_peer_lost(error: BaseException, rank: int) -> PeerLost | None:
     TensorFlow's collectives fail with ``UnavailableError`` / ``AbortedError`` once the
     coordination service notices a worker stopped heart-beating or a connection broke (the
     message names ``/job:worker/task:N``), and with ``DeadlineExceededError`` when a worker's
-    own heartbeat to the coordination service (which lives in worker 0) times out; Horovod raises ``HorovodInternalError`` when a peer
-    vanishes from a Gloo/MPI collective. Their tracebacks say nothing a user can act on.
+    own heartbeat to the coordination service (which lives in worker 0) times out. Horovod
+    raises ``HorovodInternalError`` (elastic) or an ``UnknownError`` "Horovod has been shut
+    down" (Gloo's 30 s receive timeout, a broken MPI peer) when a peer vanishes. Their
+    tracebacks say nothing a user can act on.
     """
-    if type(error).__name__ not in _COLLECTIVE_ERRORS:
-        return None
     text = str(getattr(error, "message", None) or error)
+    horovod_down = type(error).__name__ == "UnknownError" and "Horovod has been shut down" in text
+    if type(error).__name__ not in _COLLECTIVE_ERRORS and not horovod_down:
+        return None
     tasks = sorted({int(t) for t in _TASK.findall(text)} - {rank})
     if tasks:
         who = f"worker {', '.join(map(str, tasks))}"

@@ -266,7 +266,9 @@ def test_a_diverging_run_stops_with_exit_4_or_skips_on_every_replica(tmp_path):
     assert stop.returncode == 4, stop.stderr
     assert "non-finite values at step" in stop.stderr and "Traceback" not in stop.stderr
     assert "training.on_nonfinite: skip" in stop.stderr
-    assert "variable 'tower/" in stop.stderr or "the loss is not finite" in stop.stderr
+    # The reduced gradient of a model variable, the loss, or (a finite gradient that made
+    # Adam's moments overflow) an optimizer slot: named either way.
+    assert "variable '" in stop.stderr or "the loss is not finite" in stop.stderr
     step = int(stop.stderr.split("non-finite values at step ")[1].split(":")[0])
     latest = tf.train.latest_checkpoint(str(tmp_path / "stop" / "checkpoints"))
     assert latest is None or int(latest.rsplit("-", 1)[1]) < step
