@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launchers", default="horovodrun,mpirun,multiworker")
     p.add_argument("--faults", default="SIGKILL,SIGSTOP")
     p.add_argument("--rank", type=int, default=1)
-    p.add_argument("--stall-timeout", type=float, default=30.0)
+    p.add_argument("--stall-timeout", type=float, default=20.0)
     p.add_argument("--restart", action="store_true", help="measure a --max-restarts restart only")
     p.add_argument("--checkpoint-every", type=int, default=20)
     a = p.parse_args(argv)

@@ -201,7 +201,7 @@ _TRAINING = {
     "deterministic": Field("bool", False),
     "seed": Field("int", 0),
     # issue 11: seconds without a peer's heartbeat before the job is aborted (exit 3)
-    "stall_timeout": Field("float", 30.0, minimum=5.0),
+    "stall_timeout": Field("float", 20.0, minimum=5.0),
     # issue 11: what a non-finite loss / reduced gradient does (dist_share/nonfinite.py)
     "on_nonfinite": Field("str", "stop", choices=("stop", "skip")),
 }

@@ -37,7 +37,7 @@ from pathlib import Path
 from dist_share.errors import EXIT_PEER_LOST, PeerLost
 
 HEARTBEAT_DIR = ".heartbeats"
-DEFAULT_STALL_TIMEOUT = 30.0
+DEFAULT_STALL_TIMEOUT = 20.0
 
 
 def _exit_process(code: int) -> None:  # replaced in unit tests of the decision logic
