@@ -450,3 +450,46 @@ def test_bad_npz_files_are_rejected_naming_file_and_stream(tmp_path, case):
     assert out.returncode == 2, out.stderr
     assert needle in out.stderr and "data.npz" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_metrics_lines_are_strict_json_and_a_resume_drops_the_replayed_steps(tmp_path):
+    import json
+
+    line = rundir.metrics_line({"split": "train", "step": 7, "loss": float("nan"),
+                                "x": [float("inf"), 1.0], "ok": 2.5})  # fmt: skip
+    assert json.loads(line) == {"split": "train", "step": 7, "loss": None, "x": [None, 1.0],
+                                "ok": 2.5}  # fmt: skip
+    assert "NaN" not in line and "Infinity" not in line
+    path = tmp_path / "metrics.jsonl"
+    records = [{"split": "train", "step": s} for s in range(1, 9)]
+    records.insert(5, {"split": "eval", "step": 5})
+    path.write_text("".join(rundir.metrics_line(r) + "\n" for r in records))
+    assert rundir.truncate_metrics(path, 5) == 3  # steps 6, 7, 8 are trained again
+    kept = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in kept] == [("train", s) for s in range(1, 6)] + [
+        ("eval", 5)
+    ]
+    assert (
+        rundir.truncate_metrics(path, 5) == 0 and rundir.truncate_metrics(tmp_path / "no", 1) == 0
+    )
+
+
+def test_collective_errors_become_exit_3_naming_the_worker():
+    import tensorflow as tf
+
+    frozen_chief = tf.errors.DeadlineExceededError(
+        None, None, "Collective ops is aborted by: Deadline Exceeded\nRPC: "
+        "/tensorflow.CoordinationService/Heartbeat"
+    )  # fmt: skip
+    lost = watchdog.as_peer_lost(frozen_chief, rank=1)
+    assert lost.exit_code == 3
+    assert lost.message.startswith("worker 0 (it runs TensorFlow's coordination service) died")
+    unhealthy = tf.errors.UnavailableError(
+        None, None, "The following tasks are unhealthy (stopped sending heartbeats):\n"
+        "/job:worker/replica:0/task:1"
+    )  # fmt: skip
+    assert watchdog.as_peer_lost(unhealthy, rank=0).message.startswith("worker 1 died")
+    gloo = tf.errors.UnknownError(None, None, "Horovod has been shut down. This was caused by")
+    assert watchdog.as_peer_lost(gloo, rank=0).message.startswith("a peer rank died")
+    assert watchdog.as_peer_lost(tf.errors.UnknownError(None, None, "other"), rank=0) is None
+    assert watchdog.as_peer_lost(ValueError("x"), rank=0) is None
