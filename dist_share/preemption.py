@@ -112,7 +112,22 @@ def agree_any(strategy: Any, flag: bool) -> bool:
         return strategy.allreduce_host_sum({"flag": float(flag)})["flag"] > 0
     import tensorflow as tf
 
-    tf_strategy = strategy.tf_strategy
-    value = tf.constant(1.0 if flag else 0.0)
-    per_replica = tf_strategy.run(lambda: tf.identity(value))
-    return float(tf_strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)) > 0
+    return float(_sum_over_workers(strategy.tf_strategy)(tf.constant(float(flag)))) > 0
+
+
+_SUM_FNS: dict[int, Any] = {}
+
+
+def _sum_over_workers(tf_strategy: Any) -> Any:
+    """A compiled cross-worker sum of one number (eager collectives are slow and warn per call)."""
+    fn = _SUM_FNS.get(id(tf_strategy))
+    if fn is None:
+        import tensorflow as tf
+
+        @tf.function
+        def fn(value: Any) -> Any:
+            per_replica = tf_strategy.run(tf.identity, args=(value,))
+            return tf_strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        _SUM_FNS[id(tf_strategy)] = fn
+    return fn
