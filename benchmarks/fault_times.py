@@ -3,6 +3,7 @@
     python -m benchmarks.fault_times                       # every launcher, SIGKILL and SIGSTOP
     python -m benchmarks.fault_times --launchers multiworker --faults SIGSTOP --rank 0
     python -m benchmarks.fault_times --restart            # steps lost on a --max-restarts restart
+    python -m benchmarks.fault_times --preempt            # SIGTERM: where it stops, time to save
 
 Each case starts a real 2-process ``dist-share launch`` job of the small siamese config
 (tests/workers/fault_jobs.py), waits until step 6 is logged, sends the signal to one rank (found
@@ -93,6 +94,29 @@ def restart_case(every: int) -> dict[str, Any]:
     }
 
 
+def preempt_case() -> dict[str, Any]:
+    """Multi-worker, SIGTERM to worker 1 after step 5: the step all stopped at, the save time."""
+    run_dir = Path(tempfile.mkdtemp(prefix="fault_preempt_")) / "run"
+    job = fault_jobs.Job(
+        "multiworker", run_dir, ["--steps", "400", "--set", "checkpoint.every=100"]
+    )
+    try:
+        job.wait_for_step(5)
+        os.kill(job.rank_pid(1), signal.SIGTERM)
+        t0 = time.monotonic()
+        code = job.wait()
+        elapsed = time.monotonic() - t0
+    finally:
+        job.close()
+    message = next(x for x in job.output().splitlines() if "after the signal" in x)
+    return {
+        "case": "multiworker x2, SIGTERM to worker 1",
+        "exit_code": code,
+        "message": message,
+        "seconds_signal_to_launcher_exit": round(elapsed, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--launchers", default="horovodrun,mpirun,multiworker")
@@ -101,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall-timeout", type=float, default=20.0)
     p.add_argument("--restart", action="store_true", help="measure a --max-restarts restart only")
     p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--preempt", action="store_true", help="measure a preemption only")
     a = p.parse_args(argv)
     rows = []
     if a.restart:
         rows.append(restart_case(a.checkpoint_every))
+    elif a.preempt:
+        rows.append(preempt_case())
     else:
         for launcher in a.launchers.split(","):
             for fault in a.faults.split(","):
