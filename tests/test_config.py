@@ -52,7 +52,7 @@ def test_defaults_are_filled_from_a_minimal_config() -> None:
             "grouped_allreduce": True,
             "sparse_as_dense": False,
         },
-        "sparse": {"dedup": True, "dense_threshold": 0.5},
+        "sparse": {"dedup": True, "dense_threshold": 0.5, "dense_switch": "measured"},
     }
     assert cfg.model.tower.block["type"] == "conv2d"
     assert cfg.model.loss == {"type": "contrastive", "margin": 1.0}
