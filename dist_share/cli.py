@@ -1,7 +1,10 @@
 """``dist-share``: train, evaluate, export, check configs, and launch distributed jobs.
 
-Exit codes: 0 success; 2 bad config or usage (the message names the key path, and no run
-directory is left behind); 1 runtime failure (a traceback follows); 130 interrupted.
+Exit codes (docs/RELIABILITY.md): 0 success; 1 runtime failure; 2 bad config, data or usage
+(the message names the key path, and no run directory is left behind); 3 a peer process died or
+stopped answering; 4 non-finite loss or gradient; 75 preempted (SIGTERM: every rank stopped at
+the same step and it was saved); 130 interrupted. After 1, 3 and 75, running the same command
+again resumes from the newest checkpoint.
 
 TensorFlow is imported only by the subcommands that need it, so ``--help`` and ``launch`` start
 fast; Horovod is imported only by the ``horovod`` strategy, inside ``train``.
@@ -23,9 +26,16 @@ from dist_share import __version__, launching, rundir
 from dist_share import config as config_lib
 from dist_share import data as data_lib
 from dist_share.config import Config
-from dist_share.errors import ConfigError, DataError
+from dist_share.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    DataError,
+    JobError,
+)
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STRATEGY_NAMES = config_lib.STRATEGIES
 
 
@@ -101,10 +111,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     existed = run_dir.exists()
     mode = rundir.check(run_dir, cfg, args.overwrite)
     run = _Run(cfg)
-    if run.strategy.is_chief:
-        rundir.prepare(run_dir, cfg, mode)
+    # One live run per directory: the chief holds the lock (the kernel frees it however the
+    # process ends), taken before `prepare` may clear a run being overwritten.
+    run_lock = rundir.lock(run_dir) if run.strategy.is_chief else None
     trainer = None
     try:
+        if run.strategy.is_chief:
+            rundir.prepare(run_dir, cfg, mode)
         trainer = run.trainer(run_dir)
         with _input_errors(run):
             result = trainer.train(run.train_fn, run.eval_fn)
@@ -117,6 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if run_lock is not None:
+            run_lock.release()
     step = int(trainer.global_step.numpy())
     _say(run.strategy, f"final eval (step {step}): {_format_metrics(result)}")
     _say(run.strategy, f"run directory: {run_dir}")
@@ -272,7 +287,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
             for w in workers:
                 print(launching.format_worker(w))
             return EXIT_OK
-        return launching.run_multiworker(workers)
+        return launching.run_with_restarts(
+            lambda: launching.run_multiworker(workers), args.max_restarts
+        )
     if args.launcher == "horovodrun":
         argv = launching.horovodrun_command(
             hosts,
@@ -290,7 +307,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if shutil.which(argv[0]) is None:
         raise UsageError(f"{argv[0]} is not on PATH")
-    return launching.run(argv)
+    return launching.run_with_restarts(lambda: launching.run(argv), args.max_restarts)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -298,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-share",
         description="Train shared-weight multi-stream models data-parallel (tf.distribute or Horovod).",
-        epilog="exit codes: 0 ok, 2 bad config or usage, 1 runtime failure, 130 interrupted",
+        epilog="exit codes: 0 ok, 1 runtime failure, 2 bad config or usage, 3 a peer process "
+        "was lost, 4 non-finite values, 75 preempted (checkpoint saved), 130 interrupted; "
+        "rerun after 1, 3 or 75 to resume",
     )
     parser.add_argument("--version", action="version", version=f"dist-share {__version__}")
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
@@ -393,6 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the command(s) instead of running them"
     )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=int(os.environ.get("MAX_RESTARTS", "0") or 0),
+        metavar="K",
+        help="relaunch a job that failed (exit 1 or 3, or a rank killed by a signal) up to K "
+        "times, with a back-off of 5 s doubling to 120 s; it resumes from the last checkpoint "
+        "(default: $MAX_RESTARTS or 0)",
+    )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=cmd_launch)
     return parser
@@ -406,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, UsageError) as e:
         print(f"dist-share {args.command_name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except JobError as e:
+        print(f"dist-share {args.command_name}: error: {e.message}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("dist-share: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

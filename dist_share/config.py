@@ -209,6 +209,11 @@ class TrainingConfig:
     eval_batches: int | None = option(None, positive=True)
     deterministic: bool = False
     seed: int = 0
+    # Seconds without a peer's heartbeat before the job is ended (exit 3; watchdog.py). Below
+    # Gloo's own 30 s receive timeout, so the message that names the rank comes first.
+    stall_timeout: float = option(20.0, minimum=5.0)
+    # What a non-finite loss or reduced gradient does (nonfinite.py): end the run, or skip it.
+    on_nonfinite: str = option("stop", choices=("stop", "skip"))
 
 
 @dataclasses.dataclass(frozen=True)

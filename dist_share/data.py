@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dist_share import records
+from dist_share import datacheck, records
 from dist_share.errors import ConfigError, DataError
 from dist_share.families import Arrays
 
@@ -236,6 +236,8 @@ def _read_npz(path: Path, key: str, data: DataConfig) -> Arrays:
             f"{path} holds {len(arrays)} streams {sorted(arrays)} but family {family.name} with "
             f"this config expects {len(want)} streams {want}{hint}",
         )
+    if len(labels) == 0:
+        raise ConfigError(key, f"{path} holds no examples ('labels' is empty)")
     family.check_labels(labels, f"{key} ({path}, 'labels')")
     feats = {}
     for name in want:
@@ -244,6 +246,7 @@ def _read_npz(path: Path, key: str, data: DataConfig) -> Arrays:
             raise DataError(
                 f"{path}: stream {name!r} has {len(a)} examples but 'labels' has {len(labels)}"
             )
+        datacheck.check_stream(path, name, a)  # strings, NaN and inf, named before training
         feats[name] = a.astype(family.stream_dtype(name), copy=False)
     return feats, labels.astype(family.label_dtype, copy=False)
 

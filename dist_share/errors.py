@@ -26,3 +26,40 @@ def hint(key: object, known: Iterable[object], what: str = "known keys") -> str:
     if close:
         return f"; did you mean {close[0]!r}?"
     return f"; {what}: " + ", ".join(known)
+
+
+# Exit codes of ``dist-share`` (README, docs/RELIABILITY.md). 3 and 75 mean "rerun to resume".
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PEER_LOST = 3
+EXIT_NONFINITE = 4
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the checkpoint is saved, rerun the same command
+EXIT_INTERRUPTED = 130
+
+
+class JobError(RuntimeError):
+    """A run ended for a reason the user can act on; the CLI prints ``message`` (no traceback)
+    and exits with ``exit_code``. What was kept on disk is said in the message."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class RunDirBusy(ConfigError):
+    """Another live process holds the run directory's lock (exit 2: choose another --run-dir)."""
+
+
+class CheckpointWriteError(JobError):
+    """A checkpoint could not be written (full disk, read-only or vanished directory)."""
+
+
+class PeerLost(JobError):
+    """Another rank of the job died or stopped answering; this rank aborts (exit 3)."""
+
+    exit_code = EXIT_PEER_LOST

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dist_share import datacheck
 from dist_share.errors import ConfigError, hint
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class SiameseFamily(TowerFamily):
         return {"left": images[left], "right": images[right]}, same.astype(np.float32)
 
     def check_labels(self, labels: np.ndarray, where: str) -> None:
-        _check_binary(labels, where)
+        datacheck.check_binary_labels(labels, where, self.name)
 
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
         from dist_share import heads, losses
@@ -251,7 +252,7 @@ class MultiviewFamily(TowerFamily):
         return rng.integers(0, 10, n).astype(np.int32)
 
     def check_labels(self, labels: np.ndarray, where: str) -> None:
-        _check_integer_classes(labels, where)
+        datacheck.check_class_labels(labels, where, self.name)
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
         from dist_share import data as data_lib
@@ -290,7 +291,7 @@ class TwoTowerFamily(Family):
         return "int32"
 
     def check_labels(self, labels: np.ndarray, where: str) -> None:
-        _check_binary(labels, where)
+        datacheck.check_binary_labels(labels, where, self.name)
 
     def model_defaults(self) -> dict:
         return {
@@ -409,24 +410,6 @@ class TwoTowerFamily(Family):
             "in_batch_top1": losses.InBatchTop1(),
         }
         return heads.StackPair(name="pair")(embeddings), metrics
-
-
-def _check_binary(labels: np.ndarray, where: str) -> None:
-    if not np.issubdtype(labels.dtype, np.number) and labels.dtype != np.bool_:
-        raise ConfigError(where, f"labels have dtype {labels.dtype}, expected numbers 0 or 1")
-    values = np.unique(labels)
-    bad = values[(values != 0) & (values != 1)]
-    if bad.size:
-        raise ConfigError(where, f"labels must be 0 or 1 for this family, found {bad[:5].tolist()}")
-
-
-def _check_integer_classes(labels: np.ndarray, where: str) -> None:
-    if not np.issubdtype(labels.dtype, np.number):
-        raise ConfigError(where, f"labels have dtype {labels.dtype}, expected integer classes")
-    if labels.size and (labels.min() < 0 or not np.all(np.mod(labels, 1) == 0)):
-        raise ConfigError(
-            where, f"labels must be integer classes >= 0, found {labels.min()!r} and others"
-        )
 
 
 REGISTRY: dict[str, Family] = {

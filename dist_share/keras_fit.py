@@ -21,6 +21,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dist_share import nonfinite, preemption
 from dist_share.data import DatasetFn, train_input
 from dist_share.errors import ConfigError
 from dist_share.gradients import set_optimizer_reduction
@@ -107,6 +108,7 @@ class RunCallback(keras.callbacks.Callback):
         self.ckpt_every = loop.config.checkpoint.every
         self.eval_fn = eval_fn
         self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.preempted: preemption.Preempted | None = None
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         state, logger = self.loop.state, self.loop.logger
@@ -123,8 +125,28 @@ class RunCallback(keras.callbacks.Callback):
             metrics = self.loop.evaluator.evaluate(self.eval_fn)
             logger.log("eval", self.step, metrics)
             self.last_eval = (self.step, metrics)
+        # fit runs no code of ours between a step's gradient and its update, so a non-finite
+        # loss can only stop the run (TrainState.save keeps non-finite values off the disk).
+        # One small collective per step lets every process decide alike, for that and for
+        # SIGTERM.
+        loss = float(logs.get("loss", 0.0)) if logs else 0.0
+        flags = preemption.agree(
+            self.loop.strategy,
+            {"nonfinite": not np.isfinite(loss), "stop": self.loop.preemption.requested},
+        )
+        if flags["nonfinite"]:
+            raise nonfinite.NonFiniteError(
+                nonfinite.describe(self.step, loss, None, state.latest_checkpoint()).replace(
+                    "The update was not applied", "The run stopped"
+                )
+            )
         if self.ckpt_every and self.step % self.ckpt_every == 0:
             state.save()
+        elif flags["stop"] and self.step < self.loop.config.training.steps:
+            self.preempted = self.loop.preemption.stop(
+                self.step, state.save, state.checkpoint_directory
+            )
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs:
@@ -132,7 +154,8 @@ class RunCallback(keras.callbacks.Callback):
             logs.update(self.loop.last_logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        self.loop.state.save()
+        if self.preempted is None:  # a preempted run saved its step already
+            self.loop.state.save()
 
     def _average(self, logs: dict) -> dict[str, float]:
         """Keras's logs are running means; where they are per process, average them."""
@@ -171,6 +194,11 @@ class FitLoop:
             raise ConfigError(
                 "training.steps_per_loop", "keras_fit supports only 1; use loop: custom"
             )
+        if tc.on_nonfinite == "skip":
+            raise ConfigError(
+                "training.on_nonfinite",
+                "keras_fit can only stop at a non-finite loss (skip needs loop: custom)",
+            )
         if tc.mixed_precision and state.strategy.gradient_backend == "horovod":
             raise ConfigError(
                 "training.mixed_precision", "not supported with loop: keras_fit under horovod"
@@ -182,6 +210,7 @@ class FitLoop:
         self.chief_callbacks: list[keras.callbacks.Callback] = []
         self.last_logs: dict[str, float] = {}
         self.start_step = 0
+        self.preemption = preemption.PreemptionGuard(self.strategy)
 
     def train(
         self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
@@ -210,9 +239,12 @@ class FitLoop:
         show = strategy.is_chief and self.config.logging.progress_bar and self.logger.is_tty
         verbose = 1 if show else 0
         if steps > start:
-            self._fit(data, steps - start, callbacks, verbose)
+            with self.preemption:
+                self._fit(data, steps - start, callbacks, verbose)
         strategy.sync_non_trainable(model.non_trainable_variables)
         strategy.barrier()  # the chief's final checkpoint is complete before anyone reads it
+        if run.preempted is not None:
+            raise run.preempted
         if eval_dataset_fn is None:
             return {}
         if run.last_eval is not None and run.last_eval[0] == steps:

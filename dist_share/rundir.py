@@ -14,14 +14,24 @@ mixing the checkpoints and metrics of two experiments silently is worse than an 
 that do not change what is being trained are exempt, so that a run can be extended
 (``training.steps``) or resumed under another strategy or with other logging.
 
-Files are written to a temporary name and renamed, so a crash never leaves half a config.
+Files are written to a temporary name and renamed, so a crash never leaves half a config, and
+get the permissions ``open()`` would give them (umask), like every other file of the run.
+
+One run directory, one live run: `lock` takes an exclusive ``flock`` on ``RUN_DIR/.lock``. The
+kernel drops it when the holder exits however it exits (SIGKILL, OOM, a crash), so a dead run
+never leaves the directory stuck; a second ``train`` is refused while the first is alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
+import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,10 +40,13 @@ import yaml
 
 from dist_share import config as config_lib
 from dist_share.config import Config
-from dist_share.errors import ConfigError
+from dist_share.errors import CheckpointWriteError, ConfigError, RunDirBusy
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"
+# Bookkeeping of a live run, not results: ignored when deciding whether a directory is empty.
+HIDDEN = (LOCK_FILE, ".heartbeats")
 # What a run writes; --overwrite removes exactly these and nothing else the user put there.
 ARTIFACTS = (CONFIG_FILE, METRICS_FILE, "checkpoints", "tensorboard", "export")
 # Keys that may differ when continuing a run: they change how long or where, not what, it trains.
@@ -43,6 +56,8 @@ RESUMABLE_KEYS = (
     "training.eval_every",
     "training.eval_batches",
     "training.steps_per_loop",
+    "training.stall_timeout",
+    "training.on_nonfinite",
     "strategy",
     "logging",
     "checkpoint",
@@ -59,6 +74,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file what open() would (0666 minus the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -83,6 +100,126 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held until `release` or the process's exit."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise `RunDirBusy` naming the holder (pid, host, start time)."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise unwritable(self.run_dir, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise RunDirBusy(
+                "--run-dir",
+                f"{self.run_dir} is in use by {self._holder()}; "
+                "wait for that run to end, stop it, or choose another --run-dir",
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "another process"
+        return f"pid {info.get('pid')} on {info.get('host')} (since {info.get('since')})"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock(run_dir: str | os.PathLike) -> RunLock:
+    """Lock ``run_dir`` for this process (the chief of a job): ``with rundir.lock(d): ...``."""
+    return RunLock(run_dir).acquire()
+
+
+def _has_results(run_dir: Path) -> bool:
+    return any(p.name not in HIDDEN for p in run_dir.iterdir())
+
+
+def remove_partial_checkpoints(directory: str | os.PathLike) -> list[str]:
+    """Delete what an interrupted ``CheckpointManager.save`` leaves: ``ckpt-N_temp*/`` shard
+    directories and ``.tmp`` index files. Returns the names removed."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        if "_temp" in p.name or ".tmp" in p.name:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def save_checkpoint(manager, step: int) -> str:
+    """``manager.save(step)`` that fails cleanly: on an I/O error (full disk, read-only or
+    vanished directory) the partial files are removed and `CheckpointWriteError` says which
+    checkpoint is still the newest complete one, instead of TensorFlow's traceback.
+
+    Safe because CheckpointManager writes shards under temporary names and rewrites its index
+    (``checkpoint``) last: until then the previous checkpoint is the one a resume reads.
+    """
+    import tensorflow as tf
+
+    try:
+        return manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as e:
+        directory = Path(manager.directory)
+        remove_partial_checkpoints(directory)
+        reason = getattr(e, "message", None) or str(e)
+        reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
+        previous = tf.train.latest_checkpoint(str(directory))
+        kept = (
+            f"the previous checkpoint {Path(previous).name} is intact; rerun to resume from it"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of step {step} to {directory}: {reason}. "
+            f"Partial files removed; {kept}."
+        ) from None
 
 
 def read_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
@@ -114,7 +251,7 @@ def check(run_dir: str | os.PathLike, cfg: Config, overwrite: bool = False) -> s
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("--run-dir", f"{run_dir} exists and is not a directory")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or not _has_results(run_dir):
         return "new"
     if overwrite:
         return "overwrite"
@@ -146,12 +283,25 @@ def check(run_dir: str | os.PathLike, cfg: Config, overwrite: bool = False) -> s
 def prepare(run_dir: str | os.PathLike, cfg: Config, mode: str) -> None:
     """Create the run directory (or clear a run being overwritten) and save the resolved config."""
     run_dir = Path(run_dir)
-    if mode == "overwrite":
-        for name in ARTIFACTS:
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, config_lib.dump(cfg))
+    try:
+        if mode == "overwrite":
+            for name in ARTIFACTS:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, config_lib.dump(cfg))
+    except OSError as e:
+        raise unwritable(run_dir, e) from None
+
+
+def unwritable(run_dir: str | os.PathLike, error: OSError) -> ConfigError:
+    """The error for a run directory that cannot be created or written (exit 2, nothing lost)."""
+    where = f" ({error.filename})" if error.filename else ""
+    return ConfigError(
+        "--run-dir",
+        f"cannot write the run directory {run_dir}: {error.strerror or error}{where}; "
+        "choose a writable --run-dir",
+    )

@@ -39,9 +39,9 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from dist_share import keras_fit
+from dist_share import keras_fit, nonfinite, preemption, rundir, watchdog
 from dist_share.data import check_element_spec, train_input
-from dist_share.errors import ConfigError, DataError
+from dist_share.errors import ConfigError, DataError, JobError
 from dist_share.gradients import take_over_reduction
 from dist_share.strategies import DatasetFn, Strategy
 
@@ -154,6 +154,17 @@ class TrainState:
         if self.checkpoint_directory is None:
             return None
         self.strategy.sync_non_trainable(self.model.non_trainable_variables)
+        # Never let a NaN checkpoint push the good ones out of the kept set. The state is the
+        # same on every process, so every process raises alike (before any collective save).
+        bad = nonfinite.first_nonfinite_variable(
+            list(self.model.variables) + list(self.optimizer.variables)
+        )
+        if bad is not None:
+            raise nonfinite.NonFiniteError(
+                nonfinite.describe(
+                    self.step, None, bad, self.latest_checkpoint(), after_update=True
+                )
+            )
         target = self.strategy.checkpoint_dir(str(self.checkpoint_directory))
         if target is None:
             return None
@@ -161,9 +172,16 @@ class TrainState:
             self._manager = tf.train.CheckpointManager(
                 self._checkpoint, target, max_to_keep=self.checkpoint_config.keep
             )
-        path = self._manager.save(checkpoint_number=self.step)
+        path = rundir.save_checkpoint(self._manager, self.step)
         self.strategy.cleanup_checkpoint_dir(target)
         return path if self.strategy.is_chief else None
+
+    def latest_checkpoint(self) -> str | None:
+        """The name of the newest complete checkpoint (``ckpt-200``), or None."""
+        if self.checkpoint_directory is None:
+            return None
+        latest = tf.train.latest_checkpoint(str(self.checkpoint_directory))
+        return Path(latest).name if latest else None
 
     def restore(self) -> int:
         """Restore the newest readable checkpoint (older ones if the newest is damaged), make
@@ -183,7 +201,7 @@ class TrainState:
                     errors.append(f"{path}: {e}")
             else:
                 if paths:
-                    raise RuntimeError(
+                    raise JobError(
                         "no readable checkpoint in "
                         f"{directory} (set checkpoint.resume: false to start over):\n"
                         + "\n".join(errors)
@@ -474,11 +492,20 @@ class CustomLoop:
         self._loss_denominator = float(
             self.global_batch if self.strategy.gradient_op == "sum" else per_replica
         )
+        self.on_nonfinite = tc.on_nonfinite
+        # Mixed precision: the loss-scale optimizer already skips overflowed steps (and lowers
+        # the scale); that is normal, so the guard then watches the loss only.
+        self._guard_gradients = not tc.mixed_precision
+        self.nonfinite_skipped = 0
+        self.stop_requested = False
+        self.preemption = preemption.PreemptionGuard(self.strategy)
         self._train_fn = None
         self.last_logs: dict[str, float] = {}
 
     # -- replica computations ------------------------------------------------------------
-    def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _replica_train_step(
+        self, features: Any, labels: tf.Tensor, stop_requested: tf.Tensor
+    ) -> dict[str, tf.Tensor]:
         model, optimizer = self.state.model, self.state.optimizer
         tvars = model.trainable_variables
         k = self.grad_accum
@@ -502,14 +529,31 @@ class CustomLoop:
             grads = [_add_grads(a, b) for a, b in zip(grads, step_grads, strict=True)]
             totals = {n: totals.get(n, 0.0) + v for n, v in sums.items()}
         reduced, nbytes = self.strategy.reduce_gradients(grads)
-        optimizer.apply(reduced, tvars)
+        if self._guard_gradients:
+            # The reduced gradient is the same on every replica, so every replica decides alike.
+            bad = nonfinite.first_nonfinite(reduced)
+            nonfinite.apply_if(optimizer, reduced, tvars, bad < 0)
+        else:
+            optimizer.apply(reduced, tvars)
+            bad = tf.constant(-1, tf.int32)
+        flagged = bad >= 0
+        if self.on_nonfinite == "skip":
+            # A skipped step (or one whose local loss overflowed) is left out of the logged means.
+            drop = tf.logical_or(flagged, tf.logical_not(tf.math.is_finite(totals["loss"])))
+            totals = {k: tf.where(drop, tf.zeros_like(v), v) for k, v in totals.items()}
+        # Ride along the logs' reduction (no extra collective): summed over the replicas, these
+        # say whether the step was flagged and which variable was first (index + 1), and whether
+        # any process was asked to stop (SIGTERM).
+        totals["nonfinite_steps"] = tf.cast(flagged, tf.float32)
+        totals["nonfinite_variable"] = tf.cast(bad + 1, tf.float32)
+        totals["stop_requested"] = tf.identity(stop_requested)  # a per-replica value
         totals["comm_bytes_per_step"] = tf.cast(nbytes, tf.float32)
         return totals
 
-    def _one_step(self, iterator: Any) -> dict[str, tf.Tensor]:
+    def _one_step(self, iterator: Any, stop_requested: tf.Tensor) -> dict[str, tf.Tensor]:
         features, labels = next(iterator)
         out = self.strategy.reduce_sum(
-            self.strategy.run(self._replica_train_step, (features, labels))
+            self.strategy.run(self._replica_train_step, (features, labels, stop_requested))
         )
         # Counted in the graph: a host-side assign per step costs more than the op.
         self.state.global_step.assign_add(1)
@@ -521,25 +565,60 @@ class CustomLoop:
         if self._train_fn is not None:
             return
 
+        stop_at_nonfinite = self.on_nonfinite == "stop"
+
         @tf.function
-        def train_fn(iterator: Any, num_steps: tf.Tensor) -> dict[str, tf.Tensor]:
-            totals = self._one_step(iterator)
+        def train_fn(
+            iterator: Any, num_steps: tf.Tensor, stop_requested: tf.Tensor
+        ) -> dict[str, tf.Tensor]:
+            totals = self._one_step(iterator, stop_requested)
             for _ in tf.range(num_steps - 1):
-                totals = tf.nest.map_structure(tf.add, totals, self._one_step(iterator))
+                if stop_at_nonfinite and totals["nonfinite_steps"] > 0:
+                    break  # the same sum on every replica: all leave the loop together
+                totals = tf.nest.map_structure(
+                    tf.add, totals, self._one_step(iterator, stop_requested)
+                )
             return totals
 
         self._train_fn = train_fn
 
     def train_step(self, iterator: Any, num_steps: int = 1) -> dict[str, float]:
-        """``num_steps`` optimizer steps over global batches; returns their mean logs."""
+        """``num_steps`` optimizer steps over global batches; returns their mean logs.
+
+        Raises:
+            NonFiniteError: ``on_nonfinite: stop`` and a step's reduced gradient or loss was
+                not finite (its update was not applied; the remaining steps were not run).
+        """
+        requested = tf.constant(float(self.preemption.requested), tf.float32)
         out = {
             k: float(v)
-            for k, v in self._train_fn(iterator, tf.constant(num_steps, tf.int32)).items()
+            for k, v in self._train_fn(
+                iterator, tf.constant(num_steps, tf.int32), requested
+            ).items()
         }
+        replicas = self.strategy.num_replicas
+        flagged = round(out.pop("nonfinite_steps") / replicas)
+        variable = round(out.pop("nonfinite_variable") / replicas)
+        self.stop_requested = out.pop("stop_requested") > 0
         count = out.pop("count")
         nbytes = out.pop("comm_bytes_per_step")
-        logs = {k: v / count for k, v in out.items()}
-        logs["comm_bytes_per_step"] = nbytes / (self.strategy.num_replicas * num_steps)
+        logs = {k: v / count if count else float("nan") for k, v in out.items()}
+        logs["comm_bytes_per_step"] = nbytes / (replicas * num_steps)
+        loss_ok = math.isfinite(out.get("loss", 0.0))
+        if self.on_nonfinite == "skip":
+            self.nonfinite_skipped += flagged
+            logs["nonfinite_skipped"] = float(self.nonfinite_skipped)
+        elif flagged or not loss_ok:
+            names = [v.path for v in self.state.model.trainable_variables]
+            name = names[variable - 1] if flagged and 0 < variable <= len(names) else None
+            raise nonfinite.NonFiniteError(
+                nonfinite.describe(
+                    self.state.step,
+                    out.get("loss", float("nan")) / max(count, 1.0),
+                    name,
+                    self.state.latest_checkpoint(),
+                )
+            )
         return logs
 
     def train_loop_end(self) -> None:
@@ -563,6 +642,10 @@ class CustomLoop:
         self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
     ) -> dict[str, float]:
         """Train from the restored step to ``training.steps``; returns the final eval metrics."""
+        with self.preemption:
+            return self._train(train_dataset_fn, eval_dataset_fn)
+
+    def _train(self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None) -> dict:
         tc = self.config.training
         start = self.state.restore()
         self.start_step = start
@@ -595,6 +678,12 @@ class CustomLoop:
             every = self.config.checkpoint.every
             if (every and step % every == 0) or step == self.steps:
                 self.state.save()
+            elif self.stop_requested:  # every process saw the same sum: all stop here
+                stopped = self.preemption.stop(
+                    step, self.state.save, self.state.checkpoint_directory
+                )
+                self.train_loop_end()  # nobody exits before the chief's checkpoint is on disk
+                raise stopped
         if eval_on and (not result or self.steps % max(tc.eval_every, 1)):
             result = self.evaluate(eval_dataset_fn, step)
         self.train_loop_end()
@@ -673,8 +762,35 @@ class Trainer:
     def train(
         self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
     ) -> dict[str, float]:
-        """Train to ``training.steps`` (resuming from the last checkpoint); final eval metrics."""
-        return self.loop.train(train_dataset_fn, eval_dataset_fn)
+        """Train to ``training.steps`` (resuming from the last checkpoint); final eval metrics.
+
+        With several processes and a run directory, every process beats a heartbeat file there
+        and watches the others' (`watchdog.Heartbeat`): a peer that dies or freezes ends this
+        process within ``training.stall_timeout`` seconds, naming the peer (exit 3).
+
+        Raises:
+            PeerLost: a collective failed because another process died or stopped answering.
+            Preempted: SIGTERM; every process stopped at the same step and it was saved.
+            NonFiniteError: ``training.on_nonfinite: stop`` met a non-finite loss or gradient.
+        """
+        heartbeat = None
+        if self.state.run_dir is not None:
+            heartbeat = watchdog.Heartbeat(
+                self.state.run_dir,
+                self.strategy.rank,
+                self.strategy.world_size,
+                self.config.training.stall_timeout,
+            ).start()
+        try:
+            return self.loop.train(train_dataset_fn, eval_dataset_fn)
+        except Exception as e:
+            lost = watchdog.as_peer_lost(e, self.strategy.rank)
+            if lost is None:
+                raise
+            raise lost from None
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
 
     def evaluate(self, eval_dataset_fn: DatasetFn, step: int | None = None) -> dict[str, float]:
         """Evaluate the current model and log the result at ``step`` (default: the current one)."""

@@ -1,8 +1,13 @@
 # shellcheck shell=bash
 # Sourced by the launch scripts. `run CMD...` executes CMD, or with DRY_RUN=1 prints it as one
 # shell-quoted line (exactly what would run, quoted like Python's shlex.join) and returns.
+# MAX_RESTARTS=K relaunches a job that failed (exit 1, 3 or killed by a signal) up to K times,
+# after RESTART_BACKOFF (default 5) seconds, doubling up to 120; the trainer resumes from the
+# last checkpoint. Like `dist-share launch --max-restarts K`. 2, 4, 75 and 130 end at once.
 DRY_RUN="${DRY_RUN:-0}"
 DIST_SHARE="${DIST_SHARE:-dist-share}"   # the CLI; e.g. /opt/venv/bin/dist-share
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+RESTART_BACKOFF="${RESTART_BACKOFF:-5}"
 
 quote() {
   case "$1" in
@@ -16,9 +21,33 @@ run() {
     local out="" arg
     for arg in "$@"; do out+="$(quote "$arg") "; done
     printf '%s\n' "${out% }"
-  else
+  elif [ "$MAX_RESTARTS" = 0 ]; then
     exec "$@"
+  else
+    run_with_restarts "$@"
   fi
+}
+
+run_with_restarts() {
+  local attempt=0 delay="$RESTART_BACKOFF" code
+  while true; do
+    code=0
+    "$@" || code=$?
+    case "$code" in
+      0 | 2 | 4 | 75 | 130) return "$code" ;;
+    esac
+    if [ "$code" -gt 128 ]; then code=3; fi   # killed by a signal: a lost rank
+    if [ "$code" != 1 ] && [ "$code" != 3 ]; then return "$code"; fi
+    if [ "$attempt" -ge "$MAX_RESTARTS" ]; then
+      printf '%s: giving up after %s restart(s); last exit code %s\n' "$(basename "$0")" "$MAX_RESTARTS" "$code" >&2
+      return "$code"
+    fi
+    attempt=$((attempt + 1))
+    printf '%s: job failed with exit code %s; restart %s/%s in %s s (resumes from the last checkpoint)\n' \
+      "$(basename "$0")" "$code" "$attempt" "$MAX_RESTARTS" "$delay" >&2
+    sleep "$delay"
+    delay=$((delay * 2 > 120 ? 120 : delay * 2))
+  done
 }
 
 die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 2; }

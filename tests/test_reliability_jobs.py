@@ -1,0 +1,335 @@
+"""Faults in real training jobs: a rank killed or frozen under horovodrun, mpirun and
+multi-worker, an automatic restart that resumes exactly, a full disk while checkpointing, and
+two runs on one run directory. Every job has a timeout and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+
+from fault_jobs import CONFIG, EXE, SMALL, TIMEOUT, Job, checkpoint_values, env  # noqa: E402
+
+
+def _assert_same_variables(want_dir: Path, got_dir: Path) -> None:
+    want, got = checkpoint_values(want_dir), checkpoint_values(got_dir)
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(1500)
+def test_multiworker_kill_restart_and_preemption_resume_exactly(tmp_path):
+    """One uninterrupted 2-worker run is the reference for two interrupted ones:
+
+    * SIGKILL of worker 1: the launcher names it and exits 3; --max-restarts relaunches, the
+      job resumes from the last checkpoint;
+    * SIGTERM to worker 1 only: both workers stop after the same step, the chief saves that
+      step, the job exits 75; the same command run again resumes.
+
+    Both end with variables equal (1e-6) to the reference and metrics.jsonl holds each step once.
+    """
+    steps = ["--steps", "60", "--set", "checkpoint.every=10"]
+    reference = Job("multiworker", tmp_path / "reference", steps)
+    assert reference.wait() == 0, reference.output()
+
+    faulty = Job("multiworker", tmp_path / "faulty", steps, ["--max-restarts", "1"])
+    try:
+        at_kill = faulty.wait_for_step(13)
+        pid = faulty.rank_pid(1)
+        os.kill(pid, signal.SIGKILL)
+        assert faulty.wait() == 0, faulty.output()
+    finally:
+        faulty.close()
+    out = faulty.output()
+    assert f"worker 1 (localhost, pid {pid}) was killed by SIGKILL" in out
+    assert "job failed with exit code 3; restart 1/1" in out
+    assert not faulty.leftovers()
+    assert faulty.steps() == list(range(1, 61)), "each step once after the resume"
+    print(f"SIGKILL at step >= {at_kill}; resumed from step 10: {at_kill - 10}+ steps redone")
+    _assert_same_variables(tmp_path / "reference", tmp_path / "faulty")
+
+    preempted = Job("multiworker", tmp_path / "preempted", steps)
+    try:
+        preempted.wait_for_step(13)
+        os.kill(preempted.rank_pid(1), signal.SIGTERM)
+        assert preempted.wait() == 75, preempted.output()
+    finally:
+        preempted.close()
+    out = preempted.output()
+    assert "rank 1 got SIGTERM; stopping at the next step boundary" in out
+    stopped = int(out.split("every rank stopped after step ")[1].split()[0])
+    assert stopped > 13 and stopped % 10, out  # not a regular checkpoint step: saved for this
+    import tensorflow as tf
+
+    latest = tf.train.latest_checkpoint(str(tmp_path / "preempted" / "checkpoints"))
+    assert latest.endswith(f"ckpt-{stopped}"), latest
+    assert not preempted.leftovers()
+    resumed = Job("multiworker", tmp_path / "preempted", steps)
+    assert resumed.wait() == 0, resumed.output()
+    assert resumed.steps() == list(range(1, 61)), "each step once after the resume"
+    _assert_same_variables(tmp_path / "reference", tmp_path / "preempted")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "launcher,fault,rank",
+    [
+        # A frozen chief is the hard case for MultiWorkerMirrored: TensorFlow's coordination
+        # service, which notices a worker that stops heart-beating, runs inside the chief.
+        ("multiworker", "SIGSTOP", 0),
+        ("horovodrun", "SIGSTOP", 1),
+        ("mpirun", "SIGSTOP", 0),
+        ("horovodrun", "SIGKILL", 1),
+        ("mpirun", "SIGKILL", 1),
+    ],
+)
+def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault, rank):
+    """The job exits 3 within stall_timeout plus tear-down, names the rank, leaves no process,
+    and the newest checkpoint is readable."""
+    args = [
+        "--steps",
+        "100000",
+        "--set",
+        "checkpoint.every=3",
+        "--set",
+        "training.stall_timeout=10",
+    ]
+    job = Job(launcher, tmp_path / "run", args)
+    try:
+        job.wait_for_step(4)
+        time.sleep(1.5)  # a few more beats of every rank after its start-up
+        pid = job.rank_pid(rank)
+        os.kill(pid, getattr(signal, fault))
+        t0 = time.monotonic()
+        code = job.wait(timeout=TIMEOUT)
+        elapsed = time.monotonic() - t0
+    finally:
+        job.close()
+    out = job.output()
+    print(f"{launcher} {fault} rank {rank}: job exited {code} {elapsed:.1f} s after the fault")
+    assert code == 3, out
+    if fault == "SIGSTOP":
+        named = f"rank {rank} (pid {pid} on" in out and "stopped answering" in out
+        named = named or f"worker {rank} died or stopped answering" in out
+        named = named or f"worker {rank} (it runs TensorFlow's coordination service)" in out
+        assert named, out
+        assert elapsed < 10 + 50, out  # the bound: stall_timeout + beats + launcher tear-down
+    assert not job.leftovers(), f"processes left: {job.leftovers()}"
+    assert checkpoint_values(job.run_dir)  # the newest checkpoint reads
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 6 MB tmpfs (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.fail("the full-disk test mounts a tmpfs and needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _train(run_dir: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [EXE, "train", CONFIG, "--run-dir", str(run_dir), *SMALL, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_full_disk_while_checkpointing_fails_clearly_and_keeps_the_previous_one(small_tmpfs):
+    run = small_tmpfs / "run"
+    first = _train(run, "--steps", "3", "--set", "checkpoint.every=3")
+    assert first.returncode == 0, first.stderr
+    filler = small_tmpfs / "filler"
+    # Leave 16 KB: metrics lines fit, a checkpoint (about 100 KB) does not.
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - 16 * 1024))
+    full = _train(run, "--steps", "6", "--set", "checkpoint.every=3")
+    assert full.returncode == 1, full.stderr
+    assert "could not write the checkpoint of step 6" in full.stderr
+    assert "No space left on device" in full.stderr
+    assert "the previous checkpoint ckpt-3 is intact; rerun to resume from it" in full.stderr
+    assert "Traceback" not in full.stderr and len(full.stderr.splitlines()) < 10, full.stderr
+    assert not [p.name for p in (run / "checkpoints").iterdir() if "_temp" in p.name]
+    filler.unlink()
+    again = _train(run, "--steps", "6", "--set", "checkpoint.every=3")
+    assert again.returncode == 0, again.stderr
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "ckpt-6.index" in names and "ckpt-3.index" in names
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_second_train_on_a_busy_run_dir_is_refused_and_a_killed_run_frees_it(tmp_path):
+    run = tmp_path / "run"
+    cmd = [EXE, "train", CONFIG, "--run-dir", str(run), *SMALL, "--set", "checkpoint.every=5"]
+    first = subprocess.Popen([*cmd, "--steps", "100000"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env(),
+                             start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "checkpoints" / "ckpt-5.index").exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run([*cmd, "--steps", "100000"], capture_output=True, text=True,
+                                timeout=TIMEOUT, env=env())  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by pid {first.pid} on" in second.stderr
+        lines_before = len((run / "metrics.jsonl").read_text().splitlines())
+        assert lines_before > 0
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    import tensorflow as tf
+
+    saved = int(tf.train.latest_checkpoint(str(run / "checkpoints")).rsplit("-", 1)[1])
+    last = subprocess.run([*cmd, "--steps", str(saved + 2)], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env())  # fmt: skip
+    assert last.returncode == 0, last.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]  # fmt: skip
+    assert steps == list(range(1, saved + 3)), "each step once after the resume"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_keras_fit_preemption_saves_and_resumes_exactly(tmp_path):
+    """The Keras fit path: SIGTERM -> exit 75 with the checkpoint of the step it stopped at;
+    the rerun resumes and ends equal to an uninterrupted fit."""
+    fit = ["--set", "training.loop=keras_fit", "--set", "checkpoint.every=50", "--steps", "40"]
+    reference = _train(tmp_path / "reference", *fit)
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "run"
+    cmd = [EXE, "train", CONFIG, "--run-dir", str(run), *SMALL, *fit]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env(), start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 75
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "every rank stopped after step" in err and "Traceback" not in err, err
+    stopped = int(err.split("every rank stopped after step ")[1].split()[0])
+    assert 0 < stopped < 40
+    again = _train(run, *fit)
+    assert again.returncode == 0, again.stderr
+    _assert_same_variables(tmp_path / "reference", run)
+
+
+def _strict_records(run_dir: Path) -> list[dict]:
+    def reject(token: str):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x, parse_constant=reject) for x in lines]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_diverging_run_stops_with_exit_4_or_skips_on_every_replica(tmp_path):
+    """learning_rate=1e8 goes NaN within a few steps. stop: exit 4 naming the step and the
+    variable, no non-finite checkpoint. skip (2 replicas, MirroredStrategy): the steps are
+    skipped alike on both replicas and counted; metrics.jsonl is strict JSON throughout."""
+    import tensorflow as tf
+
+    diverge = ["--set", "optimizer.learning_rate=1e8", "--set", "checkpoint.every=1"]
+    stop = _train(tmp_path / "stop", "--steps", "30", *diverge)
+    assert stop.returncode == 4, stop.stderr
+    assert "non-finite values at step" in stop.stderr and "Traceback" not in stop.stderr
+    assert "training.on_nonfinite: skip" in stop.stderr
+    # The reduced gradient of a model variable, the loss, or (a finite gradient that made
+    # Adam's moments overflow) an optimizer slot: named either way.
+    assert "variable '" in stop.stderr or "the loss is not finite" in stop.stderr
+    step = int(stop.stderr.split("non-finite values at step ")[1].split(":")[0])
+    latest = tf.train.latest_checkpoint(str(tmp_path / "stop" / "checkpoints"))
+    assert latest is None or int(latest.rsplit("-", 1)[1]) < step
+    if latest:
+        reader = tf.train.load_checkpoint(latest)
+        for k in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(k)
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                assert np.isfinite(value).all(), k
+    _strict_records(tmp_path / "stop")
+
+    skip = _train(tmp_path / "skip", "--steps", "12", *diverge, "--strategy", "mirrored",
+                  "--set", "strategy.num_cpu_devices=2", "--set", "training.on_nonfinite=skip",
+                  # clipped, Adam's steps stay finite (~lr); only the NaN gradients are skipped
+                  "--set", "optimizer.clipnorm=1.0")  # fmt: skip
+    assert skip.returncode == 0, skip.stderr
+    records = [r for r in _strict_records(tmp_path / "skip") if r["split"] == "train"]
+    assert records[-1]["step"] == 12 and records[-1]["nonfinite_skipped"] > 0
+    reader = tf.train.load_checkpoint(
+        tf.train.latest_checkpoint(str(tmp_path / "skip" / "checkpoints"))
+    )
+    for k in reader.get_variable_to_shape_map():
+        value = reader.get_tensor(k)
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            assert np.isfinite(value).all(), k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_missing_or_corrupt_checkpoints_and_indivisible_batches_are_named(tmp_path):
+    """evaluate/export of a run without a checkpoint: exit 2; with only an unreadable one:
+    exit 1 and a message, no traceback; a global batch the replicas cannot split: exit 2."""
+    from dist_share import config, rundir
+
+    run = tmp_path / "run"
+    cfg = config.load_config(CONFIG, [SMALL[i + 1] for i in range(0, len(SMALL), 2)])
+    rundir.prepare(run, cfg, "new")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=TIMEOUT,
+                              env=env())  # fmt: skip
+
+    for command in ("evaluate", "export"):
+        out = cli(command, str(run))
+        assert out.returncode == 2, out.stderr
+        assert f"has no checkpoint to {command}" in out.stderr and "Traceback" not in out.stderr
+    ckpts = run / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-5"\nall_model_checkpoint_paths: "ckpt-5"\n'
+    )
+    (ckpts / "ckpt-5.index").write_bytes(b"\x00garbage" * 10)
+    (ckpts / "ckpt-5.data-00000-of-00001").write_bytes(b"\x01" * 100)
+    out = cli("evaluate", str(run))
+    assert out.returncode == 1, out.stderr
+    assert "no readable checkpoint in" in out.stderr and "Traceback" not in out.stderr
+    assert "checkpoint.resume: false" in out.stderr
+
+    out = cli("train", CONFIG, "--run-dir", str(tmp_path / "odd"), *SMALL, "--steps", "2",
+              "--strategy", "mirrored", "--set", "strategy.num_cpu_devices=2",
+              "--set", "training.batch_size=15")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "training.batch_size" in out.stderr and "multiple of the 2 replicas" in out.stderr
+    assert not (tmp_path / "odd").exists()
