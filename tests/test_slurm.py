@@ -4,9 +4,9 @@ launch/slurm_horovod.sbatch (srun --mpi=pmix, and LAUNCHER=mpirun inside the all
 launch/slurm_multiworker.sbatch are submitted with sbatch, unchanged, with 2 tasks on the one
 node; only the #SBATCH resource lines are overridden on the sbatch command line (no GPUs here).
 Each job must complete, leave checkpoints and metrics.jsonl in its run directory, and end with
-the variables of one local process trained on the same config. (scancel -> the preemption
-path, SIGTERM -> save -> exit 75 -> resubmission resumes, waits for issue 11's SIGTERM handling
-in the trainer; its test comes with it.)
+the variables of one local process trained on the same config. scancel of a running job must
+take the preemption path: SIGTERM, every rank stops at one step, the chief saves, exit code 75;
+resubmitting the same job resumes from that step.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 from clusters.slurm import JobState, SlurmCluster
 from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT
 
+from dist_share.errors import EXIT_PREEMPTED
 from dist_share.launching import free_port
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
@@ -131,6 +132,51 @@ def test_sbatch_job_trains_like_one_local_process(
     print(f"{script} {env}: max |variable - local| = {moved:.2e}")
     assert moved < TOL, f"{script}: variables differ from the local run by {moved}"
     assert output.count("final eval") <= 1, "only the chief reports"
+
+
+@pytest.mark.timeout(2700)
+def test_scancel_preempts_saves_and_the_resubmitted_job_resumes(
+    slurm_cluster: SlurmCluster,
+) -> None:
+    """scancel sends SIGTERM to every task (KillWait = 60 s before SIGKILL): every rank stops at
+    the same step, the chief checkpoints that step and the job exits 75; the same sbatch line
+    again resumes from there and completes."""
+    steps = 200  # long enough to cancel mid-run on an idle machine, short on a busy one
+    args = [
+        *CLUSTER_TRAIN_ARGS,
+        "--set",
+        f"training.steps={steps}",
+        "--set",
+        "checkpoint.every=1000",
+    ]
+    run_dir = Path(tempfile.mkdtemp(prefix="slurm_scancel_")) / "run"
+    job_id, log = _submit(slurm_cluster, "slurm_horovod.sbatch", run_dir, args)
+    slurm_cluster.wait_until(job_id, {"RUNNING"}, timeout=120)
+    deadline = time.monotonic() + 600  # TensorFlow's start alone takes minutes on a busy machine
+    while not (run_dir / "metrics.jsonl").exists() or len(_train_records(run_dir)) < 3:
+        assert not slurm_cluster.job(job_id).finished, (
+            log.read_text()[-4000:] + slurm_cluster.logs()
+        )
+        assert time.monotonic() < deadline, "the job logged no training step in 600 s"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    slurm_cluster.scancel(job_id)
+    state = slurm_cluster.wait(job_id, timeout=120)
+    output = log.read_text()
+    print(f"scancel: job ended {time.monotonic() - t0:.1f} s after scancel: {state}")
+    assert state.state == "CANCELLED"
+    assert state.exit_code == EXIT_PREEMPTED, output[-4000:]
+    assert "Exited with exit code 75" in output, output[-4000:]
+    stopped_at, _ = tc.checkpoint_variables(run_dir)
+    logged = [r["step"] for r in _train_records(run_dir)]
+    assert 3 <= stopped_at < steps and max(logged) == stopped_at, (stopped_at, logged[-5:])
+
+    job_id, log = _submit(slurm_cluster, "slurm_horovod.sbatch", run_dir, args)
+    state = slurm_cluster.wait(job_id, timeout=1500)
+    assert (state.state, state.exit_code) == ("COMPLETED", 0), log.read_text()[-4000:]
+    final, _ = tc.checkpoint_variables(run_dir)
+    logged = [r["step"] for r in _train_records(run_dir)]
+    assert final == steps and logged == list(range(1, steps + 1)), "each step logged once"
 
 
 def test_a_stopped_cluster_leaves_nothing_running(tmp_path: Path) -> None:
