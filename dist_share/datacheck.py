@@ -51,7 +51,7 @@ def check_binary_labels(labels: np.ndarray, where: str, family: str) -> None:
     Raises:
         ConfigError: at ``where``, naming how many labels are wrong and the first one's index.
     """
-    values = _numeric_labels(labels, where, "1 = same / relevant, 0 = different / not")
+    values = _numeric_labels(labels, where, "0 or 1: 1 = same / relevant, 0 = different / not")
     bad = (values != 0) & (values != 1)
     if bad.any():
         found = np.unique(values[bad])[:5].tolist()
