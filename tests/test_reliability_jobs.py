@@ -82,44 +82,75 @@ def test_multiworker_kill_restart_and_preemption_resume_exactly(tmp_path):
     _assert_same_variables(tmp_path / "reference", tmp_path / "preempted")
 
 
+FAULT_CASES = [
+    # A frozen chief is the hard case for MultiWorkerMirrored: TensorFlow's coordination
+    # service, which notices a worker that stops heart-beating, runs inside the chief.
+    ("multiworker", "SIGSTOP", 0),
+    ("horovodrun", "SIGSTOP", 1),
+    ("mpirun", "SIGSTOP", 0),
+    ("horovodrun", "SIGKILL", 1),
+    ("mpirun", "SIGKILL", 1),
+]
+STALL_TIMEOUT = 10
+
+
+@pytest.fixture(scope="module")
+def fault_results(tmp_path_factory) -> dict:
+    """The five jobs run at the same time (most of a fault case is waiting: for a stall to be
+    noticed, for a launcher to tear down), each faulted as soon as it has trained a few steps.
+    Every job is timed from its own fault to its own exit."""
+    args = ["--steps", "100000", "--set", "checkpoint.every=3",
+            "--set", f"training.stall_timeout={STALL_TIMEOUT}"]  # fmt: skip
+    root = tmp_path_factory.mktemp("faults")
+    jobs = {case: Job(case[0], root / "-".join(map(str, case)), args) for case in FAULT_CASES}
+    results: dict = {}
+    try:
+        pending = dict(jobs)
+        deadline = time.monotonic() + TIMEOUT
+        faulted: dict = {}
+        while pending:
+            for case, job in list(pending.items()):
+                job.track()
+                if case not in faulted:
+                    done = job.steps()
+                    if done and done[-1] >= 4:
+                        time.sleep(1.5)  # a few more beats of every rank after its start-up
+                        pid = job.rank_pid(case[2])
+                        os.kill(pid, getattr(signal, case[1]))
+                        faulted[case] = (pid, time.monotonic())
+                    elif job.proc.poll() is not None:
+                        results[case] = {"error": f"ended early:\n{job.output()}"}
+                        del pending[case]
+                elif job.proc.poll() is not None:
+                    pid, t0 = faulted[case]
+                    results[case] = {"code": job.proc.returncode, "pid": pid,
+                                     "elapsed": time.monotonic() - t0,
+                                     "leftovers": job.record_survivors()}  # fmt: skip
+                    del pending[case]
+            if time.monotonic() > deadline:
+                for case, job in pending.items():
+                    results[case] = {"error": f"still running after {TIMEOUT} s:\n{job.output()}"}
+                break
+            time.sleep(0.1)
+    finally:
+        for job in jobs.values():
+            job.close()
+    for case, job in jobs.items():
+        results[case].update(output=job.output(), run_dir=job.run_dir)
+    return results
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "launcher,fault,rank",
-    [
-        # A frozen chief is the hard case for MultiWorkerMirrored: TensorFlow's coordination
-        # service, which notices a worker that stops heart-beating, runs inside the chief.
-        ("multiworker", "SIGSTOP", 0),
-        ("horovodrun", "SIGSTOP", 1),
-        ("mpirun", "SIGSTOP", 0),
-        ("horovodrun", "SIGKILL", 1),
-        ("mpirun", "SIGKILL", 1),
-    ],
-)
-def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault, rank):
+@pytest.mark.timeout(TIMEOUT + 120)
+@pytest.mark.parametrize("launcher,fault,rank", FAULT_CASES)
+def test_a_dead_or_frozen_rank_ends_the_job(fault_results, launcher, fault, rank):
     """The job exits 3 within stall_timeout plus tear-down, names the rank, leaves no process,
     and the newest checkpoint is readable."""
-    args = [
-        "--steps",
-        "100000",
-        "--set",
-        "checkpoint.every=3",
-        "--set",
-        "training.stall_timeout=10",
-    ]
-    job = Job(launcher, tmp_path / "run", args)
-    try:
-        job.wait_for_step(4)
-        time.sleep(1.5)  # a few more beats of every rank after its start-up
-        pid = job.rank_pid(rank)
-        os.kill(pid, getattr(signal, fault))
-        t0 = time.monotonic()
-        code = job.wait(timeout=TIMEOUT)
-        elapsed = time.monotonic() - t0
-    finally:
-        job.close()
-    out = job.output()
+    result = fault_results[(launcher, fault, rank)]
+    out = result["output"]
+    assert "error" not in result, result.get("error")
+    code, pid, elapsed = result["code"], result["pid"], result["elapsed"]
     print(f"{launcher} {fault} rank {rank}: job exited {code} {elapsed:.1f} s after the fault")
     assert code == 3, out
     if fault == "SIGSTOP":
@@ -127,9 +158,10 @@ def test_a_dead_or_frozen_rank_ends_the_job(tmp_path, launcher, fault, rank):
         named = named or f"worker {rank} died or stopped answering" in out
         named = named or f"worker {rank} (it runs TensorFlow's coordination service)" in out
         assert named, out
-        assert elapsed < 10 + 50, out  # the bound: stall_timeout + beats + launcher tear-down
-    assert not job.leftovers(), f"processes left: {job.leftovers()}"
-    assert checkpoint_values(job.run_dir)  # the newest checkpoint reads
+        # the bound: stall_timeout + beats + launcher tear-down
+        assert elapsed < STALL_TIMEOUT + 50, out
+    assert not result["leftovers"], f"processes left: {result['leftovers']}"
+    assert checkpoint_values(result["run_dir"])  # the newest checkpoint reads
 
 
 @pytest.fixture
@@ -298,23 +330,25 @@ def test_a_diverging_run_stops_with_exit_4_or_skips_on_every_replica(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_missing_or_corrupt_checkpoints_and_indivisible_batches_are_named(tmp_path):
+def test_missing_or_corrupt_checkpoints_and_indivisible_batches_are_named(tmp_path, capsys):
     """evaluate/export of a run without a checkpoint: exit 2; with only an unreadable one:
-    exit 1 and a message, no traceback; a global batch the replicas cannot split: exit 2."""
-    from dist_share import config, rundir
+    exit 1 and a message, no traceback; a global batch the replicas cannot split: exit 2.
+    evaluate/export run through the CLI's entry point in this process (local strategy, no
+    TensorFlow start-up per call); the mirrored train needs a fresh process for its devices."""
+    from dist_share import cli, config, rundir
 
     run = tmp_path / "run"
     cfg = config.load_config(CONFIG, [SMALL[i + 1] for i in range(0, len(SMALL), 2)])
     rundir.prepare(run, cfg, "new")
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=TIMEOUT,
-                              env=env())  # fmt: skip
+    def cli_here(*args: str) -> tuple[int, str]:
+        code = cli.main(list(args))
+        return code, capsys.readouterr().err
 
     for command in ("evaluate", "export"):
-        out = cli(command, str(run))
-        assert out.returncode == 2, out.stderr
-        assert f"has no checkpoint to {command}" in out.stderr and "Traceback" not in out.stderr
+        code, err = cli_here(command, str(run))
+        assert code == 2, err
+        assert f"has no checkpoint to {command}" in err and "Traceback" not in err
     ckpts = run / "checkpoints"
     ckpts.mkdir()
     (ckpts / "checkpoint").write_text(
@@ -322,14 +356,16 @@ def test_missing_or_corrupt_checkpoints_and_indivisible_batches_are_named(tmp_pa
     )
     (ckpts / "ckpt-5.index").write_bytes(b"\x00garbage" * 10)
     (ckpts / "ckpt-5.data-00000-of-00001").write_bytes(b"\x01" * 100)
-    out = cli("evaluate", str(run))
-    assert out.returncode == 1, out.stderr
-    assert "no readable checkpoint in" in out.stderr and "Traceback" not in out.stderr
-    assert "checkpoint.resume: false" in out.stderr
+    for command in ("evaluate", "export"):
+        code, err = cli_here(command, str(run))
+        assert code == 1, err
+        assert "no readable checkpoint in" in err and "Traceback" not in err, err
+        assert "checkpoint.resume: false" in err
 
-    out = cli("train", CONFIG, "--run-dir", str(tmp_path / "odd"), *SMALL, "--steps", "2",
-              "--strategy", "mirrored", "--set", "strategy.num_cpu_devices=2",
-              "--set", "training.batch_size=15")  # fmt: skip
+    cmd = [EXE, "train", CONFIG, "--run-dir", str(tmp_path / "odd"), *SMALL, "--steps", "2",
+           "--strategy", "mirrored", "--set", "strategy.num_cpu_devices=2",
+           "--set", "training.batch_size=15"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env())
     assert out.returncode == 2, out.stderr
     assert "training.batch_size" in out.stderr and "multiple of the 2 replicas" in out.stderr
     assert not (tmp_path / "odd").exists()

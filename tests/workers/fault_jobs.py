@@ -66,6 +66,7 @@ class Job:
         )  # fmt: skip
         self.started = time.monotonic()
         self.seen: set[int] = set()
+        self.survivors: list[int] | None = None
 
     def track(self) -> None:
         try:
@@ -115,9 +116,20 @@ class Job:
                 time.sleep(0.1)
                 if time.monotonic() - self.started > timeout:
                     raise TimeoutError(f"job still running after {timeout} s:\n{self.output()}")
+            self.record_survivors()
             return self.proc.returncode
         finally:
             self.close()
+
+    def record_survivors(self, grace: float = 10.0) -> list[int]:
+        """Once the launcher has exited: the tracked processes still alive after ``grace`` s
+        (what `leftovers` reports; `close` kills them afterwards, so it must come first)."""
+        deadline = time.monotonic() + grace
+        while True:
+            self.survivors = self._alive()
+            if not self.survivors or time.monotonic() > deadline:
+                return self.survivors
+            time.sleep(0.1)
 
     def close(self) -> None:
         """Kill whatever is left (SIGCONT first: a stopped process ignores the rest)."""
@@ -134,6 +146,12 @@ class Job:
             self._out.close()
 
     def leftovers(self) -> list[int]:
+        """Processes of the job that outlived its launcher (see `record_survivors`)."""
+        if self.survivors is None:
+            raise AssertionError("record_survivors() was not called when the launcher exited")
+        return self.survivors
+
+    def _alive(self) -> list[int]:
         alive = []
         for pid in self.seen:
             try:
