@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 from fault_jobs import CONFIG, EXE, SMALL, env  # noqa: E402
 
+from dist_share import processes  # noqa: E402
+
 TIMEOUT = 840
 STEPS, COMMIT_EVERY = 400, 5
 
@@ -179,3 +181,55 @@ def test_elastic_training_survives_a_lost_worker_and_takes_a_new_one(tmp_path):
         f"{after_loss['steps_redone']:.0f} steps (commit_every={COMMIT_EVERY}); the new worker "
         f"joined at step {joined[0]['step']}"
     )
+
+
+_RUN_ERRORS = """
+import horovod.tensorflow as hvd, keras, tensorflow as tf
+from dist_share import elastic
+hvd.init()
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+optimizer = keras.optimizers.Adam()
+step = tf.Variable(0, dtype=tf.int64)
+state = elastic.make_state(model, optimizer, extra_variables=[step], epoch=0)
+calls = []
+
+def lost_once(state):
+    calls.append(1)
+    step.assign_add(3)
+    state.epoch += 1
+    if len(calls) == 1:  # what a collective with a lost peer raises
+        raise tf.errors.UnknownError(None, None, "Horovod has been shut down. This was caused...")
+    return "done"
+
+assert elastic.run(lost_once, state) == "done"
+# rolled back once: the step and the attribute were restored before the second call
+assert (state.restores, int(step.numpy()), state.epoch) == (1, 3, 1), (state.restores, step, state.epoch)
+
+def pipeline_fails(state):
+    raise tf.errors.UnknownError(None, None, "a py_function in the input pipeline failed")
+
+try:
+    elastic.run(pipeline_fails, state)
+except tf.errors.UnknownError:
+    print("propagated")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(400)
+def test_elastic_run_rolls_back_on_a_lost_peer_and_propagates_other_errors(tmp_path):
+    """A failed collective rolls the state back (variables and attributes) and trains again;
+    any other TensorFlow UnknownError propagates (Horovod 0.28.1's own TF wrapper returns None
+    for it, as if training had finished). One elastic worker: the reset re-forms a job of one."""
+    discover = tmp_path / "discover.sh"
+    discover.write_text("#!/bin/sh\necho localhost:1\n")
+    discover.chmod(0o755)
+    script = tmp_path / "errors.py"
+    script.write_text(_RUN_ERRORS)
+    cmd = ["horovodrun", "-np", "1", "--min-np", "1", "--max-np", "1", "--host-discovery-script",
+           str(discover), "--network-interface", "lo", sys.executable, str(script)]  # fmt: skip
+    env = processes.worker_env({"PYTHONPATH": str(Path(__file__).parents[1])})
+    result = processes.run_job(cmd, env=env, timeout=360)
+    assert result.returncode == 0, result.output[-4000:]
+    assert "propagated" in result.output, result.output[-4000:]
