@@ -175,11 +175,15 @@ def test_elastic_training_survives_a_lost_worker_and_takes_a_new_one(tmp_path):
     assert abs(checksum - end["variables_checksum"]) <= 1e-9 * abs(checksum)
     # The heartbeat watchdog (which would abort the survivors) is off under elastic.
     assert not (run_dir / ".heartbeats").exists()
+    alone = [r for r in train if r["workers"] == 1]
     print(
         f"elastic reset: metrics.jsonl at step {killed_at} when worker 1 was killed; the "
         f"survivor rolled back to the commit of step {after_loss['step']}, redoing "
-        f"{after_loss['steps_redone']:.0f} steps (commit_every={COMMIT_EVERY}); the new worker "
-        f"joined at step {joined[0]['step']}"
+        f"{after_loss['steps_redone']:.0f} steps (commit_every={COMMIT_EVERY}); it trained "
+        f"steps {alone[0]['step']}-{alone[-1]['step']} alone in "
+        f"{alone[-1]['time'] - alone[0]['time']:.1f} s; the new worker joined at step "
+        f"{joined[0]['step']}, {joined[0]['time'] - alone[-1]['time']:.0f} s after the "
+        "survivor's last step alone"
     )
 
 
