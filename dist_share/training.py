@@ -790,7 +790,8 @@ class Trainer:
         """
         heartbeat = None
         # Elastic Horovod carries on without a lost worker: no watchdog may end the survivors.
-        if self.state.run_dir is not None and not getattr(self.loop, "survives_lost_workers", 0):
+        elastic = getattr(self.loop, "survives_lost_workers", False)
+        if self.state.run_dir is not None and not elastic:
             heartbeat = watchdog.Heartbeat(
                 self.state.run_dir,
                 self.strategy.rank,
