@@ -143,6 +143,8 @@ def test_elastic_training_survives_a_lost_worker_and_takes_a_new_one(tmp_path):
         # 2. the node "disappears": gone from the host list, its worker killed
         victim = _worker_on(proc, "127.0.0.1")
         assert victim is not None, log.read_text()[-8000:]
+        # Horovod orders the hosts itself: the victim may be rank 0 (then the chief changes).
+        victim_rank = psutil.Process(victim).environ().get("HOROVOD_RANK")
         hosts.write_text("localhost:1\n")
         os.kill(victim, signal.SIGKILL)
         # the survivor rolls back to its last commit and re-forms the job alone
@@ -193,7 +195,8 @@ def test_elastic_training_survives_a_lost_worker_and_takes_a_new_one(tmp_path):
     assert not (run_dir / ".heartbeats").exists()
     alone = [r for r in train if r["workers"] == 1]
     print(
-        f"elastic reset: metrics.jsonl at step {killed_at} when worker 1 was killed; the "
+        f"elastic reset: metrics.jsonl at step {killed_at} when the worker on 127.0.0.1 (rank "
+        f"{victim_rank}) was killed; the "
         f"survivor rolled back to the commit of step {after_loss['step']}, redoing "
         f"{after_loss['steps_redone']:.0f} steps (commit_every={COMMIT_EVERY}); it trained "
         f"steps {alone[0]['step']}-{alone[-1]['step']} alone in "
