@@ -240,7 +240,7 @@ except tf.errors.UnknownError:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(660)
 def test_elastic_run_rolls_back_on_a_lost_peer_and_propagates_other_errors(tmp_path):
     """A failed collective rolls the state back (variables and attributes) and trains again;
     any other TensorFlow UnknownError propagates (Horovod 0.28.1's own TF wrapper returns None
@@ -253,6 +253,6 @@ def test_elastic_run_rolls_back_on_a_lost_peer_and_propagates_other_errors(tmp_p
     cmd = ["horovodrun", "-np", "1", "--min-np", "1", "--max-np", "1", "--host-discovery-script",
            str(discover), "--network-interface", "lo", sys.executable, str(script)]  # fmt: skip
     env = processes.worker_env({"PYTHONPATH": str(Path(__file__).parents[1])})
-    result = processes.run_job(cmd, env=env, timeout=360)
+    result = processes.run_job(cmd, env=env, timeout=600)  # 289 s seen at load average ~7
     assert result.returncode == 0, result.output[-4000:]
     assert "propagated" in result.output, result.output[-4000:]
