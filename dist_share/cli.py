@@ -279,6 +279,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         hosts = launching.parse_hosts(args.hosts)
     else:
         hosts = [launching.Host("localhost", args.np or 1)]
+    elastic = _elastic_launch(args)
+    if elastic is not None and args.launcher != "horovodrun":
+        raise UsageError(
+            "--min-np, --max-np and --host-discovery-script need --launcher horovodrun"
+        )
     if args.launcher == "multiworker":
         if args.np is not None and args.np != launching.total_slots(hosts):
             raise UsageError("-np must equal the total slots for multiworker (one worker per slot)")
@@ -299,6 +304,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             args.network_interface,
             args.ssh_port,
             hostfile=args.hostfile,
+            elastic=elastic,
         )
     else:
         argv = launching.mpirun_command(hosts, command, args.np, args.network_interface)
@@ -308,6 +314,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if shutil.which(argv[0]) is None:
         raise UsageError(f"{argv[0]} is not on PATH")
     return launching.run_with_restarts(lambda: launching.run(argv), args.max_restarts)
+
+
+def _elastic_launch(args: argparse.Namespace) -> launching.ElasticLaunch | None:
+    """horovodrun's elastic flags, if any was given."""
+    given = (args.min_np, args.max_np, args.host_discovery_script, args.blacklist_cooldown_range)
+    if all(v is None for v in given):
+        return None
+    if args.host_discovery_script and (args.hosts or args.hostfile):
+        raise UsageError("give --host-discovery-script or --hosts/--hostfile, not both")
+    cooldown = args.blacklist_cooldown_range
+    return launching.ElasticLaunch(
+        min_np=args.min_np,
+        max_np=args.max_np,
+        host_discovery_script=args.host_discovery_script,
+        blacklist_cooldown_range=tuple(cooldown) if cooldown else None,
+    )
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -420,6 +442,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="relaunch a job that failed (exit 1 or 3, or a rank killed by a signal) up to K "
         "times, with a back-off of 5 s doubling to 120 s; it resumes from the last checkpoint "
         "(default: $MAX_RESTARTS or 0)",
+    )
+    elastic = p.add_argument_group(
+        "elastic Horovod (horovodrun over Gloo; train with --set strategy.horovod.elastic=true)"
+    )
+    elastic.add_argument(
+        "--min-np", type=int, help="fewest workers to train with (fewer: wait for hosts)"
+    )
+    elastic.add_argument("--max-np", type=int, help="most workers the job grows to")
+    elastic.add_argument(
+        "--host-discovery-script",
+        metavar="SCRIPT",
+        help="executable printing the available HOST:SLOTS lines (run every second; replaces "
+        "--hosts); -np is then the number to start with (default --min-np)",
+    )
+    elastic.add_argument(
+        "--blacklist-cooldown-range",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="seconds a host whose worker failed stays out (default: for good)",
     )
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=cmd_launch)

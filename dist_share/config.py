@@ -222,6 +222,10 @@ class HorovodConfig:
     op: str = option("average", choices=("average", "sum"))
     grouped_allreduce: bool = True
     sparse_as_dense: bool = False
+    # Elastic Horovod (elastic.py): workers may leave and join while the job runs (horovodrun
+    # --min-np/--max-np/--host-discovery-script); the state is committed every commit_every steps.
+    elastic: bool = False
+    commit_every: int = option(10, positive=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,6 +113,48 @@ def _check_np(hosts: Sequence[Host], num_proc: int | None) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class ElasticLaunch:
+    """horovodrun's elastic flags (train with ``strategy.horovod.elastic: true``).
+
+    Attributes:
+        min_np: fewest workers the job trains with (below it, it waits for hosts).
+        max_np: most workers it grows to.
+        host_discovery_script: prints the available ``host:slots`` lines; run every second.
+        blacklist_cooldown_range: (min, max) seconds a host whose worker failed stays out;
+            None: for good (Horovod's default).
+    """
+
+    min_np: int | None = None
+    max_np: int | None = None
+    host_discovery_script: str | None = None
+    blacklist_cooldown_range: tuple[int, int] | None = None
+
+    def check(self) -> None:
+        if self.min_np is not None and self.min_np < 1:
+            raise ConfigError("--min-np", f"must be at least 1, got {self.min_np}")
+        if self.min_np is not None and self.max_np is not None and self.max_np < self.min_np:
+            raise ConfigError("--max-np", f"{self.max_np} is below --min-np {self.min_np}")
+        if self.host_discovery_script and not os.access(self.host_discovery_script, os.X_OK):
+            raise ConfigError(
+                "--host-discovery-script",
+                f"{self.host_discovery_script} is not an executable file",
+            )
+
+    def arguments(self) -> list[str]:
+        argv: list[str] = []
+        if self.min_np is not None:
+            argv += ["--min-np", str(self.min_np)]
+        if self.max_np is not None:
+            argv += ["--max-np", str(self.max_np)]
+        if self.host_discovery_script:
+            argv += ["--host-discovery-script", self.host_discovery_script]
+        if self.blacklist_cooldown_range:
+            low, high = self.blacklist_cooldown_range
+            argv += ["--blacklist-cooldown-range", str(low), str(high)]
+        return argv
+
+
 def horovodrun_command(
     hosts: Sequence[Host],
     command: Sequence[str],
@@ -121,12 +163,28 @@ def horovodrun_command(
     network_interface: str | None = None,
     ssh_port: int | None = None,
     hostfile: str | None = None,
+    elastic: ElasticLaunch | None = None,
 ) -> list[str]:
-    """``horovodrun -np N -H h1:s1,h2:s2 --gloo|--mpi [--network-interface IF] COMMAND``."""
-    n = _check_np(hosts, num_proc)
-    argv = ["horovodrun", "-np", str(n)]
-    argv += ["--hostfile", hostfile] if hostfile else ["-H", ",".join(map(str, hosts))]
+    """``horovodrun -np N -H h1:s1,h2:s2 --gloo|--mpi [--network-interface IF] COMMAND``.
+
+    With ``elastic``: ``--min-np``/``--max-np`` and, if given, ``--host-discovery-script``
+    (then no ``-H``: the script names the hosts, and ``-np`` is the number to start with,
+    default ``--min-np``). Horovod runs elastic jobs over Gloo only.
+    """
+    if elastic is not None:
+        if transport != "gloo":
+            raise ConfigError("--transport", "elastic horovodrun jobs run over Gloo only")
+        elastic.check()
+    if elastic is not None and elastic.host_discovery_script:
+        n = num_proc or elastic.min_np or 1
+        argv = ["horovodrun", "-np", str(n)]
+    else:
+        n = _check_np(hosts, num_proc)
+        argv = ["horovodrun", "-np", str(n)]
+        argv += ["--hostfile", hostfile] if hostfile else ["-H", ",".join(map(str, hosts))]
     argv.append("--gloo" if transport == "gloo" else "--mpi")
+    if elastic is not None:
+        argv += elastic.arguments()
     if network_interface:
         argv += ["--network-interface", network_interface]
     if ssh_port:

@@ -183,9 +183,10 @@ class TrainState:
         latest = tf.train.latest_checkpoint(str(self.checkpoint_directory))
         return Path(latest).name if latest else None
 
-    def restore(self) -> int:
+    def restore(self, broadcast: bool = True) -> int:
         """Restore the newest readable checkpoint (older ones if the newest is damaged), make
-        every process's state the chief's, and return the step."""
+        every process's state the chief's (unless ``broadcast`` is False: elastic Horovod
+        broadcasts in its own sync, which a joining worker must meet first), return the step."""
         directory = self.checkpoint_directory
         if directory is not None and self.checkpoint_config.resume:
             state = tf.train.get_checkpoint_state(str(directory))
@@ -207,9 +208,10 @@ class TrainState:
                         + "\n".join(errors)
                     )
         # Horovod: make rank 0's state (restored or freshly initialised) everyone's.
-        self.strategy.broadcast_variables(
-            list(self.model.variables) + list(self.optimizer.variables) + [self.global_step]
-        )
+        if broadcast:
+            self.strategy.broadcast_variables(
+                list(self.model.variables) + list(self.optimizer.variables) + [self.global_step]
+            )
         return self.step
 
 
@@ -646,10 +648,22 @@ class CustomLoop:
             return self._train(train_dataset_fn, eval_dataset_fn)
 
     def _train(self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None) -> dict:
-        tc = self.config.training
         start = self.state.restore()
         self.start_step = start
         self.logger.open(start)
+        result = self._train_from(start, train_dataset_fn, eval_dataset_fn)
+        self.train_loop_end()
+        return result
+
+    def step_boundary(self, step: int) -> None:
+        """Called at every loop boundary, after its logs, evaluation and checkpoint (elastic
+        Horovod commits its state here)."""
+
+    def _train_from(
+        self, start: int, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None
+    ) -> dict[str, float]:
+        """The step loop from ``start``: its own input iterator, logs, eval and checkpoints."""
+        tc = self.config.training
         names = self.state.spec.stream_names
         dist = self.strategy.distribute_dataset(train_input(train_dataset_fn, start, names))
         iterator = iter(dist)
@@ -684,9 +698,9 @@ class CustomLoop:
                 )
                 self.train_loop_end()  # nobody exits before the chief's checkpoint is on disk
                 raise stopped
+            self.step_boundary(step)
         if eval_on and (not result or self.steps % max(tc.eval_every, 1)):
             result = self.evaluate(eval_dataset_fn, step)
-        self.train_loop_end()
         return result
 
     def evaluate(self, eval_dataset_fn: DatasetFn, step: int) -> dict[str, float]:
@@ -736,7 +750,7 @@ class Trainer:
             progress=config.logging.progress_bar,
         )
         self.evaluator = Evaluator(self.state, config.training.eval_batches)
-        loop_cls = loop or LOOPS[config.training.loop]
+        loop_cls = loop or loop_class(config)
         self.loop = loop_cls(self.state, self.logger, self.evaluator, config)
 
     @property
@@ -766,7 +780,8 @@ class Trainer:
 
         With several processes and a run directory, every process beats a heartbeat file there
         and watches the others' (`watchdog.Heartbeat`): a peer that dies or freezes ends this
-        process within ``training.stall_timeout`` seconds, naming the peer (exit 3).
+        process within ``training.stall_timeout`` seconds, naming the peer (exit 3). Not under
+        elastic Horovod: there the survivors of a lost worker roll back and go on.
 
         Raises:
             PeerLost: a collective failed because another process died or stopped answering.
@@ -774,7 +789,9 @@ class Trainer:
             NonFiniteError: ``training.on_nonfinite: stop`` met a non-finite loss or gradient.
         """
         heartbeat = None
-        if self.state.run_dir is not None:
+        # Elastic Horovod carries on without a lost worker: no watchdog may end the survivors.
+        elastic = getattr(self.loop, "survives_lost_workers", False)
+        if self.state.run_dir is not None and not elastic:
             heartbeat = watchdog.Heartbeat(
                 self.state.run_dir,
                 self.strategy.rank,
@@ -807,6 +824,16 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+
+
+def loop_class(config: Config) -> type:
+    """The loop a config trains with: `elastic.ElasticLoop` for ``strategy.horovod.elastic``
+    under Horovod, else the one ``training.loop`` names."""
+    if config.strategy.name == "horovod" and config.strategy.horovod.elastic:
+        from dist_share.elastic import ElasticLoop  # it subclasses CustomLoop
+
+        return ElasticLoop
+    return LOOPS[config.training.loop]
 
 
 def check_batch(training: TrainingConfig, num_replicas: int) -> None:

@@ -51,6 +51,8 @@ def test_defaults_are_filled_from_a_minimal_config() -> None:
             "op": "average",
             "grouped_allreduce": True,
             "sparse_as_dense": False,
+            "elastic": False,
+            "commit_every": 10,
         },
         "sparse": {"dedup": True, "dense_threshold": 0.5, "dense_switch": "measured"},
     }
@@ -82,9 +84,12 @@ def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
             "optimizer.learning_rate=1e-3",  # YAML 1.1 reads this as a string; accepted as a number
             "model.tower.block.filters=[4, 8]",
             "strategy.horovod.compression=fp16",
+            "strategy.horovod.elastic=true",
+            "strategy.horovod.commit_every=5",
             "logging.tensorboard=false",
         ],
     )
+    assert cfg.strategy.horovod.elastic is True and cfg.strategy.horovod.commit_every == 5
     assert cfg.training.steps == 3
     assert cfg.optimizer.learning_rate == pytest.approx(1e-3)
     assert cfg.model.tower.block["filters"] == [4, 8]
@@ -190,6 +195,11 @@ def test_override_errors_name_the_key(tmp_path: Path) -> None:
             {"model": {"family": "siamese"}, "data": {"family": "triplet"}},
             "data.family",
             ["triplet", "siamese"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "strategy": {"horovod": {"commit_every": 0}}},
+            "strategy.horovod.commit_every",
+            ["0"],
         ),
         (
             {"model": {"family": "siamese"}, "training": {"batch_size": 64, "grad_accum_steps": 3}},

@@ -116,6 +116,35 @@ def test_horovodrun_and_mpirun_command_lines() -> None:
         "2222",
         "x",
     ]
+    elastic = launching.ElasticLaunch(2, 8, "/bin/true", (10, 60))
+    assert launching.horovodrun_command(hosts, ["x"], elastic=elastic) == [
+        "horovodrun",
+        "-np",
+        "2",
+        "--gloo",
+        "--min-np",
+        "2",
+        "--max-np",
+        "8",
+        "--host-discovery-script",
+        "/bin/true",
+        "--blacklist-cooldown-range",
+        "10",
+        "60",
+        "x",
+    ]
+    # Without a discovery script the hosts are horovodrun's fixed elastic host set.
+    assert launching.horovodrun_command(
+        hosts, ["x"], num_proc=4, elastic=launching.ElasticLaunch(min_np=2)
+    ) == ["horovodrun", "-np", "4", "-H", "node1:4,node2:4", "--gloo", "--min-np", "2", "x"]
+    with pytest.raises(ConfigError, match="Gloo only"):
+        launching.horovodrun_command(hosts, ["x"], transport="mpi", elastic=elastic)
+    with pytest.raises(ConfigError, match="--max-np"):
+        launching.horovodrun_command(hosts, ["x"], elastic=launching.ElasticLaunch(4, 2))
+    with pytest.raises(ConfigError, match="not an executable"):
+        launching.horovodrun_command(
+            hosts, ["x"], elastic=launching.ElasticLaunch(host_discovery_script="/nonexistent")
+        )
     argv = launching.mpirun_command(
         hosts,
         ["x"],
@@ -228,6 +257,27 @@ def test_scripts_pass_bash_n_and_shellcheck(path: Path) -> None:
     assert any(line.startswith("# ") for line in header), (
         "scripts start with a comment saying what they do"
     )
+
+
+def test_elastic_horovodrun_from_the_cli(tmp_path: Path) -> None:
+    discover = tmp_path / "discover.sh"
+    discover.write_text("#!/bin/sh\necho localhost:2\n")
+    discover.chmod(0o755)
+    train = ["dist-share", "train", "cfg.yaml", "--set", "strategy.horovod.elastic=true"]
+    out = _cli_dry_run("-np", "2", "--min-np", "1", "--max-np", "4", "--host-discovery-script",
+                       str(discover), "--blacklist-cooldown-range", "5", "30", "--", *train)  # fmt: skip
+    assert shlex.split(out) == [
+        "horovodrun", "-np", "2", "--gloo", "--min-np", "1", "--max-np", "4",
+        "--host-discovery-script", str(discover), "--blacklist-cooldown-range", "5", "30", *train,
+    ]  # fmt: skip
+    for args, word in [
+        (["--launcher", "mpirun", "--min-np", "1"], "need --launcher horovodrun"),
+        (["--hosts", "a:2", "--host-discovery-script", str(discover)], "not both"),
+        (["--transport", "mpi", "--min-np", "1", "--hosts", "a:1,b:1"], "Gloo only"),
+    ]:
+        done = subprocess.run([EXE, "launch", "--dry-run", *args, "--", *train],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 2 and word in done.stderr, done.stderr
 
 
 def test_script_dry_runs_match_the_cli() -> None:
