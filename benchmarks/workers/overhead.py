@@ -19,6 +19,7 @@ from benchmarks.workers.wlib import (
     bench_config,
     common_args,
     make_timed_trainer,
+    model_and_data,
     setup_threads,
     write_result,
 )
@@ -40,9 +41,7 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from dist_share import data
     from dist_share.config import StrategyConfig
-    from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
     # mirrored: 2 logical CPU devices in this process (made before anything else runs).
@@ -63,11 +62,7 @@ def main() -> None:
         overrides.append("training.loop=keras_fit")
     strategy_raw = {"name": args.strategy, "num_cpu_devices": devices}
     cfg = bench_config(args.family, args.batch, steps, strategy_raw, overrides)
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
-
-    def build_spec():
-        return build_model(cfg.model, specs)
+    build_spec, dataset_fn = model_and_data(cfg, args.batch)
 
     # ---- the hand-written loop -------------------------------------------------------------
     import keras
