@@ -133,8 +133,12 @@ def _profile(config: Path, launch: str, nproc: int, quick: bool) -> dict:
     return next(r for r in results if r["rank"] == 0)
 
 
-def run(quick: bool = False) -> dict:
-    configs = [c for c in CONFIGS if c.stem == "siamese_digits"] if quick else CONFIGS
+def run(quick: bool = False, only: tuple[str, ...] = ()) -> dict:
+    """`only`: config names (file stems) to profile and check; all of configs/ if empty."""
+    if quick:
+        configs = [c for c in CONFIGS if c.stem == "siamese_digits"]
+    else:
+        configs = [c for c in CONFIGS if c.stem in only] if only else CONFIGS
     launch = PROBE_LAUNCH
     probe_args = ["--block", "20" if not quick else "5", "--repeats", "5" if not quick else "2"]
     probe_args += ["--warmup", "1", "--intra", "1", "--inter", "1"]
@@ -218,8 +222,22 @@ def run(quick: bool = False) -> dict:
     }
 
 
-def main() -> int:
-    return bench_main(NAME, run)
+def main(argv: list[str] | None = None) -> int:
+    """``--configs a,b`` limits the run to those configs (the check against 2 processes is per
+    config, a few minutes each on a loaded machine); results then go to
+    scaling_model_<a>_<b>.json, and the full run's file is kept."""
+    import argparse
+    import functools
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--configs", default="")
+    known, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    only = tuple(c for c in known.configs.split(",") if c)
+    unknown = [c for c in only if c not in {p.stem for p in CONFIGS}]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; expected some of {[p.stem for p in CONFIGS]}")
+    name = f"{NAME}_{'_'.join(only)}" if only else NAME
+    return bench_main(name, functools.partial(run, only=only), rest)
 
 
 if __name__ == "__main__":
