@@ -12,10 +12,14 @@ variants alike). Variants:
 * ``*_jit``           -- the same step with ``jit_compile=True`` (XLA).
 
 ``--towers keras_application`` (with ``--streams 2,4,8``) times a user tower instead: a
-``keras.applications.MobileNetV3Small`` (weights=None, 32x32x3, 8 images per stream; its 34
-BatchNormalization layers run per stream under folding, see docs/TOWERS.md), beside the
-built-in conv tower measured in the same run (``--towers conv,keras_application``). XLA is
-left out for it (slower on CPU, and each trace of the application takes minutes).
+``keras.applications.MobileNetV3Small`` (weights=None, minimalistic, alpha 0.75, 32x32x3, 8
+images per stream, the application of the README's example and tests/test_user_towers.py;
+its 34 BatchNormalization layers run per stream under folding, see docs/TOWERS.md), beside the
+built-in conv tower measured in the same run (``--towers conv,keras_application``). What costs
+time there is tracing: every variant's step is traced once per N, and its graph holds N copies
+of the application (per stream) or of its BatchNormalization layers (folded), tens of seconds
+each on a loaded 2-core machine. So the application gets fewer timed rounds (its steps are
+long enough to time in few) and no XLA variants (slower on CPU, and a second trace each).
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ DENSE = {"type": "mlp", "units": [512, 512], "activation": "relu"}  # + a 512 pr
 DENSE_IN, DENSE_OUT, DENSE_BATCH = 512, 512, 64
 CONV = {"type": "conv2d", "filters": [32, 32], "kernel_size": 3, "pool_size": 2, "dense": [128]}
 CONV_IN, CONV_OUT, CONV_BATCH = (16, 16, 8), 64, 32
-APP = {"type": "keras_application", "name": "MobileNetV3Small"}
+APP = {
+    "type": "keras_application",
+    "name": "MobileNetV3Small",
+    "args": {"alpha": 0.75, "minimalistic": True, "include_preprocessing": False},
+}
 APP_IN, APP_OUT, APP_BATCH = (32, 32, 3), 64, 8
 VARIANTS = ("per_stream", "folded_list", "folded_stacked", "per_stream_jit", "folded_stacked_jit")
 TOWERS = ("dense", "conv", "keras_application")
@@ -138,16 +146,25 @@ def run(
     before = conditions()
     streams = [4] if quick else list(streams or [1, 2, 4, 8, 16])
     repeats, block = (3, 2) if quick else (11, 3)
+    app_repeats, app_block = (3, 2) if quick else (7, 2)
     rows = []
     for tower_kind in towers:
-        variants = VARIANTS if tower_kind != "keras_application" else VARIANTS[:3]
+        app = tower_kind == "keras_application"
+        variants = VARIANTS[:3] if app else VARIANTS
         for n in streams:
             steps = {}
             for variant in variants:
                 steps[variant], examples = make_step(tower_kind, n, variant)
             cpu: dict[str, float] = {}
             rounds: dict[str, list[float]] = {}
-            ms = time_variants(steps, repeats, block, cpu_ms=cpu, samples=rounds)
+            ms = time_variants(
+                steps,
+                app_repeats if app else repeats,
+                app_block if app else block,
+                warmup=1 if app else 2,
+                cpu_ms=cpu,
+                samples=rounds,
+            )
 
             def speedup(variant: str, rounds=rounds) -> float:
                 """Median over rounds of per_stream / variant, each pair measured back to back."""
@@ -192,6 +209,8 @@ def run(
             "towers": list(towers),
             "repeats": repeats,
             "steps_per_timed_block": block,
+            "keras_application_repeats": app_repeats,
+            "keras_application_steps_per_timed_block": app_block,
         },
         "conditions": {"before": before, "after": conditions()},
         "table": rows,

@@ -102,13 +102,15 @@ def run_worker(
     launch: str = "single",
     num_proc: int = 1,
     env: Mapping[str, str] | None = None,
+    mpi_yield: bool = True,
 ) -> list[dict[str, Any]]:
     """Run ``python -m benchmarks.workers.<module> OUT_DIR *args`` and return every JSON it wrote.
 
     `launch` picks how: one process, ``horovodrun -np N`` (Gloo), Open MPI ``mpirun -np N``, or
     N local multi-worker processes with TF_CONFIG (all through dist_share.processes, which kills
     the whole process group on timeout). Workers write one JSON per rank into OUT_DIR; they come
-    back in file-name (rank) order.
+    back in file-name (rank) order. ``mpi_yield=False`` runs ``mpirun`` without
+    ``mpi_yield_when_idle`` (which the framework's mpirun lines always pass), to measure it.
     """
     from dist_share import processes
 
@@ -123,7 +125,7 @@ def run_worker(
             if launch == "horovodrun":
                 argv = processes.local_horovodrun_command(num_proc, argv)
             elif launch == "mpirun":
-                argv = processes.local_mpirun_command(num_proc, argv)
+                argv = processes.local_mpirun_command(num_proc, argv, yield_when_idle=mpi_yield)
             jobs = [processes.run_job(argv, timeout=timeout, env=env, cwd=str(REPO))]
         for job in jobs:
             job.check()

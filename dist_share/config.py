@@ -78,6 +78,8 @@ class TowerConfig:
     groups: list | None = None
     use_shared: bool = True
     fold: bool = True
+    # Read as a mapping; the family's check_model replaces it with the checked blocks.BlockSpec
+    # (every default filled in), so the tower is built without checking the spec again.
     block: dict = option(default_block())
 
 
@@ -95,6 +97,7 @@ class SideConfig:
 
     features: dict | None = None
     combiner: str = option("mean", choices=("mean", "sum"))
+    # Read as a mapping; checked once into a blocks.BlockSpec by the two-tower family.
     block: dict = option({"type": "mlp", "units": [64], "activation": "relu"})
 
 

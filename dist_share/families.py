@@ -130,11 +130,16 @@ class TowerFamily(Family):
     model_keys = (*COMMON_MODEL_KEYS, "head", "tower")
 
     def check_model(self, model: ModelConfig, num_views: int | None) -> ModelConfig:
+        """Also checks the tower's block once and keeps the checked `blocks.BlockSpec` in
+        ``model.tower.block``, so building the tower does not check it again."""
+        import dataclasses
+
         from dist_share import blocks, towers
 
         model = super().check_model(model, num_views)
-        tower = model.tower
-        blocks.validate_block_spec(tower.block, "model.tower.block")
+        spec = blocks.validate_block_spec(model.tower.block, "model.tower.block")
+        tower = dataclasses.replace(model.tower, block=spec)
+        model = dataclasses.replace(model, tower=tower)
         count = len(self.fixed_streams) or num_views
         if tower.sharing == "grouped":
             if tower.groups is None:
@@ -302,6 +307,9 @@ class TwoTowerFamily(Family):
         }
 
     def check_model(self, model: ModelConfig, num_views: int | None) -> ModelConfig:
+        """Also checks each side's block once and keeps the checked `blocks.BlockSpec`."""
+        import dataclasses
+
         from dist_share import blocks
 
         model = super().check_model(model, num_views)
@@ -311,6 +319,7 @@ class TwoTowerFamily(Family):
                 "model.tables", "is required for family two_tower, e.g. {users: {vocab_size: 500}}"
             )
         fed: dict[str, str] = {}
+        checked: dict[str, Any] = {}
         streams = list(self.fixed_streams)
         for side in self.SIDES:
             scfg = getattr(model, side)
@@ -322,6 +331,7 @@ class TwoTowerFamily(Family):
             block = blocks.validate_block_spec(scfg.block, f"{path}.block")
             if block["type"] != "mlp":
                 raise ConfigError(f"{path}.block.type", "a two_tower tower block must be an mlp")
+            checked[side] = dataclasses.replace(scfg, block=block)
             dims = set()
             for stream, table in scfg.features.items():
                 where = f"{path}.features.{stream}"
@@ -347,7 +357,7 @@ class TwoTowerFamily(Family):
             raise ConfigError(
                 "model.query.features", f"streams {missing} of the data are not fed to either tower"
             )
-        return model
+        return dataclasses.replace(model, **checked)
 
     def table_of(self, model: ModelConfig, stream: str) -> str:
         for side in self.SIDES:

@@ -105,10 +105,20 @@ def local_horovodrun_command(
     return launching.horovodrun_command([Host("localhost", num_proc)], argv, transport=transport)
 
 
-def local_mpirun_command(num_proc: int, argv: Sequence[str]) -> list[str]:
-    """Open MPI's `mpirun -np N` on this host over loopback, as `dist-share launch` writes it."""
+def local_mpirun_command(
+    num_proc: int, argv: Sequence[str], yield_when_idle: bool = True
+) -> list[str]:
+    """Open MPI's `mpirun -np N` on this host over loopback, as `dist-share launch` writes it.
+
+    ``yield_when_idle=False`` leaves out ``-mca mpi_yield_when_idle 1``: only the benchmark
+    that measures what the flag is worth wants that.
+    """
     cmd = launching.mpirun_command(
-        [Host("localhost", num_proc)], argv, network_interface="lo", allow_run_as_root=True
+        [Host("localhost", num_proc)],
+        argv,
+        network_interface="lo",
+        allow_run_as_root=True,
+        yield_when_idle=yield_when_idle,
     )
     # Local jobs share few cores: allow more ranks than cores (mpirun_command already makes a
     # waiting rank yield its core: measured 1.5-2.2x faster on 2 cores, bench_scaling.py).

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_share import config
+from dist_share import blocks, config
 from dist_share.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -72,7 +72,10 @@ def test_a_users_block_replaces_the_default_block_instead_of_merging() -> None:
             "data": {"source": "random", "random": {"image_shape": [4]}},
         }
     )
-    assert cfg.model.tower.block == {"type": "mlp", "units": [8]}
+    block = cfg.model.tower.block
+    assert block == blocks.validate_block_spec({"type": "mlp", "units": [8]})
+    assert block["units"] == [8] and "filters" not in block  # nothing of the default conv2d
+    assert isinstance(block, blocks.BlockSpec)  # checked once, here, and kept
 
 
 def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:

@@ -191,6 +191,23 @@ def test_horovodrun_and_mpirun_command_lines() -> None:
         launching.mpirun_command(hosts, ["x"], num_proc=9)
 
 
+def test_local_mpirun_yields_unless_told_not_to() -> None:
+    """Only bench_scaling's "mpirun x2" case runs without mpi_yield_when_idle, to measure it."""
+    from dist_share.processes import local_mpirun_command
+
+    flag = ["-mca", "mpi_yield_when_idle", "1"]
+
+    def has_flag(argv: list[str]) -> bool:
+        return any(argv[i : i + 3] == flag for i in range(len(argv)))
+
+    default = local_mpirun_command(2, ["x"])
+    assert default[:2] == ["mpirun", "--oversubscribe"] and default[-1] == "x"
+    assert has_flag(default)
+    without = local_mpirun_command(2, ["x"], yield_when_idle=False)
+    assert not has_flag(without) and "mpi_yield_when_idle" not in without
+    assert [a for a in default if a not in flag] == [a for a in without if a not in flag]
+
+
 def test_multiworker_commands_give_each_worker_its_tf_config() -> None:
     workers = launching.multiworker_commands(
         launching.parse_hosts("localhost:2,node2:1"),

@@ -1,13 +1,16 @@
 """Overhead worker: dist_share's Trainer vs the same model in a hand-written loop, interleaved.
 
-argv: OUT_DIR --strategy local|horovod [--variant quiet|default] [common options]
+argv: OUT_DIR --strategy local|mirrored|horovod [--variant quiet,default,...] [common options]
 
 One process (or one process per Horovod rank) builds the model twice from the same config:
 once inside ``Trainer`` and once for a plain loop written the way a user would (local: a
 ``tf.function`` step with ``GradientTape``; Horovod: the loop of Horovod's own TF2 examples,
 ``hvd.DistributedGradientTape`` and a broadcast after the first step). The trainer's
 ``train_step`` hook hands over to a block of plain steps after each timed block of trainer
-steps, so both see the same machine load.
+steps, so both see the same machine load. Several variants (comma-separated) run one after
+another in the same process against the same compiled plain loop, each with its own Trainer,
+its own interleaved plain blocks and its own result file: TensorFlow's start-up (a minute on
+a loaded 2-core machine) is paid once.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from benchmarks.workers.wlib import (
     bench_config,
     common_args,
     make_timed_trainer,
+    model_and_data,
     setup_threads,
     write_result,
 )
+
+VARIANTS = ("quiet", "default", "default_spl10", "fit")
 
 
 def main() -> None:
@@ -29,20 +35,22 @@ def main() -> None:
     p.add_argument("--strategy", choices=("local", "mirrored", "horovod"), default="local")
     p.add_argument(
         "--variant",
-        choices=("quiet", "default", "default_spl10", "fit"),
         default="quiet",
-        help="quiet: no run_dir, no progress bar; default: run_dir with metrics.jsonl, "
-        "TensorBoard, progress bar and checkpoints every 200 steps (the project defaults); "
-        "default_spl10: default + training.steps_per_loop=10; fit: quiet, loop keras_fit",
+        help="comma-separated, each one of: quiet: no run_dir, no progress bar; default: "
+        "run_dir with metrics.jsonl, TensorBoard, progress bar and checkpoints every 200 steps "
+        "(the project defaults); default_spl10: default + training.steps_per_loop=10; fit: "
+        "quiet, loop keras_fit",
     )
     args = p.parse_args()
+    variants = args.variant.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; expected some of {VARIANTS}")
     threads = setup_threads(args.intra, args.inter)
 
     import tensorflow as tf
 
-    from dist_share import data
     from dist_share.config import StrategyConfig
-    from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
     # mirrored: 2 logical CPU devices in this process (made before anything else runs).
@@ -50,29 +58,30 @@ def main() -> None:
     strategy = get_strategy(StrategyConfig(name=args.strategy, num_cpu_devices=devices))
     blocks = args.warmup + args.repeats
     steps = blocks * args.block + 1  # the last step closes the last window
-    overrides = list(args.set)
-    if args.variant.startswith("default"):
-        overrides += [
-            "logging.progress_bar=true",
-            "logging.tensorboard=true",
-            "checkpoint.every=200",
-        ]
-    if args.variant == "default_spl10":
-        overrides.append("training.steps_per_loop=10")
-    if args.variant == "fit":
-        overrides.append("training.loop=keras_fit")
     strategy_raw = {"name": args.strategy, "num_cpu_devices": devices}
-    cfg = bench_config(args.family, args.batch, steps, strategy_raw, overrides)
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
 
-    def build_spec():
-        return build_model(cfg.model, specs)
+    def variant_config(variant: str):
+        overrides = list(args.set)
+        if variant.startswith("default"):
+            overrides += [
+                "logging.progress_bar=true",
+                "logging.tensorboard=true",
+                "checkpoint.every=200",
+            ]
+        if variant == "default_spl10":
+            overrides.append("training.steps_per_loop=10")
+        if variant == "fit":
+            overrides.append("training.loop=keras_fit")
+        return bench_config(args.family, args.batch, steps, strategy_raw, overrides)
+
+    # The model and data do not depend on the variant (only logging, checkpoints and the loop).
+    base = variant_config(variants[0])
+    build_spec, dataset_fn = model_and_data(base, args.batch)
 
     # ---- the hand-written loop -------------------------------------------------------------
     import keras
 
-    lr = cfg.optimizer.learning_rate
+    lr = base.optimizer.learning_rate
     if args.strategy == "horovod":
         import horovod.tensorflow as hvd
 
@@ -156,41 +165,45 @@ def main() -> None:
         plain_times.append(time.perf_counter() - t0)
         plain_cpu.append(time.process_time() - c0)
 
-    # ---- the trainer, with the plain blocks interleaved --------------------------------------
+    # ---- each variant's trainer, with the plain blocks interleaved ----------------------------
     Timed = make_timed_trainer(args.block, between=plain_block)
-    with tempfile.TemporaryDirectory() as run_dir:
-        use_dir = run_dir if args.variant.startswith("default") else None
-        if args.variant == "fit":
-            from dist_share.training import Trainer
+    for variant in variants:
+        cfg = variant_config(variant)
+        plain_times.clear()
+        plain_cpu.clear()
+        with tempfile.TemporaryDirectory() as run_dir:
+            use_dir = run_dir if variant.startswith("default") else None
+            if variant == "fit":
+                from dist_share.training import Trainer
 
-            trainer = Trainer(build_spec, strategy, cfg, use_dir)
-            timer = _FitWindows(args.block, plain_block)
-            trainer.loop.callbacks.append(timer)
-        else:
-            trainer = Timed(build_spec, strategy, cfg, use_dir)
-            timer = trainer.loop
-        trainer.train(dataset_fn)
-        trainer.close()
+                trainer = Trainer(build_spec, strategy, cfg, use_dir)
+                timer = _FitWindows(args.block, plain_block)
+                trainer.loop.callbacks.append(timer)
+            else:
+                trainer = Timed(build_spec, strategy, cfg, use_dir)
+                timer = trainer.loop
+            trainer.train(dataset_fn)
+            trainer.close()
 
-    examples = args.block * args.batch  # global examples per block
-    w = args.warmup
-    result = {
-        "strategy": args.strategy,
-        "variant": args.variant,
-        "family": args.family,
-        "world_size": size,
-        "rank": rank,
-        "global_batch": args.batch,
-        "block_steps": args.block,
-        "warmup_blocks": w,
-        "threads": threads,
-        "trainer_examples_per_sec": [examples / t for t in timer.windows[w:]],
-        "plain_examples_per_sec": [examples / t for t in plain_times[w:]],
-        "trainer_cpu_ms_per_step": [1e3 * t / args.block for t in timer.cpu_windows[w:]],
-        "plain_cpu_ms_per_step": [1e3 * t / args.block for t in plain_cpu[w:]],
-        "parameters": int(sum(int(v.numpy().size) for v in plain.model.trainable_variables)),
-    }
-    write_result(args.out_dir, f"overhead_{args.strategy}_{args.variant}_rank{rank}", result)
+        examples = args.block * args.batch  # global examples per block
+        w = args.warmup
+        result = {
+            "strategy": args.strategy,
+            "variant": variant,
+            "family": args.family,
+            "world_size": size,
+            "rank": rank,
+            "global_batch": args.batch,
+            "block_steps": args.block,
+            "warmup_blocks": w,
+            "threads": threads,
+            "trainer_examples_per_sec": [examples / t for t in timer.windows[w:]],
+            "plain_examples_per_sec": [examples / t for t in plain_times[w:]],
+            "trainer_cpu_ms_per_step": [1e3 * t / args.block for t in timer.cpu_windows[w:]],
+            "plain_cpu_ms_per_step": [1e3 * t / args.block for t in plain_cpu[w:]],
+            "parameters": int(sum(int(v.numpy().size) for v in plain.model.trainable_variables)),
+        }
+        write_result(args.out_dir, f"overhead_{args.strategy}_{variant}_rank{rank}", result)
 
 
 class _FitWindows:

@@ -14,8 +14,8 @@ import time
 from benchmarks.workers.wlib import (
     bench_config,
     common_args,
-    make_timed_trainer,
     setup_threads,
+    train_timed,
     write_result,
 )
 
@@ -31,9 +31,7 @@ def main() -> None:
     t_start = time.perf_counter()
     threads = setup_threads(args.intra, args.inter)
 
-    from dist_share import data
     from dist_share.config import StrategyConfig
-    from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
     strategy_cfg = {"name": args.strategy}
@@ -44,15 +42,7 @@ def main() -> None:
     batch = args.per_replica_batch * replicas
     steps = (args.warmup + args.repeats) * args.block + 1
     cfg = bench_config(args.family, batch, steps, strategy_cfg, args.set)
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", batch, cfg.training.seed)
-
-    def build_spec():
-        return build_model(cfg.model, specs)
-
-    trainer = make_timed_trainer(args.block)(build_spec, strategy, cfg, None)
-    trainer.train(dataset_fn)
-    trainer.close()
+    trainer, _, _ = train_timed(cfg, strategy, batch, args.block)
     w = args.warmup
     write_result(
         args.out_dir,

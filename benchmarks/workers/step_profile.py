@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.workers.wlib import common_args, make_timed_trainer, setup_threads, write_result
+from benchmarks.workers.wlib import common_args, setup_threads, train_timed, write_result
 
 
 def main() -> None:
@@ -33,10 +33,8 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from dist_share import data
     from dist_share import gradients as G
     from dist_share.config import StrategyConfig, load_config
-    from dist_share.models import build_model
     from dist_share.strategies import get_strategy
 
     strategy = get_strategy(StrategyConfig(name=args.strategy))
@@ -54,15 +52,7 @@ def main() -> None:
         *args.set,
     ]
     cfg = load_config(args.config, overrides)
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", batch, cfg.training.seed)
-
-    def build_spec():
-        return build_model(cfg.model, specs)
-
-    trainer = make_timed_trainer(args.block)(build_spec, strategy, cfg, None)
-    trainer.train(dataset_fn)
-    trainer.close()
+    trainer, build_spec, dataset_fn = train_timed(cfg, strategy, batch, args.block)
 
     # Gradient bytes of one step of the same model on one worker's batch.
     spec = build_spec()

@@ -96,6 +96,37 @@ def make_timed_trainer(block: int, between: Callable[[], None] | None = None) ->
     return make
 
 
+def model_and_data(cfg: Any, batch: int) -> tuple[Callable[[], Any], Callable[..., Any]]:
+    """The model builder and the training dataset function of `cfg` at global batch `batch`,
+    as the Trainer takes them (a builder, so each loop of a worker gets its own weights)."""
+    from dist_share import data
+    from dist_share.models import build_model
+
+    specs = data.input_specs(cfg.data)
+    dataset_fn = data.make_dataset_fn(cfg.data, "train", batch, cfg.training.seed)
+
+    def build_spec() -> Any:
+        return build_model(cfg.model, specs)
+
+    return build_spec, dataset_fn
+
+
+def train_timed(
+    cfg: Any, strategy: Any, batch: int, block: int
+) -> tuple[Any, Callable[[], Any], Callable[..., Any]]:
+    """Train `cfg` to its last step with a `make_timed_trainer` Trainer (no run directory).
+
+    Returns:
+        The closed trainer (its ``loop.windows`` / ``loop.cpu_windows`` hold the timings), and
+        the model builder and dataset function it trained with, to measure the same model again.
+    """
+    build_spec, dataset_fn = model_and_data(cfg, batch)
+    trainer = make_timed_trainer(block)(build_spec, strategy, cfg, None)
+    trainer.train(dataset_fn)
+    trainer.close()
+    return trainer, build_spec, dataset_fn
+
+
 def write_result(out_dir: Path, name: str, payload: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
