@@ -1,22 +1,20 @@
 """Sparse-gradient dedup, the dense switch, compression and byte counting.
 
 In process (eager, one replica), plus the measured dense switch with different rows per replica
-under MirroredStrategy (2 logical CPUs) and horovodrun -np 2 (tests/workers/dense_switch.py).
+under MirroredStrategy (2 logical CPUs) and horovodrun -np 2 (tests/workers/dense_switch.py, run
+inside the session's shared launches).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_share import config, processes
+from dist_share import config
 from dist_share import gradients as G
 from dist_share.errors import ConfigError
 
@@ -24,8 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 import dense_switch as worker  # noqa: E402
 import train_common as tc  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+import train_jobs  # noqa: E402
 
 
 def slices(indices: list[int], rows: int = 10, dim: int = 3) -> tf.IndexedSlices:
@@ -186,9 +183,12 @@ def _expected(case: str, value_bytes: int = 4, average: bool = False) -> dict:
     }
 
 
-def _check_worker_results(out: Path, variants: dict[str, dict]) -> None:
-    results = [json.loads(f.read_text()) for f in sorted(out.glob("replica*.json"))]
-    assert [r["replica"] for r in results] == [0, 1]
+def _check_worker_results(launcher: str, variants: dict[str, dict]) -> None:
+    replicas: dict[str, dict] = {}
+    for per_process in train_jobs.check(launcher, "dense_switch"):
+        replicas.update(per_process)
+    assert sorted(replicas) == ["0", "1"]
+    results = [replicas["0"], replicas["1"]]
     for suffix, kwargs in variants.items():
         branches = {}
         for case in worker.CASES:
@@ -204,22 +204,15 @@ def _check_worker_results(out: Path, variants: dict[str, dict]) -> None:
         assert branches == {"sparse": False, "skewed": False, "dense": True}
 
 
+# The worker's check runs inside the session's shared launches (tests/workers/train_jobs.py).
 @pytest.mark.multiprocess
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_dense_switch_agrees_across_mirrored_replicas() -> None:
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(Path(worker.__file__)), out, "mirrored"]
-        processes.run_job(cmd, timeout=300, cwd=ROOT).check()
-        _check_worker_results(Path(out), {"": {}})
+    _check_worker_results("mirrored", {"": {}})
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_dense_switch_agrees_across_horovod_ranks() -> None:
-    with tempfile.TemporaryDirectory() as out:
-        argv = [sys.executable, str(Path(worker.__file__)), out, "horovod"]
-        processes.run_job(
-            processes.local_horovodrun_command(2, argv), timeout=300, cwd=ROOT
-        ).check()
-        variants = {"": {}, "/fp16_average": {"value_bytes": 2, "average": True}}
-        _check_worker_results(Path(out), variants)
+    variants = {"": {}, "/fp16_average": {"value_bytes": 2, "average": True}}
+    _check_worker_results("horovod_gloo", variants)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,9 +17,11 @@ from dist_share import heads, losses
 from dist_share.config import parse_model
 from dist_share.errors import ConfigError
 from dist_share.models import MODEL_FAMILIES, ModelSpec, build_model
-from dist_share.processes import run_job
 
-WORKERS = Path(__file__).parent / "workers"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+
+import train_jobs  # noqa: E402
+
 IMG = tf.TensorSpec([8, 8, 1], tf.float32)
 CONV = {
     "type": "conv2d",
@@ -327,10 +329,11 @@ def test_bad_config_raises_config_error_naming_path(cfg_specs, path: str, match:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_inside_mirrored_strategy_scope(tmp_path: Path) -> None:
-    out = tmp_path / "result.json"
-    run_job([sys.executable, str(WORKERS / "towers_mirrored.py"), str(out)], timeout=240).check()
-    result = json.loads(out.read_text())
+@pytest.mark.timeout(900)
+def test_inside_mirrored_strategy_scope() -> None:
+    """Keras fit of every family inside the MirroredStrategy scope of the session's shared
+    mirrored launch (tests/workers/towers_mirrored.py, run by tests/workers/train_jobs.py)."""
+    (result,) = train_jobs.check("mirrored", "model_families")
     assert result["num_replicas"] == 2
     for family in MODEL_FAMILIES:
         r = result[family]

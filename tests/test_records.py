@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,23 +19,14 @@ import tensorflow as tf
 
 from dist_share import records
 from dist_share.errors import ConfigError, DataError
-from dist_share.processes import local_horovodrun_command, run_job, run_local_multiworker
 
-WORKERS = Path(__file__).parent / "workers"
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+
+import train_jobs  # noqa: E402
+from train_common import id_split  # noqa: E402
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG = str(CONFIGS / "siamese_digits.yaml")
-
-
-def make_split(n: int, seed: int = 0) -> records.Arrays:
-    """Siamese-shaped streams plus an `id` stream (example i has id i) and a bool mask stream."""
-    rng = np.random.default_rng(seed)
-    features = {
-        "left": rng.random((n, 8, 8, 1), np.float32),
-        "right": rng.random((n, 8, 8, 1), np.float32),
-        "id": np.arange(n, dtype=np.int32),
-        "mask": rng.random((n, 3)) < 0.5,
-    }
-    return features, (np.arange(n) % 2).astype(np.float32)
 
 
 def read_ids(dataset: tf.data.Dataset) -> list[int]:
@@ -43,13 +35,13 @@ def read_ids(dataset: tf.data.Dataset) -> list[int]:
 
 def write(directory: Path, n: int = 99, shards: int = 4, **kwargs) -> records.Manifest:
     return records.write_shards(
-        directory, {"train": make_split(n)}, shards, family="siamese", progress=False, **kwargs
+        directory, {"train": id_split(n)}, shards, family="siamese", progress=False, **kwargs
     )
 
 
 # -- round trip --------------------------------------------------------------------------------
 def test_round_trip_values_labels_and_order_within_each_shard(tmp_path: Path) -> None:
-    train, evals = make_split(99), make_split(10, seed=1)
+    train, evals = id_split(99), id_split(10, seed=1)
     manifest = records.write_shards(
         tmp_path, {"train": train, "eval": evals}, {"train": 4, "eval": 2}, family="siamese",
         source={"kind": "test"}, progress=False,
@@ -142,7 +134,7 @@ def test_gzip_compression_round_trips(tmp_path: Path) -> None:
 
 
 def test_rejects_what_a_tf_train_example_cannot_hold(tmp_path: Path) -> None:
-    features, labels = make_split(4)
+    features, labels = id_split(4)
     with pytest.raises(DataError, match="stream 'left'.*float64.*cast float64 to float32"):
         records.write_shards(
             tmp_path,
@@ -414,22 +406,9 @@ def test_manifest_that_disagrees_with_the_records(tmp_path: Path) -> None:
 
 
 # -- multi-process: the real launchers ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def shard_sets(tmp_path_factory) -> dict[str, Path]:
-    """99 train examples as 4 shards (by file: 50 | 49 per worker) and as 3 (33 * 3 splits
-    unevenly over 2 workers: by example), and 41 eval examples the same ways (21 | 20: one
-    worker has one more eval batch)."""
-    root = tmp_path_factory.mktemp("shards")
-    sets = {}
-    for shards in (4, 3):
-        sets[str(shards)] = root / f"s{shards}"
-        records.write_shards(
-            sets[str(shards)], {"train": make_split(99), "eval": make_split(41, seed=1)},
-            {"train": shards, "eval": shards}, family="siamese", progress=False,
-        )  # fmt: skip
-    return sets
-
-
+# The workers run records_shards.check inside the session's shared horovodrun and multi-worker
+# launches (tests/workers/train_jobs.py, which writes the shard sets: 99 train examples as 4
+# shards, by file, and as 3, by example; 41 eval examples the same ways).
 def check_workers(results: list[dict]) -> None:
     for case, expect_by_file in (("4", True), ("3", False)):
         per_worker = [r[case] for r in results]
@@ -449,23 +428,15 @@ def check_workers(results: list[dict]) -> None:
 
 
 @pytest.mark.multiprocess
-def test_horovodrun_two_ranks_read_every_example_once(shard_sets, tmp_path: Path) -> None:
-    argv = [sys.executable, str(WORKERS / "records_shards.py"), "horovod", str(tmp_path)]
-    run_job(
-        local_horovodrun_command(2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])]),
-        timeout=600,
-    ).check()
-    check_workers([json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)])
+@pytest.mark.timeout(900)
+def test_horovodrun_two_ranks_read_every_example_once() -> None:
+    check_workers(train_jobs.check("horovod_gloo", "records"))
 
 
 @pytest.mark.multiprocess
-def test_multiworker_two_processes_read_every_example_once(shard_sets, tmp_path: Path) -> None:
-    argv = [sys.executable, str(WORKERS / "records_shards.py"), "multiworker", str(tmp_path)]
-    for job in run_local_multiworker(
-        2, [*argv, str(shard_sets["4"]), str(shard_sets["3"])], timeout=600
-    ):
-        job.check()
-    check_workers([json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)])
+@pytest.mark.timeout(900)
+def test_multiworker_two_processes_read_every_example_once() -> None:
+    check_workers(train_jobs.check("multiworker", "records"))
 
 
 # -- the tfrecord source through the config, the CLI and the trainer ----------------------------

@@ -5,27 +5,16 @@ These are the first thing to fail when the set-up is broken, so each names what 
 
 from __future__ import annotations
 
-import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dist_share.processes import (
-    local_horovodrun_command,
-    local_mpirun_command,
-    run_job,
-    run_local_multiworker,
-)
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
-WORKERS = Path(__file__).parent / "workers"
-
-
-def _read_ranks(out: Path, prefix: str, n: int) -> list[dict]:
-    files = sorted(out.glob(f"{prefix}*.json"))
-    assert len(files) == n, f"expected {n} result files, found {[f.name for f in files]}"
-    return [json.loads(f.read_text()) for f in files]
+import train_jobs  # noqa: E402
 
 
 def _check_horovod(results: list[dict]) -> None:
@@ -37,43 +26,37 @@ def _check_horovod(results: list[dict]) -> None:
         assert r["variable"] == [0.5, 0.5, 0.5]  # rank 0's initial value everywhere
 
 
+# The collectives run in the session's shared launches (tests/workers/train_jobs.py): one
+# TensorFlow and Horovod start per process for these checks and the training tests together.
 @pytest.mark.multiprocess
-def test_horovodrun_gloo_allreduce_and_broadcast(tmp_path: Path) -> None:
-    cmd = local_horovodrun_command(
-        2, [sys.executable, str(WORKERS / "smoke_horovod.py"), str(tmp_path)]
-    )
-    run_job(cmd, timeout=180).check()
-    results = _read_ranks(tmp_path, "rank", 2)
+@pytest.mark.timeout(900)
+def test_horovodrun_gloo_allreduce_and_broadcast() -> None:
+    results = train_jobs.check("horovod_gloo", "horovod_collectives")
     _check_horovod(results)
     assert all(r["gloo"] for r in results)
 
 
 @pytest.mark.multiprocess
-def test_mpirun_allreduce_and_broadcast(tmp_path: Path) -> None:
-    cmd = local_mpirun_command(
-        2, [sys.executable, str(WORKERS / "smoke_horovod.py"), str(tmp_path)]
-    )
-    run_job(cmd, timeout=180).check()
-    results = _read_ranks(tmp_path, "rank", 2)
+@pytest.mark.timeout(900)
+def test_mpirun_allreduce_and_broadcast() -> None:
+    results = train_jobs.check("horovod_mpirun", "horovod_collectives")
     _check_horovod(results)
     assert all(r["mpi"] for r in results)
 
 
 @pytest.mark.multiprocess
-def test_mirrored_strategy_on_two_cpu_devices(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(WORKERS / "smoke_tf_strategy.py"), "mirrored", str(tmp_path)]
-    run_job(cmd, timeout=180).check()
-    (result,) = _read_ranks(tmp_path, "mirrored", 1)
+@pytest.mark.timeout(900)
+def test_mirrored_strategy_on_two_cpu_devices() -> None:
+    (result,) = train_jobs.check("mirrored", "tf_all_reduce")
     assert result["replicas"] == 2
     assert result["values"] == [3.0, 3.0]  # 1 + 2 on both replicas
 
 
 @pytest.mark.multiprocess
-def test_multiworker_mirrored_two_local_processes(tmp_path: Path) -> None:
-    argv = [sys.executable, str(WORKERS / "smoke_tf_strategy.py"), "multiworker", str(tmp_path)]
-    for job in run_local_multiworker(2, argv, timeout=240):
-        job.check()
-    results = _read_ranks(tmp_path, "multiworker", 2)
+@pytest.mark.timeout(900)
+def test_multiworker_mirrored_two_local_processes() -> None:
+    results = train_jobs.check("multiworker", "tf_all_reduce")
+    assert len(results) == 2
     for r in results:
         assert r["replicas"] == 2
         assert r["values"] == [3.0]

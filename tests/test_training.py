@@ -142,7 +142,7 @@ def _checkpoint_count(run_dir: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None:
     """SIGKILL mid-run, damage the newest checkpoint as a torn write would, restart: the run
     resumes from the older checkpoint, at the right data position, and ends bit-for-bit close to
@@ -178,18 +178,12 @@ def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
     processes.run_job(cmd, 300, train_jobs._env(), train_jobs.ROOT).check()
-    plain = [
-        *train_jobs.WORKER,
-        *args,
-        "--run-dir",
-        str(tmp_path / "plain"),
-        "--out",
-        str(tmp_path / "p"),
-    ]
-    processes.run_job(plain, 300, train_jobs._env(), train_jobs.ROOT).check()
 
     resumed = json.loads((tmp_path / "k.rank0.json").read_text())["runs"]["shared"]
-    reference = json.loads((tmp_path / "p.rank0.json").read_text())["runs"]["shared"]
+    # The same 12 steps never interrupted: the session's shared local launch trains them
+    # (run "shared_12" of tests/workers/train_worker.py, same config but for the run dir).
+    reference = train_jobs.run("local")[0]["runs"]["shared_12"]
+    assert reference["step"] == 12 and reference["start_step"] == 0
     assert resumed["step"] == 12
     for k, v in reference["variables"].items():
         np.testing.assert_allclose(resumed["variables"][k], v, atol=1e-6)

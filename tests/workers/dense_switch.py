@@ -1,21 +1,18 @@
-"""Worker: the measured dense switch with *different* rows per replica, mirrored x2 or Horovod.
-
-argv: OUT_DIR mirrored|horovod
+"""The measured dense switch with *different* rows per replica, mirrored x2 or Horovod.
 
 Every replica builds the gradient of a shared [ROWS, DIM] table from its own ids (the cases
 below give the replicas different numbers of distinct ids, so a per-replica decision would
 differ), reduces it together with a dense gradient through `gradients.reduce_gradients` inside
-a tf.function, and writes, per case and replica: the reduced table gradient (densified), the
+a tf.function, and records, per case and replica: the reduced table gradient (densified), the
 reduced dense gradient and the bytes it handed to collectives. The test derives the branch from
-the bytes and checks the sums. Runs in its own process(es): logical CPU devices and Horovod
-must be set up before TensorFlow starts.
+the bytes and checks the sums. Run by train_worker.py inside the shared mirrored (2 logical
+CPUs) and horovodrun launches (train_jobs.py): logical devices and Horovod must be set up
+before TensorFlow starts, which those launches do; tests/test_gradients.py reads the result.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
+from typing import Any
 
 import tensorflow as tf
 
@@ -36,25 +33,15 @@ def ids_for(case: str, replica: int) -> list[int]:
     return CASES[case][replica]
 
 
-def main(out_dir: str, mode: str) -> None:
-    hvd = None
-    if mode == "mirrored":
-        tf.config.set_logical_device_configuration(
-            tf.config.list_physical_devices("CPU")[0],
-            [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
-        )
-    else:
-        import horovod.tensorflow as hvd
-
-        hvd.init()
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+def check(hvd: Any = None, strategy: tf.distribute.Strategy | None = None) -> dict:
+    """Horovod (`hvd` given: this rank's replica) or MirroredStrategy over 2 devices (`strategy`
+    given: both replicas). Returns {replica: {case[/variant]: record}}."""
     from dist_share import gradients as G
 
-    backend = "tf_distribute" if mode == "mirrored" else "horovod"
+    backend = "horovod" if hvd is not None else "tf_distribute"
     # Horovod also runs the cases with fp16 on the wire and op=average (each under its own key).
     variants = {"": G.GradientOptions(op="sum")}
-    if mode == "horovod":
+    if hvd is not None:
         variants["/fp16_average"] = G.GradientOptions(op="average", compression="fp16")
 
     def replica_fn(
@@ -67,9 +54,9 @@ def main(out_dir: str, mode: str) -> None:
         (table, dense), nbytes = G.reduce_gradients([table_grad, dense_grad], options, backend, hvd)
         return tf.convert_to_tensor(table), dense, nbytes
 
-    results: dict[int, dict] = {}
-    if mode == "mirrored":
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    results: dict[str, dict] = {}
+    if hvd is None:
+        assert strategy is not None and strategy.num_replicas_in_sync == 2
         options = variants[""]
         step = tf.function(lambda ids, scale: strategy.run(replica_fn, (ids, scale, options)))
         for case in CASES:
@@ -81,17 +68,18 @@ def main(out_dir: str, mode: str) -> None:
             )
             outs = [strategy.experimental_local_results(o) for o in step(ids, scale)]
             for r in range(2):
-                results.setdefault(r, {})[case] = _record(*(o[r] for o in outs))
+                results.setdefault(str(r), {})[case] = _record(*(o[r] for o in outs))
     else:
         rank = hvd.rank()
-        results[rank] = {}
+        results[str(rank)] = {}
         for suffix, options in variants.items():
             step = tf.function(lambda ids, scale, o=options: replica_fn(ids, scale, o))
             for case in CASES:
                 ids = tf.constant(ids_for(case, rank), tf.int32)
-                results[rank][case + suffix] = _record(*step(ids, tf.constant(float(rank + 1))))
-    for r, cases in results.items():
-        (Path(out_dir) / f"replica{r}.json").write_text(json.dumps({"replica": r, **cases}))
+                results[str(rank)][case + suffix] = _record(
+                    *step(ids, tf.constant(float(rank + 1)))
+                )
+    return results
 
 
 def _record(table: tf.Tensor, dense: tf.Tensor, nbytes: tf.Tensor) -> dict:
@@ -100,7 +88,3 @@ def _record(table: tf.Tensor, dense: tf.Tensor, nbytes: tf.Tensor) -> dict:
         "dense": dense.numpy().tolist(),
         "bytes": int(nbytes.numpy()),
     }
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])

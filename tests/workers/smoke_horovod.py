@@ -1,31 +1,30 @@
-"""Horovod smoke worker: allreduce and broadcast_variables, results written per rank as JSON."""
+"""Horovod smoke check: allreduce and broadcast_variables on the raw Horovod API.
 
-import json
-import sys
+Run by train_worker.py inside the shared horovodrun and mpirun launches (train_jobs.py), so the
+check costs no TensorFlow and Horovod start of its own; tests/test_smoke.py reads the result.
+"""
 
-import horovod.tensorflow as hvd
-import tensorflow as tf
+from __future__ import annotations
 
-hvd.init()
-rank, size = hvd.rank(), hvd.size()
+from typing import Any
 
-summed = hvd.allreduce(tf.constant([float(rank + 1), 10.0 * (rank + 1)]), op=hvd.Sum)
-averaged = hvd.allreduce(tf.constant(float(rank)), op=hvd.Average)
 
-# Each rank starts from different values; after the broadcast all must hold rank 0's.
-variable = tf.Variable(tf.fill([3], float(rank) + 0.5))
-hvd.broadcast_variables([variable], root_rank=0)
+def check(hvd: Any) -> dict:
+    """Sum and average across ranks, and rank 0's variable broadcast to every rank."""
+    import tensorflow as tf
 
-with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
-    json.dump(
-        {
-            "rank": rank,
-            "size": size,
-            "summed": summed.numpy().tolist(),
-            "averaged": float(averaged.numpy()),
-            "variable": variable.numpy().tolist(),
-            "gloo": bool(hvd.gloo_enabled()),
-            "mpi": bool(hvd.mpi_enabled()),
-        },
-        f,
-    )
+    rank, size = hvd.rank(), hvd.size()
+    summed = hvd.allreduce(tf.constant([float(rank + 1), 10.0 * (rank + 1)]), op=hvd.Sum)
+    averaged = hvd.allreduce(tf.constant(float(rank)), op=hvd.Average)
+    # Each rank starts from different values; after the broadcast all must hold rank 0's.
+    variable = tf.Variable(tf.fill([3], float(rank) + 0.5))
+    hvd.broadcast_variables([variable], root_rank=0)
+    return {
+        "rank": rank,
+        "size": size,
+        "summed": summed.numpy().tolist(),
+        "averaged": float(averaged.numpy()),
+        "variable": variable.numpy().tolist(),
+        "gloo": bool(hvd.gloo_enabled()),
+        "mpi": bool(hvd.mpi_enabled()),
+    }

@@ -1,37 +1,23 @@
-"""tf.distribute smoke worker: an all-reduce across replicas under Mirrored or MultiWorkerMirrored.
+"""tf.distribute smoke check: an all-reduce across replicas under Mirrored or MultiWorkerMirrored.
 
-argv: mirrored|multiworker OUT_DIR
+Run by train_worker.py inside the shared mirrored and multi-worker launches (train_jobs.py) on
+the tf.distribute strategy the launch built; tests/test_smoke.py reads the result.
 """
 
-import json
-import os
-import sys
+from __future__ import annotations
 
 import tensorflow as tf
 
-kind, out_dir = sys.argv[1], sys.argv[2]
-if kind == "mirrored":
-    # Two logical CPU devices stand in for two GPUs; this must happen before TF touches devices.
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    strategy = tf.distribute.MirroredStrategy(
-        [d.name for d in tf.config.list_logical_devices("CPU")]
-    )
-    task_index = 0
-else:
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    task_index = strategy.cluster_resolver.task_id
 
+def check(strategy: tf.distribute.Strategy) -> dict:
+    """Replica i contributes its global replica id + 1: the sum is known in advance."""
 
-@tf.function
-def replica_fn():
-    ctx = tf.distribute.get_replica_context()
-    # Replica i of worker w contributes (global replica id + 1); the sum is known in advance.
-    value = tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    @tf.function
+    def replica_fn():
+        ctx = tf.distribute.get_replica_context()
+        value = tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
-
-per_replica = strategy.run(replica_fn)
-values = [float(v.numpy()) for v in strategy.experimental_local_results(per_replica)]
-with open(os.path.join(out_dir, f"{kind}{task_index}.json"), "w") as f:
-    json.dump({"replicas": strategy.num_replicas_in_sync, "values": values}, f)
+    per_replica = strategy.run(replica_fn)
+    values = [float(v.numpy()) for v in strategy.experimental_local_results(per_replica)]
+    return {"replicas": strategy.num_replicas_in_sync, "values": values}

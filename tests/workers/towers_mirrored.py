@@ -1,28 +1,18 @@
-"""Worker: build and fit every model family inside a 2-device MirroredStrategy scope.
+"""Build and fit every model family inside a 2-device MirroredStrategy scope.
 
-Runs in its own process because the logical CPU devices must be configured before TensorFlow
-initialises its devices. Writes a JSON result to argv[1].
+Run by train_worker.py inside the shared mirrored launch (train_jobs.py), whose strategy has
+the two logical CPU devices (configured before TensorFlow initialised its devices);
+tests/test_models.py reads the result.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-
+import keras
+import numpy as np
 import tensorflow as tf
 
-tf.config.set_logical_device_configuration(
-    tf.config.list_physical_devices("CPU")[0],
-    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
-)
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from dist_share.config import parse_model  # noqa: E402
-from dist_share.models import MODEL_FAMILIES, build_model  # noqa: E402
-from tests.test_models import CASES, _batch  # noqa: E402
+from dist_share.config import parse_model
+from dist_share.models import MODEL_FAMILIES, build_model
 
 
 def _snapshot(weights) -> list:
@@ -33,8 +23,9 @@ def _moved(before, weights) -> bool:
     return any(not np.array_equal(b, w.numpy()) for b, w in zip(before, weights, strict=True))
 
 
-def main(out_path: str) -> None:
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def check(strategy: tf.distribute.Strategy) -> dict:
+    from tests.test_models import CASES, _batch
+
     result: dict = {"num_replicas": strategy.num_replicas_in_sync}
     for family in MODEL_FAMILIES:
         cfg, specs = CASES[family]
@@ -63,9 +54,4 @@ def main(out_path: str) -> None:
                 switch[f"shared_moved_{label}"] = _moved(s0, shared)
                 switch[f"streams_moved_{label}"] = _moved(p0, streams)
             result["switch"] = switch
-    with open(out_path, "w") as f:
-        json.dump(result, f)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+    return result

@@ -141,6 +141,19 @@ def arrays(family: str, n: int = NUM_EXAMPLES, seed: int = 1) -> tuple[dict, np.
     return feats, labels
 
 
+def id_split(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Siamese-shaped streams plus an `id` stream (example i has id i) and a bool mask stream:
+    the arrays the TFRecord tests convert into shards (tests/test_records.py, records_shards.py)."""
+    rng = np.random.default_rng(seed)
+    features = {
+        "left": rng.random((n, 8, 8, 1), np.float32),
+        "right": rng.random((n, 8, 8, 1), np.float32),
+        "id": np.arange(n, dtype=np.int32),
+        "mask": rng.random((n, 3)) < 0.5,
+    }
+    return features, (np.arange(n) % 2).astype(np.float32)
+
+
 def make_dataset_fn(
     family: str,
     global_batch: int,

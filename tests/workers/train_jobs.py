@@ -1,7 +1,8 @@
 """Launch train_worker.py under each launcher once per test session and load its JSON.
 
 Results are cached per launcher, so test modules that need the same run (equivalence, fit,
-gradients) share one process start instead of paying for it again.
+gradients, records, smoke, models) share one process start instead of paying for it again:
+TensorFlow's start, Horovod's and the launcher's are most of a small run's cost.
 """
 
 from __future__ import annotations
@@ -17,21 +18,32 @@ from dist_share import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = [sys.executable, str(Path(__file__).with_name("train_worker.py"))]
-TIMEOUT = 300
+# One launch trains every run below and runs its checks (a minute or two on a loaded 2-core
+# machine); the tests that start a launch have timeouts above this.
+TIMEOUT = 600
 
-# What each launcher trains (one process start each): see RUNS in train_worker.py.
+# What each launcher trains (see RUNS in train_worker.py), then checks (CHECKS there), in one
+# process start per process.
 LAUNCHES = {
     "local": (
         "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit,shared_k3,"
-        "shared_k3_resume,user_tower"
+        "shared_k3_resume,user_tower,shared_12",
+        "",
     ),
-    "mirrored": "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3,user_tower",
+    "mirrored": (
+        "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3,user_tower",
+        "tf_all_reduce,dense_switch,model_families",
+    ),
     "horovod_gloo": (
         "shared,two_tower,two_tower_sum,two_tower_fp16,two_tower_naive,shared_fit,two_tower_fit,"
-        "shared_resume,shared_bn,shared_k3,shared_k3_resume,user_tower"
+        "shared_resume,shared_bn,shared_k3,shared_k3_resume,user_tower",
+        "horovod_collectives,dense_switch,records",
     ),
-    "horovod_mpirun": "shared,two_tower",
-    "multiworker": "shared,two_tower,shared_fit,shared_resume,shared_k3",
+    "horovod_mpirun": ("shared,two_tower", "horovod_collectives"),
+    "multiworker": (
+        "shared,two_tower,shared_fit,shared_resume,shared_k3",
+        "tf_all_reduce,records",
+    ),
 }
 
 
@@ -42,8 +54,16 @@ def _env() -> dict[str, str]:
 @functools.cache
 def run(launcher: str) -> dict[int, dict]:
     """Run the worker under `launcher`; return {rank: result} (raises with the output on failure)."""
-    out = os.path.join(tempfile.mkdtemp(prefix=f"dist_share_{launcher}_"), "result")
-    args = ["--runs", LAUNCHES[launcher], "--out", out, "--steps", "5", "--batch", "8", "--eval"]
+    root = tempfile.mkdtemp(prefix=f"dist_share_{launcher}_")
+    out = os.path.join(root, "result")
+    runs, checks = LAUNCHES[launcher]
+    args = ["--runs", runs, "--out", out, "--steps", "5", "--batch", "8", "--eval"]
+    if checks:
+        args += ["--checks", checks]
+    if "records" in checks.split(","):
+        from records_shards import write_shard_sets
+
+        args += ["--shards", ",".join(write_shard_sets(os.path.join(root, "shards")))]
     if launcher == "local":
         processes.run_job([*WORKER, "--strategy", "local", *args], TIMEOUT, _env(), ROOT).check()
         ranks = 1
@@ -69,3 +89,16 @@ def run(launcher: str) -> dict[int, dict]:
     else:
         raise ValueError(launcher)
     return {r: json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(ranks)}
+
+
+def check(launcher: str, name: str) -> list[dict]:
+    """The result of check `name` in `launcher`'s launch, one per rank (rank order); fails
+    with the worker's traceback if the check raised on any rank."""
+    results = run(launcher)
+    out = []
+    for rank in sorted(results):
+        assert name in results[rank]["checks"], f"{launcher} ran no check {name!r}"
+        value = results[rank]["checks"][name]
+        assert "error" not in value, f"{launcher} rank {rank}, check {name}:\n{value['error']}"
+        out.append(value)
+    return out

@@ -3,6 +3,11 @@
 Run the same script under every launcher (plain python, horovodrun, mpirun, N multi-worker
 processes); each process writes ``<out>.rank<r>.json`` with one entry per run in ``--runs``
 (several runs share one process start, which is most of a run's cost). Tests compare the files.
+
+``--checks`` adds other multi-process checks to the same launch, after the runs (CHECKS below:
+the collectives smoke checks, the dense switch, TFRecord sharding, Keras fit of every family
+under MirroredStrategy); each check's result, or its traceback, goes under ``checks.<name>``, so
+one failing check fails only the tests that read it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import json
 import os
 import sys
 import time
+import traceback
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +55,53 @@ RUNS = {
     "shared_k3": ("shared", "custom", {}, K3),
     # ... and resumed from the checkpoint at the loop boundary, step 3.
     "shared_k3_resume": ("shared", "custom", {}, K3),
+    # The uninterrupted run the SIGKILL test's resumed run must end at (test_training.py).
+    "shared_12": ("shared", "custom", {}, {"steps": 12}),
+}
+
+
+def _horovod_collectives(strategy: Any, a: argparse.Namespace) -> dict:
+    import smoke_horovod
+
+    return smoke_horovod.check(strategy.hvd)
+
+
+def _tf_all_reduce(strategy: Any, a: argparse.Namespace) -> dict:
+    import smoke_tf_strategy
+
+    return smoke_tf_strategy.check(strategy.tf_strategy)
+
+
+def _dense_switch(strategy: Any, a: argparse.Namespace) -> dict:
+    import dense_switch
+
+    if a.strategy == "horovod":
+        return dense_switch.check(hvd=strategy.hvd)
+    return dense_switch.check(strategy=strategy.tf_strategy)
+
+
+def _records(strategy: Any, a: argparse.Namespace) -> dict:
+    import records_shards
+
+    dirs = a.shards.split(",")
+    if a.strategy == "horovod":
+        return records_shards.check(dirs, hvd=strategy.hvd)
+    return records_shards.check(dirs, strategy=strategy.tf_strategy)
+
+
+def _model_families(strategy: Any, a: argparse.Namespace) -> dict:
+    import towers_mirrored
+
+    return towers_mirrored.check(strategy.tf_strategy)
+
+
+# name -> check(strategy, args) -> JSON-able result (see the modules for what each checks).
+CHECKS: dict[str, Callable[[Any, argparse.Namespace], dict]] = {
+    "horovod_collectives": _horovod_collectives,
+    "tf_all_reduce": _tf_all_reduce,
+    "dense_switch": _dense_switch,
+    "records": _records,
+    "model_families": _model_families,
 }
 
 
@@ -64,6 +119,8 @@ def main() -> None:
     p.add_argument("--step-delay", type=float, default=0.0)
     p.add_argument("--ids", action="store_true", help="also dump the example ids each replica sees")
     p.add_argument("--eval", action="store_true")
+    p.add_argument("--checks", default="", help="comma list of CHECKS names, run after the runs")
+    p.add_argument("--shards", default="", help="comma list of shard directories (records)")
     a = p.parse_args()
 
     from dist_share.config import StrategyConfig
@@ -162,6 +219,14 @@ def main() -> None:
         run["step"] = int(trainer.global_step.numpy())
         trainer.close()
         result["runs"][name] = run
+
+    result["checks"] = {}
+    for name in filter(None, a.checks.split(",")):
+        try:
+            result["checks"][name] = CHECKS[name](strategy, a)
+        except Exception:  # noqa: BLE001 - the tests that read this check show the traceback
+            result["checks"][name] = {"error": traceback.format_exc()}
+            print(f"check {name} failed:\n{result['checks'][name]['error']}", file=sys.stderr)
 
     out = f"{a.out}.rank{strategy.rank}.json"
     with open(out + ".tmp", "w") as f:
