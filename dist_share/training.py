@@ -575,6 +575,9 @@ class CustomLoop:
         ) -> dict[str, tf.Tensor]:
             totals = self._one_step(iterator, stop_requested)
             for _ in tf.range(num_steps - 1):
+                # One step at a time: a step's collectives (Horovod names them) must not
+                # overlap the next step's, which a while loop's parallel iterations allow.
+                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
                 if stop_at_nonfinite and totals["nonfinite_steps"] > 0:
                     break  # the same sum on every replica: all leave the loop together
                 totals = tf.nest.map_structure(
