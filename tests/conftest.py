@@ -51,6 +51,23 @@ CLUSTER_TRAIN_STEPS = 6
 
 
 @contextlib.contextmanager
+def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` (root only: the full-disk and read-only cases need a real
+    file system with those properties), unmounted afterwards."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.fail(f"mounting a tmpfs ({options}) needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
 def _session_dir(prefix: str) -> Iterator[Path]:
     """A directory for the whole session, removed at its end. Not pytest's tmp_path_factory:
     pytest deletes all but the newest 3 base temp directories when a session starts, so another

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import mounted_tmpfs
 
 from dist_share import config as config_lib
 from dist_share import launching, rundir, watchdog
@@ -358,16 +359,9 @@ def test_launch_scripts_honour_max_restarts(tmp_path):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """A read-only tmpfs (root can write anywhere else), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a read-only tmpfs needs root")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    """A read-only tmpfs: root can write anywhere else."""
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_an_unwritable_run_dir_is_a_config_error_naming_it(read_only_dir):

@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
+from conftest import mounted_tmpfs  # noqa: E402
 from fault_jobs import CONFIG, EXE, SMALL, TIMEOUT, Job, checkpoint_values, env  # noqa: E402
 
 
@@ -166,16 +167,9 @@ def test_a_dead_or_frozen_rank_ends_the_job(fault_results, launcher, fault, rank
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 6 MB tmpfs (root only), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.fail("the full-disk test mounts a tmpfs and needs root")
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
-    try:
+    """A 6 MB file system: room for a few checkpoints, then full."""
+    with mounted_tmpfs(tmp_path / "tmpfs", "size=6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _train(run_dir: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
