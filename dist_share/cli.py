@@ -93,7 +93,7 @@ def _input_errors(run: _Run) -> Iterator[None]:
         explained = data_lib.explain_input_error(e, run.train_fn, run.eval_fn)
         if explained is None:
             raise
-        explained.while_streaming = True  # type: ignore[attr-defined]
+        explained.found_while_training = True
         raise explained from None
 
 
@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError) as e:
         # A config problem found while building the model: leave no half-made run behind.
         # (Bad records met while training keep the run: its checkpoints are still good.)
-        if run.strategy.is_chief and not existed and not getattr(e, "while_streaming", False):
+        if run.strategy.is_chief and not existed and not e.found_while_training:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:

@@ -335,7 +335,7 @@ class ElasticLoop(CustomLoop):
                 "(times training.grad_accum_steps)",
             )
             # Met mid-training: the CLI must keep the run directory and its checkpoints.
-            error.while_streaming = True  # type: ignore[attr-defined]
+            error.found_while_training = True
             raise error
 
     def _reopen_logs(self, step: int) -> None:

@@ -9,6 +9,10 @@ from collections.abc import Iterable
 class ConfigError(ValueError):
     """A config value is wrong. `path` is the dotted key path, e.g. ``model.tower.sharing``."""
 
+    # Found after training started (a bad record, an elastic job re-formed to a size the batch
+    # does not split over): the run directory holds good checkpoints and must be kept.
+    found_while_training = False
+
     def __init__(self, path: str, message: str) -> None:
         self.path = path
         self.message = message
@@ -17,6 +21,8 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Input data does not match what the config or the model expects (stream, shape, dtype)."""
+
+    found_while_training = False  # as ConfigError's
 
 
 def hint(key: object, known: Iterable[object], what: str = "known keys") -> str:
