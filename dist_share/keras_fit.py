@@ -136,8 +136,8 @@ class RunCallback(keras.callbacks.Callback):
         )
         if flags["nonfinite"]:
             raise nonfinite.NonFiniteError(
-                nonfinite.describe(self.step, loss, None, state.latest_checkpoint()).replace(
-                    "The update was not applied", "The run stopped"
+                nonfinite.describe(
+                    self.step, loss, None, state.latest_checkpoint(), outcome="The run stopped"
                 )
             )
         if self.ckpt_every and self.step % self.ckpt_every == 0:

@@ -95,9 +95,11 @@ def describe(
     variable: str | None,
     checkpoint: str | None,
     after_update: bool = False,
+    outcome: str = "The update was not applied",
 ) -> str:
-    """The message of `NonFiniteError`. ``after_update``: the gradient was finite but the
-    variable is not (the optimizer's update overflowed); found before saving it."""
+    """The message of `NonFiniteError`. ``after_update``: a variable (not its gradient) holds
+    NaN/inf, found before saving it. ``outcome``: what the loop did about it (Keras fit cannot
+    hold an update back, so it says the run stopped)."""
     if after_update:
         what = f"variable {variable!r} (found before saving it)"
     elif variable is not None:
@@ -116,7 +118,7 @@ def describe(
         f"non-finite values at step {step}: {what} is not finite"
         + (f" (loss = {loss})" if loss is not None else "")
         + ". "
-        + ("It was not saved" if after_update else "The update was not applied")
+        + ("It was not saved" if after_update else outcome)
         + f" and {kept}. Lower optimizer.learning_rate (or set optimizer.clipnorm), "
         "check the input data, or set training.on_nonfinite: skip to skip such steps."
     )

@@ -4,12 +4,14 @@ Slurm, Kubernetes and cloud schedulers send SIGTERM some seconds before they kil
 at once loses every step since the last checkpoint; saving on the rank that got the signal is
 not enough (under MultiWorkerMirrored a save is a collective, under Horovod the other ranks
 would wait in their next allreduce forever). So the handler only sets a flag, and at step
-boundaries the ranks *agree*: the flag is summed over every process with one small collective,
-and when any rank was told to stop, all of them stop after that same step. The trainer then
-writes a checkpoint and raises `Preempted` (exit code 75, EX_TEMPFAIL: "rerun to resume").
+boundaries the ranks *agree*: the flag is summed over every process, and when any rank was told
+to stop, all of them stop after that same step. The trainer then writes a checkpoint and raises
+`Preempted` (exit code 75, EX_TEMPFAIL: "rerun to resume").
 
-Agreement costs one collective of one number; it runs every ``check_every`` steps (every
-step by default: on this machine it is lost in the step time, see docs/RELIABILITY.md).
+How the flag is summed: the custom loop passes `PreemptionGuard.requested` into its compiled
+step, where it rides the reduction of the logged sums that every step does anyway (no extra
+collective); the Keras fit path, which has no such reduction of ours, calls `agree` (one small
+collective per step).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ class PreemptionGuard:
         strategy: the training `Strategy` (its kind decides how the flag is summed).
         signals: the signals that mean "save and stop" (default SIGTERM).
 
-    Use as a context manager around the loop (or `install` / `uninstall`); call `should_stop`
-    at the same steps on every rank (it is a collective when there are several processes), and
-    `stop` once it returned True.
+    Use as a context manager around the loop (or `install` / `uninstall`); read `requested`
+    at the same steps on every rank and sum it over the ranks (see the module docstring), and
+    call `stop` on every rank once the sum is positive.
     """
 
     def __init__(self, strategy: Any, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
