@@ -8,6 +8,10 @@ kernels per layer, `dist_share.batched_sets`) and once with ``batch_sets=False``
 layer), same weights. Timed in interleaved blocks in one process (benchmarks.bench_folding's
 ``time_variants``), median; speedup = median over rounds of unbatched / batched wall time
 (adjacent in time), and the same ratio of process CPU time.
+
+Both are also timed compiled by XLA (``tf.function(jit_compile=True)``): that separates the
+cost of TensorFlow's CPU batched-matmul kernels from the cost of batching itself, since XLA
+emits its own code for both formulations.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ BLOCK = {"type": "mlp", "units": [256, 256], "activation": "relu"}
 IN_FEATURES, OUT_DIM, BATCH = 128, 128, 64
 
 
-def make_step(n: int, batched: bool, batch: int = BATCH) -> Callable:
+def make_step(n: int, batched: bool, batch: int = BATCH, xla: bool = False) -> Callable:
     import keras
     import tensorflow as tf
 
@@ -37,7 +41,7 @@ def make_step(n: int, batched: bool, batch: int = BATCH) -> Callable:
     opt = keras.optimizers.SGD(1e-4)
     opt.build(variables)
 
-    @tf.function
+    @tf.function(jit_compile=xla)
     def step(inp):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(tower(inp, training=True))) * n
@@ -46,6 +50,11 @@ def make_step(n: int, batched: bool, batch: int = BATCH) -> Callable:
         return loss
 
     return lambda: step(x)
+
+
+def _ratios(samples: dict[str, list[float]], slow: str, fast: str) -> list[float]:
+    """Per-round ratios of two variants' wall times (adjacent in time)."""
+    return [a / b for a, b in zip(samples[slow], samples[fast], strict=True)]
 
 
 def run(quick: bool = False) -> dict:
@@ -57,23 +66,35 @@ def run(quick: bool = False) -> dict:
     before = conditions()
     table = []
     for n in streams:
-        steps = {"one_after_another": make_step(n, False), "batched": make_step(n, True)}
+        steps = {
+            "one_after_another": make_step(n, False),
+            "batched": make_step(n, True),
+            "one_after_another_xla": make_step(n, False, xla=True),
+            "batched_xla": make_step(n, True, xla=True),
+        }
         samples: dict[str, list[float]] = {}
         cpu: dict[str, float] = {}
         ms = time_variants(steps, repeats, block, cpu_ms=cpu, samples=samples)
-        ratios = [
-            a / b for a, b in zip(samples["one_after_another"], samples["batched"], strict=True)
-        ]
+
+        speedups = _ratios(samples, "one_after_another", "batched")
         table.append(
             {
                 "streams": n,
                 "examples_per_step": n * BATCH,
                 "one_after_another_ms": ms["one_after_another"],
                 "batched_ms": ms["batched"],
-                "speedup": statistics.median(ratios),
-                "speedup_min": min(ratios),
-                "speedup_max": max(ratios),
+                "speedup": statistics.median(speedups),
+                "speedup_min": min(speedups),
+                "speedup_max": max(speedups),
                 "speedup_cpu_time": cpu["one_after_another"] / cpu["batched"],
+                "one_after_another_xla_ms": ms["one_after_another_xla"],
+                "batched_xla_ms": ms["batched_xla"],
+                "speedup_xla": statistics.median(
+                    _ratios(samples, "one_after_another_xla", "batched_xla")
+                ),
+                "batched_xla_vs_one_after_another": statistics.median(
+                    _ratios(samples, "one_after_another", "batched_xla")
+                ),
             }
         )
     target = next((r for r in table if r["streams"] == 8), None)
@@ -84,8 +105,11 @@ def run(quick: bool = False) -> dict:
             f"input features, batch {BATCH} per stream), training step ms (fwd+bwd+SGD, "
             f"tf.function), {repeats} interleaved rounds of {block} steps, median; speedup = "
             "median over rounds of one_after_another / batched (wall); speedup_cpu_time = ratio "
-            "of median process CPU time per step. Target (issue 14): N = 8 at least 1.3x; not met "
-            "on this CPU, so batch_sets stays off by default."
+            "of median process CPU time per step; the _xla columns time both compiled with "
+            "jit_compile=True (speedup_xla: one_after_another_xla / batched_xla; "
+            "batched_xla_vs_one_after_another: the default step over the batched XLA one). "
+            "Target (issue 14): N = 8 at least 1.3x; not met on this CPU, so batch_sets stays off "
+            "by default."
         ),
         "conditions_before": before,
         "conditions_after": conditions(),
@@ -101,7 +125,7 @@ def run(quick: bool = False) -> dict:
         },
         "plot": {
             "x": "streams",
-            "y": ["speedup", "speedup_cpu_time"],
+            "y": ["speedup", "speedup_cpu_time", "speedup_xla"],
             "logx": True,
             "title": "Batched weight sets: speedup over one set after another",
         },

@@ -5,7 +5,9 @@ Imports each ``benchmarks/bench_*.py``, calls its ``run(quick=...)``, writes
 docs/PERFORMANCE.md (machine, versions, threads, the command, one table per benchmark). A
 benchmark that fails is recorded with its traceback and the others still run; the exit code is
 then 1. Quick mode only proves the harness works (tiny sizes): it leaves docs/PERFORMANCE.md
-alone unless ``--docs`` is given.
+alone unless ``--docs`` is given. The plots go beside the docs (``img/<name>.png``), so the
+page's images are in the repository with it. ``--render-only`` rewrites the section from the
+results already in ``--results-dir`` (after editing the analysis code), running nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib
 import json
 import os
 import pkgutil
+import shutil
 import sys
 import time
 import traceback
@@ -76,7 +79,7 @@ def busy_processes(limit: int = 5, interval: float = 1.0) -> list[str]:
     return [f"{pct:.0f}% {cmd[:150]}" for pct, cmd in usage[:limit]]
 
 
-def run_one(name: str, quick: bool, results_dir: Path) -> dict[str, Any]:
+def run_one(name: str, quick: bool, results_dir: Path, command: str) -> dict[str, Any]:
     before = {"load_average": machine_info()["load_average"], "busy": busy_processes()}
     t0 = time.perf_counter()
     try:
@@ -87,6 +90,7 @@ def run_one(name: str, quick: bool, results_dir: Path) -> dict[str, Any]:
         result = {"name": name, "error": traceback.format_exc(), "table": []}
     result["seconds"] = time.perf_counter() - t0
     result["quick"] = quick
+    result["command"] = command
     result["machine"] = machine_info()
     result["machine"]["before"] = before
     save(name, result, results_dir)
@@ -136,8 +140,10 @@ def render(results: Sequence[dict], command: str, results_dir: Path, docs: Path)
         for title, rows in (r.get("extra_tables") or {}).items():
             lines += [f"{title}:", "", markdown_table(_table_rows(rows))]
         png = results_dir / f"{name}.png"
-        rel = os.path.relpath(png.resolve(), docs.resolve().parent)
-        lines += [f"![{name}]({Path(rel).as_posix()})", ""]
+        if png.exists():
+            (docs.parent / "img").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, docs.parent / "img" / png.name)
+            lines += [f"![{name}](img/{png.name})", ""]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -162,6 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--docs", type=Path, default=None, help="markdown file to regenerate")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the docs from --results-dir; run nothing",
+    )
     args = parser.parse_args(argv)
     names = discover()
     if args.only:
@@ -174,9 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["python -m benchmarks.run_all", *(argv if argv is not None else sys.argv[1:])]
     )
     results = []
-    for name in names:
+    for name in [] if args.render_only else names:
         print(f"== {name} ...", flush=True)
-        r = run_one(name, args.quick, args.results_dir)
+        r = run_one(name, args.quick, args.results_dir, command)
         status = "FAILED" if r.get("error") else f"{len(r.get('table') or [])} rows"
         print(f"== {name}: {status} in {r['seconds']:.1f} s", flush=True)
         if r.get("error"):
@@ -191,9 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if name not in ran and path.exists():
                 old = json.loads(path.read_text())
                 old.setdefault("description", "")
-                old["description"] = "(from an earlier run) " + old["description"]
+                if not args.render_only:
+                    old["description"] = "(from an earlier run) " + old["description"]
                 results.append(old)
         results.sort(key=lambda r: str(r.get("name")))
+        if args.render_only:  # the tables are those runs' numbers: name their command
+            made_by = sorted({r.get("command", "python -m benchmarks.run_all") for r in results})
+            command = " and ".join(made_by)
         update_docs(docs, render(results, command, args.results_dir, docs))
         print(f"updated {docs}")
     return 1 if any(r.get("error") for r in results) else 0

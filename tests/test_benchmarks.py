@@ -95,6 +95,18 @@ def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
     assert "--quick" in text and common.cpu_model() in text
     for name in names:
         assert f"### {name}" in text
+        assert f"![{name}](img/{name}.png)" in text  # the plot travels with the page
+        assert (docs.parent / "img" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # --render-only rewrites the section from those results, naming the run that made them.
+    again = tmp_path / "again" / "PERFORMANCE.md"
+    assert run_all.main(["--render-only", "--results-dir", str(results), "--docs", str(again)]) == 0
+    rendered = again.read_text()
+    assert "Command: `python -m benchmarks.run_all --quick" in rendered
+    assert (
+        rendered.split("Generated:")[1].split("\n", 1)[1]
+        == text.split("Generated:")[1].split("\n", 1)[1]
+    )
 
     # The byte counts are exact: a shared tower sends its parameters once whatever N is,
     # separate towers N times; dedup never sends more than the naive IndexedSlices.
@@ -114,3 +126,7 @@ def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
     assert all(r["trainer_ex_per_s"] > 0 and r["plain_ex_per_s"] > 0 for r in overhead["table"])
     scaling = json.loads((results / "scaling.json").read_text())
     assert {r["replicas"] for r in scaling["table"]} >= {2}
+    # The scaling model's link fit comes from the probe its first 2-process job ran.
+    model = json.loads((results / "scaling_model.json").read_text())
+    assert [p["bytes"] for p in model["link_here"]["points"]] == [8, 65536, 1048576]
+    assert model["link_here"]["bandwidth_bytes_per_s"] > 0

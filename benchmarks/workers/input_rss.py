@@ -2,17 +2,26 @@
 
 argv: OUT_DIR DIST_SHARE_TRAIN_ARGS...
 
-A fresh process per measurement, because peak RSS (``ru_maxrss``, the kernel's high-water
-mark of this process) only ever grows.
+A fresh process per measurement, because peak RSS only ever grows. The peak is ``VmHWM`` of
+/proc/self/status, the high-water mark of this process image only: ``ru_maxrss`` is not, as
+Linux carries the parent's high-water mark over fork and exec, so a worker started by a
+benchmark driver that had grown to 1.5 GB reported 1.5 GB whatever it did itself.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+
+
+def peak_rss_kb() -> int:
+    """This process image's peak resident set size, in kB (``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def main() -> None:
@@ -24,7 +33,7 @@ def main() -> None:
     seconds = time.perf_counter() - t
     if rc != 0:
         raise SystemExit(f"dist-share {' '.join(argv)} exited with {rc}")
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    peak_kb = peak_rss_kb()
     (out_dir / "rank0.json").write_text(
         json.dumps({"peak_rss_mb": peak_kb / 1024, "seconds": seconds, "argv": argv})
     )

@@ -56,6 +56,7 @@ def main() -> None:
     )
     loop.train_loop_begin()
     one = tf.constant(1, tf.int32)
+    no_preemption = tf.constant(0.0, tf.float32)  # the SIGTERM flag train_step passes in
 
     spec = build_spec()
     model, opt = spec.model, keras.optimizers.Adam(cfg.optimizer.learning_rate)
@@ -98,7 +99,7 @@ def main() -> None:
     def trainer_fn() -> None:
         out = None
         for _ in range(args.block):
-            out = loop._train_fn(t_iter, one)
+            out = loop._train_fn(t_iter, one, no_preemption)
         float(out["loss"])
 
     def trainer_step() -> None:
