@@ -11,7 +11,8 @@ layer), same weights. Timed in interleaved blocks in one process (benchmarks.ben
 
 Both are also timed compiled by XLA (``tf.function(jit_compile=True)``): that separates the
 cost of TensorFlow's CPU batched-matmul kernels from the cost of batching itself, since XLA
-emits its own code for both formulations.
+emits its own code for both formulations. A last table times the three matmuls of one layer
+(forward, weight gradient, input gradient) alone, N plain matmuls against one batched matmul.
 """
 
 from __future__ import annotations
@@ -50,6 +51,55 @@ def make_step(n: int, batched: bool, batch: int = BATCH, xla: bool = False) -> C
         return loss
 
     return lambda: step(x)
+
+
+def kernel_times(n: int, repeats: int, block: int) -> list[dict]:
+    """The first layer's three matmuls at the benchmark's shapes, N separate vs one batched."""
+    import tensorflow as tf
+
+    units = BLOCK["units"][0]
+    x = tf.random.normal((n, BATCH, IN_FEATURES))
+    k = tf.random.normal((n, IN_FEATURES, units))
+    g = tf.random.normal((n, BATCH, units))
+    xs, ks, gs = tf.unstack(x), tf.unstack(k), tf.unstack(g)
+    pairs = {
+        "forward x @ k": (
+            lambda: tf.add_n([tf.reduce_sum(a @ b) for a, b in zip(xs, ks, strict=True)]),
+            lambda: tf.reduce_sum(tf.matmul(x, k)),
+        ),
+        "weight gradient x^T @ g": (
+            lambda: tf.add_n(
+                [
+                    tf.reduce_sum(tf.matmul(a, b, transpose_a=True))
+                    for a, b in zip(xs, gs, strict=True)
+                ]
+            ),
+            lambda: tf.reduce_sum(tf.matmul(x, g, adjoint_a=True)),
+        ),
+        "input gradient g @ k^T": (
+            lambda: tf.add_n(
+                [
+                    tf.reduce_sum(tf.matmul(a, b, transpose_b=True))
+                    for a, b in zip(gs, ks, strict=True)
+                ]
+            ),
+            lambda: tf.reduce_sum(tf.matmul(g, k, adjoint_b=True)),
+        ),
+    }
+    rows = []
+    for what, (separate, batched) in pairs.items():
+        steps = {"separate": tf.function(separate), "batched": tf.function(batched)}
+        ms = time_variants(steps, repeats, block)
+        rows.append(
+            {
+                "matmul": what,
+                "streams": n,
+                "n_matmuls_ms": ms["separate"],
+                "batched_matmul_ms": ms["batched"],
+                "separate_over_batched": ms["separate"] / ms["batched"],
+            }
+        )
+    return rows
 
 
 def _ratios(samples: dict[str, list[float]], slow: str, fast: str) -> list[float]:
@@ -98,6 +148,7 @@ def run(quick: bool = False) -> dict:
             }
         )
     target = next((r for r in table if r["streams"] == 8), None)
+    kernels = kernel_times(8, repeats, 5 * block)
     return {
         "name": NAME,
         "description": (
@@ -121,7 +172,8 @@ def run(quick: bool = False) -> dict:
                     "goal": ">= 1.3",
                     "measured": target["speedup"] if target else None,
                 }
-            ]
+            ],
+            "One layer's matmuls alone (N = 8, batch 64, 128 -> 256; ms per call, median)": kernels,
         },
         "plot": {
             "x": "streams",

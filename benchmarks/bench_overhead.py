@@ -132,14 +132,15 @@ def run(quick: bool = False) -> dict:
             ("horovod", ["quiet", "default"], 128, 1),
         ]
         block, repeats, warmup, timeout = 20, 15, 2, 600
+    # The breakdown first (and in quick mode too, at tiny sizes): it drives the Trainer's
+    # compiled step directly, so a change of that step's signature fails here at once, not in
+    # the next full run after the long cases.
+    breakdown = _breakdown(batch=64, block=block, repeats=repeats, timeout=timeout)
     rows = [
         row for s, vs, b, t in jobs for row in _cases(s, vs, b, block, repeats, warmup, t, timeout)
     ]
     table = [{k: v for k, v in r.items() if k != "raw"} for r in rows]
     extra = {"Issue 14's targets (trainer_over_plain of the rows above)": _targets(table)}
-    # Quick mode runs the breakdown too, at tiny sizes: it drives the Trainer's compiled step
-    # directly, so a change of that step's signature must fail here, not in the next full run.
-    breakdown = _breakdown(batch=64, block=block, repeats=repeats, timeout=timeout)
     extra["Where the trainer's time goes (local, batch 64, ms per step, median)"] = breakdown[
         "table"
     ]

@@ -568,12 +568,17 @@ class CustomLoop:
             return
 
         stop_at_nonfinite = self.on_nonfinite == "stop"
+        # With one step per call (the default) the loop is left out of the graph: an empty
+        # while loop still cost ~0.5 ms of a ~11 ms step here (benchmarks/bench_overhead.py).
+        looped = self.steps_per_loop > 1
 
         @tf.function
         def train_fn(
             iterator: Any, num_steps: tf.Tensor, stop_requested: tf.Tensor
         ) -> dict[str, tf.Tensor]:
             totals = self._one_step(iterator, stop_requested)
+            if not looped:
+                return totals
             for _ in tf.range(num_steps - 1):
                 # One step at a time: a step's collectives (Horovod names them) must not
                 # overlap the next step's, which a while loop's parallel iterations allow.

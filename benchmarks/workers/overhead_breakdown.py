@@ -162,7 +162,7 @@ def main() -> None:
 
     features, labels = next(p_iter)
     plain_ops = graph_ops(steps["plain"], features, labels)
-    trainer_ops = graph_ops(loop._train_fn, t_iter, one)
+    trainer_ops = graph_ops(loop._train_fn, t_iter, one, no_preemption)
     write_result(
         args.out_dir,
         "breakdown",
