@@ -121,11 +121,13 @@ def render(results: Sequence[dict], command: str, results_dir: Path, docs: Path)
         lines.append(f"### {name}")
         lines.append("")
         before = r.get("machine", {}).get("before", {})
-        load = before.get("load_average")
-        lines.append(
-            f"Run time {r.get('seconds', 0):.0f} s; load average before: "
-            f"{', '.join(f'{x:.2f}' for x in load) if load else 'n/a'}."
-        )
+        # A benchmark run alone (bench_main) records the load at its end only.
+        load, when = before.get("load_average"), "before"
+        if not load:
+            load, when = r.get("machine", {}).get("load_average"), "at its end"
+        load_text = ", ".join(f"{x:.2f}" for x in load) if load else "n/a"
+        made_by = f"Made by `{r['command']}`; run time" if r.get("command") else "Run time"
+        lines.append(f"{made_by} {r.get('seconds', 0):.0f} s; load average {when}: {load_text}.")
         busy = before.get("busy", [])[:3]
         if busy:
             lines.append("Other processes busy at its start (CPU % of one core, command):  ")
