@@ -212,7 +212,9 @@ def test_second_train_on_a_busy_run_dir_is_refused_and_a_killed_run_frees_it(tmp
                              start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not (run / "checkpoints" / "ckpt-5.index").exists():
+        # Any checkpoint: a step takes ~2 ms here, so ckpt-5 is rotated out (max_to_keep) long
+        # before a 0.2 s poll may see it (a CI run waited 420 s for it while 49,000 steps ran).
+        while not list((run / "checkpoints").glob("ckpt-*.index")):
             assert first.poll() is None, first.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.2)
