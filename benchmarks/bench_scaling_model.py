@@ -54,10 +54,10 @@ PUBLISHED = [  # horovod/horovod docs/benchmarks.rst, 512 Pascal GPUs, 25 Gbit/s
     ("Horovod published: ResNet-101", 512, 0.90),
     ("Horovod published: VGG-16", 512, 0.68),
 ]
-PROBE_LAUNCH = "mpirun"
+PROBE_LAUNCH = "mpirun"  # with mpi_yield_when_idle, which the framework's mpirun lines pass
 # The 2-process check passes when the measured step is within this factor of the prediction
 # (either way): the model leaves out scheduling and the cores the two ranks share here.
-AGREEMENT = 1.25  # with mpi_yield_when_idle, which the framework's mpirun lines pass
+AGREEMENT = 1.25
 
 
 def allreduce_seconds(nbytes: float, workers: int, bandwidth: float, latency: float) -> float:
