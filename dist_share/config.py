@@ -558,6 +558,9 @@ def validate(raw: Any) -> Config:
     for key in raw:
         if key not in SECTIONS:
             raise ConfigError(str(key), "unknown key" + hint(key, SECTIONS))
+    # The sections that do not depend on the model first: checking the model's blocks imports
+    # Keras (and TensorFlow, seconds of start-up), which a typo in `training:` need not wait for.
+    rest = {name: parse_section(_hints(Config)[name], raw.get(name), name) for name in SECTIONS[2:]}
     model_raw = raw.get("model")
     data_raw = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
     views = data_raw.get("num_views", DataConfig.num_views)
@@ -571,11 +574,7 @@ def validate(raw: Any) -> Config:
         raise ConfigError("data.family", f"is {data.family!r} but model.family is {model.family!r}")
     data = dataclasses.replace(data, family=model.family)
     family.check_data(data, model)
-    cfg = Config(
-        model=model,
-        data=data,
-        **{name: parse_section(_hints(Config)[name], raw.get(name), name) for name in SECTIONS[2:]},
-    )
+    cfg = Config(model=model, data=data, **rest)
     tr = cfg.training
     if tr.batch_size % tr.grad_accum_steps:
         raise ConfigError(

@@ -102,8 +102,9 @@ def make_state(
     import horovod.tensorflow as hvd
 
     class KerasTrainState(hvd.elastic.ObjectState):
-        """Commit = host copies of every variable; restore = assign them back; sync = broadcast
-        from rank 0 (the variables, then Horovod's broadcast of the Python attributes)."""
+        """Commit = meet every worker, then host copies of every variable; restore = assign
+        them back; sync = broadcast from rank 0 (the variables, then Horovod's broadcast of the
+        Python attributes)."""
 
         def __init__(self) -> None:
             self.model, self.optimizer = model, optimizer
@@ -123,6 +124,17 @@ def make_state(
 
         def _save_variables(self) -> None:
             self._snapshot = [np.array(v.numpy(), copy=True) for v in self.variables()]
+
+        def commit(self) -> None:
+            # Horovod's commit saves first and meets the other workers after (in its host-update
+            # broadcast). A worker whose peer died between the step's last collective and the
+            # commit would then save a step that peer never finished: the chief killed before
+            # writing the step's record, say, and the survivor rolls back to a step missing
+            # from metrics.jsonl. Meeting first makes a commit a point every worker reached.
+            import tensorflow as tf
+
+            hvd.allreduce(tf.constant(0.0), op=hvd.Sum, name="dist_share_commit_barrier")
+            super().commit()
 
         def save(self) -> None:
             self._save_variables()

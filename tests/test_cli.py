@@ -78,6 +78,26 @@ def test_importing_the_cli_loads_neither_tensorflow_nor_horovod() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+def test_a_typo_outside_the_model_is_reported_before_tensorflow_loads() -> None:
+    # Checking the model's blocks imports Keras and TensorFlow (seconds); the other sections
+    # are checked first, so a typo there is reported at once.
+    code = (
+        "import sys\n"
+        "from dist_share import config\n"
+        "from dist_share.errors import ConfigError\n"
+        "try:\n"
+        "    config.validate({'model': {'family': 'siamese'}, 'training': {'stpes': 3}})\n"
+        "except ConfigError as e:\n"
+        "    assert 'training.stpes' in str(e), e\n"
+        "else:\n"
+        "    sys.exit('no ConfigError')\n"
+        "loaded = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
+        "sys.exit(f'loaded {loaded}' if loaded else 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 def test_version_help_and_usage_errors() -> None:
     out = dist_share("--version")
     assert out.returncode == 0 and "dist-share 0.1.0" in out.stdout
