@@ -14,7 +14,7 @@ and data, timed in interleaved blocks (wall and process CPU time, median):
 4. ``trainer compiled step``: the Trainer's own ``tf.function`` (iterator inside, strategy.run,
    reduce_gradients, reduce_sum), called directly.
 5. ``+ host floats``: ``Trainer.train_step`` (the hook: converts the outputs to Python floats).
-6. ``+ global_step.assign``: what ``Trainer.train`` additionally does per step.
+   The global step is counted inside the compiled step (stage 4), not from the host.
 
 Uses Trainer internals (``_train_input``, ``_train_fn``) on purpose: it is a profiler.
 """
@@ -106,11 +106,6 @@ def main() -> None:
         for _ in range(args.block):
             loop.train_step(t_iter)
 
-    def trainer_step_assign() -> None:
-        for i in range(args.block):
-            loop.train_step(t_iter)
-            loop.state.global_step.assign(i)
-
     # The same plain step, fed the way the Trainer feeds its step: the iterator inside the
     # tf.function, and then tf.distribute's dataset/iterator + strategy.run (OneDeviceStrategy).
     in_fn_step = steps["plain"]
@@ -143,7 +138,6 @@ def main() -> None:
     runners["plain, tf.distribute iterator + strategy.run"] = iter_runner(plain_dist_iter, d_iter)
     runners["trainer compiled step"] = trainer_fn
     runners["+ host floats (train_step)"] = trainer_step
-    runners["+ global_step.assign"] = trainer_step_assign
 
     wall: dict[str, list[float]] = {k: [] for k in runners}
     cpu: dict[str, list[float]] = {k: [] for k in runners}
