@@ -25,6 +25,12 @@ TOL = 1e-5
 LAUNCHERS = ["mirrored", "horovod_gloo", "horovod_mpirun", "multiworker"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _launch_all_early() -> None:
+    # Every launch this module compares, started now two at a time (shared with other modules).
+    train_jobs.start("local", *LAUNCHERS)
+
+
 @pytest.mark.parametrize("family", ["shared", "two_tower"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_same_variables_as_local(launcher: str, family: str) -> None:

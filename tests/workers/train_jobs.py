@@ -2,16 +2,19 @@
 
 Results are cached per launcher, so test modules that need the same run (equivalence, fit,
 gradients, records, smoke, models) share one process start instead of paying for it again:
-TensorFlow's start, Horovod's and the launcher's are most of a small run's cost.
+TensorFlow's start, Horovod's and the launcher's are most of a small run's cost. `start`
+launches several in the background, two at a time: one launch alone leaves a core idle while
+its processes start TensorFlow.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from dist_share import processes
@@ -51,9 +54,27 @@ def _env() -> dict[str, str]:
     return {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-@functools.cache
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="train_jobs")
+_LAUNCHED: dict[str, Future] = {}
+_LOCK = threading.Lock()
+
+
+def start(*launchers: str) -> None:
+    """Launch these in the background (each once per session; two run at a time)."""
+    with _LOCK:
+        for launcher in launchers:
+            if launcher not in _LAUNCHED:
+                _LAUNCHED[launcher] = _POOL.submit(_launch, launcher)
+
+
 def run(launcher: str) -> dict[int, dict]:
-    """Run the worker under `launcher`; return {rank: result} (raises with the output on failure)."""
+    """The worker's results under `launcher`, {rank: result}, launched now unless `start` did
+    already (raises with the output on failure)."""
+    start(launcher)
+    return _LAUNCHED[launcher].result()
+
+
+def _launch(launcher: str) -> dict[int, dict]:
     root = tempfile.mkdtemp(prefix=f"dist_share_{launcher}_")
     out = os.path.join(root, "result")
     runs, checks = LAUNCHES[launcher]
