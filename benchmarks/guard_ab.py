@@ -1,11 +1,15 @@
-"""Does the non-finite guard cost anything? ``python -m benchmarks.guard_ab [--rounds 30]``.
+"""What does the Trainer's compiled step add to a plain one, and how much of it is the
+non-finite guard? ``python -m benchmarks.guard_ab [--rounds 30]``.
 
 The Trainer's compiled step checks the reduced gradients for NaN/inf and applies them inside a
 ``tf.cond`` (``dist_share/nonfinite.py``); mixed precision leaves that to the loss-scale
-optimizer and applies directly. This times the same compiled step both ways (the local
-strategy, the benchmark model at batch 64) in one process, interleaved blocks, and prints the
-medians. Not part of ``run_all``: it answers one question raised in docs/PERFORMANCE.md
-section 7 and uses the loop's internals (``_guard_gradients``, ``_train_fn``) on purpose.
+optimizer and applies directly. This times, in one process with interleaved blocks (the local
+strategy, the benchmark model at batch 64): that step with the guard, the same step without
+it, and a plain ``tf.function`` step on a model built from the same config, fed the same way
+(the iterator inside the function; GradientTape, mean loss, Adam's ``apply_gradients``).
+Ratios are to the plain step. Not part of ``run_all``: it answers one question of
+docs/PERFORMANCE.md section 7 and uses the loop's internals (``_guard_gradients``,
+``_train_fn``) on purpose.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
 
+    import keras
     import tensorflow as tf
 
     from benchmarks.workers.wlib import bench_config
@@ -47,6 +52,21 @@ def main() -> None:
         loop.train_loop_begin()
         steps[name] = (loop._train_fn, iterator)
 
+    spec = build_model(cfg.model, specs)
+    optimizer = keras.optimizers.Adam(cfg.optimizer.learning_rate)
+
+    @tf.function
+    def plain_step(iterator, *_):
+        features, labels = next(iterator)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(spec.loss(labels, spec.model(features, training=True)))
+        grads = tape.gradient(loss, spec.model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, spec.model.trainable_variables, strict=True))
+        return {"loss": loss}
+
+    iterator = iter(strategy.distribute_dataset(train_input(dataset_fn, 0, names)))
+    steps["plain step"] = (plain_step, iterator)
+
     wall: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}
     warmup = 2
@@ -60,8 +80,8 @@ def main() -> None:
             if r >= warmup:
                 wall[name].append(1e3 * (time.perf_counter() - t0) / args.block)
                 cpu[name].append(1e3 * (time.process_time() - c0) / args.block)
-    base_wall = statistics.median(wall["without guard"])
-    base_cpu = statistics.median(cpu["without guard"])
+    base_wall = statistics.median(wall["plain step"])
+    base_cpu = statistics.median(cpu["plain step"])
     print(f"{args.rounds} interleaved rounds of {args.block} steps, batch {args.batch}, median:")
     for name in steps:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
