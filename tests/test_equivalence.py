@@ -26,9 +26,16 @@ LAUNCHERS = ["mirrored", "horovod_gloo", "horovod_mpirun", "multiworker"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _launch_all_early() -> None:
-    # Every launch this module compares, started now two at a time (shared with other modules).
-    train_jobs.start("local", *LAUNCHERS)
+def _launch_early(request: pytest.FixtureRequest) -> None:
+    # The launches the selected tests of this module compare with the local run, started now
+    # two at a time (and shared with other modules) instead of one after another.
+    wanted = set()
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if item.module is request.module and callspec is not None:
+            wanted.add(callspec.params.get("launcher"))
+    if wanted - {None}:
+        train_jobs.start("local", *[launcher for launcher in LAUNCHERS if launcher in wanted])
 
 
 @pytest.mark.parametrize("family", ["shared", "two_tower"])
