@@ -278,11 +278,32 @@ def tf_config(workers: Sequence[str], index: int) -> str:
     return json.dumps(tf_config_dict(workers, index))
 
 
-def free_port(host: str = "") -> int:
-    """A TCP port free now on ``host`` ("" = every interface, for workers other hosts reach)."""
+def free_port(host: str = "", count: int = 1) -> int:
+    """A TCP port free now on ``host`` ("" = every interface, for workers other hosts reach).
+
+    With ``count`` > 1, the first of ``count`` consecutive free ports (a multiworker
+    ``--base-port``: the workers on one host take consecutive ports, and the port after a free
+    one may be another connection's).
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        ports = range(base + 1, base + count)
+        if base + count - 1 <= 65535 and not any(_bind_error(host, p) for p in ports):
+            return base
+    raise OSError(f"no {count} consecutive free ports found on {host or 'this host'}")
+
+
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why ``port`` cannot be bound now, or None (TIME_WAIT does not count as in use)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e
+    return None
 
 
 def multiworker_commands(
@@ -475,16 +496,13 @@ def check_local_ports(workers: Sequence[WorkerLaunch]) -> None:
             continue
         address = json.loads(w.tf_config)["cluster"]["worker"][w.index]
         port = int(address.rsplit(":", 1)[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
-            try:
-                s.bind(("", port))
-            except OSError as e:
-                raise ConfigError(
-                    "--base-port",
-                    f"port {port} of worker {w.index} ({address}) is in use on this host "
-                    f"({e.strerror}); choose another --base-port",
-                ) from None
+        error = _bind_error("", port)
+        if error is not None:
+            raise ConfigError(
+                "--base-port",
+                f"port {port} of worker {w.index} ({address}) is in use on this host "
+                f"({error.strerror}); choose another --base-port",
+            )
 
 
 def run_multiworker(workers: Sequence[WorkerLaunch], grace: float = TERMINATE_GRACE) -> int:

@@ -389,7 +389,7 @@ def test_launch_multiworker_runs_every_worker_with_its_tf_config(tmp_path: Path)
             "--hosts",
             "localhost:2",
             "--base-port",
-            str(free_port()),
+            str(free_port(count=2)),
             "--",
             sys.executable,
             "-c",

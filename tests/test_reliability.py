@@ -304,7 +304,7 @@ def test_launch_max_restarts_relaunches_the_whole_job(tmp_path):
         "--hosts",
         "localhost:2",
         "--base-port",
-        str(launching.free_port()),
+        str(launching.free_port(count=2)),
         "--",
         sys.executable,
         str(script),

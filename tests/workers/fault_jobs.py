@@ -55,7 +55,7 @@ class Job:
         if launcher == "horovodrun" or launcher == "mpirun":
             extra = ["--network-interface", "lo"]
         else:
-            extra = ["--base-port", str(launching.free_port())]
+            extra = ["--base-port", str(launching.free_port(count=2))]
         train = [EXE, "train", CONFIG, "--strategy", STRATEGY[launcher], "--run-dir", str(run_dir)]
         self.argv = [EXE, "launch", "--launcher", launcher, *hosts, *extra, *launch_args, "--",
                      *train, *SMALL, *train_args]  # fmt: skip
