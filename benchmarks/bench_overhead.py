@@ -131,7 +131,7 @@ def run(quick: bool = False) -> dict:
             ("local", ["quiet"], 512, None),
             ("horovod", ["quiet", "default"], 128, 1),
         ]
-        block, repeats, warmup, timeout = 20, 15, 2, 600
+        block, repeats, warmup, timeout = 20, 30, 2, 900
     # The breakdown first (and in quick mode too, at tiny sizes): it drives the Trainer's
     # compiled step directly, so a change of that step's signature fails here at once, not in
     # the next full run after the long cases.

@@ -64,13 +64,15 @@ def _layers(block: MLPBlock) -> list[Any]:
     return [*block.head_dense, *([block.projection] if block.projection is not None else [])]
 
 
-def apply_batched(blocks: Sequence[MLPBlock], inputs: Sequence[Any]) -> list[Any]:
-    """Run set i on ``inputs[i]`` (``[rows, ...]``, the same shape for every set), batched.
+def apply_batched(blocks: Sequence[MLPBlock], inputs: Any) -> Any:
+    """Run set i on ``inputs[i]``, batched; returns ``[N, rows, units]``, row i equal to
+    ``blocks[i](inputs[i])``.
 
-    Returns one ``[rows, units]`` output per set, equal to ``blocks[i](inputs[i])``.
+    Args:
+        inputs: ``[N, rows, ...]``, or a list of N ``[rows, ...]`` tensors (stacked here).
     """
     first = blocks[0]
-    x = ops.stack(inputs, axis=0)  # [N, rows, ...]
+    x = ops.stack(inputs, axis=0) if isinstance(inputs, (list, tuple)) else inputs
     flat = math.prod(int(d) for d in x.shape[2:])
     x = ops.reshape(x, (len(blocks), -1, flat))
     n_dense = len(first.head_dense)
@@ -84,4 +86,4 @@ def apply_batched(blocks: Sequence[MLPBlock], inputs: Sequence[Any]) -> list[Any
             x = x + bias[:, None, :]
         if j < n_dense and first.head_act is not None:
             x = first.head_act(x)
-    return [x[i] for i in range(len(blocks))]
+    return x

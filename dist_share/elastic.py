@@ -314,7 +314,7 @@ class ElasticLoop(CustomLoop):
         self._loss_denominator = float(
             self.global_batch if self.strategy.gradient_op == "sum" else per_replica
         )
-        self._train_fn = None  # retraced by train_loop_begin: the old one captured the old size
+        self._train_fn = None  # retraced by compiled_step: the old one captured the old size
         self.nonfinite_skipped = elastic_state.nonfinite_skipped
         step = self.state.step
         # Steps trained since the commit this job rolled back to, by whoever got furthest

@@ -209,18 +209,23 @@ def prepare_gradient(grad: Any, options: GradientOptions, allow_sparse: bool = T
 def comm_bytes(grads: Sequence[Any]) -> tf.Tensor:
     """Bytes one replica hands to the collective: values + indices for IndexedSlices, size for dense.
 
-    Shapes are read at run time, so a tensor with 0 rows (the branch not taken) counts 0.
+    Static shapes are counted when tracing (a dense model's count is a constant, no ops in the
+    step); the others are read at run time, so a tensor with 0 rows (the branch not taken)
+    counts 0.
     """
-    total = tf.constant(0, tf.int64)
+    static = 0
+    dynamic = []
     for g in grads:
         if g is None:
             continue
-        if isinstance(g, tf.IndexedSlices):
-            total += tf.size(g.values, tf.int64) * g.values.dtype.size
-            total += tf.size(g.indices, tf.int64) * g.indices.dtype.size
-        else:
-            total += tf.size(g, tf.int64) * g.dtype.size
-    return total
+        for t in (g.values, g.indices) if isinstance(g, tf.IndexedSlices) else (g,):
+            n = t.shape.num_elements()
+            if n is None:
+                dynamic.append(tf.size(t, tf.int64) * t.dtype.size)
+            else:
+                static += n * t.dtype.size
+    total = tf.constant(static, tf.int64)
+    return tf.add_n([total, *dynamic]) if dynamic else total
 
 
 def _compress(g: Any, dtype: tf.DType | None) -> Any:

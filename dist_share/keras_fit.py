@@ -136,9 +136,7 @@ class RunCallback(keras.callbacks.Callback):
         )
         if flags["nonfinite"]:
             raise nonfinite.NonFiniteError(
-                nonfinite.describe(
-                    self.step, loss, None, state.latest_checkpoint(), outcome="The run stopped"
-                )
+                nonfinite.describe(self.step, loss, None, state.latest_checkpoint())
             )
         if self.ckpt_every and self.step % self.ckpt_every == 0:
             state.save()

@@ -458,7 +458,9 @@ class SharedTower(keras.layers.Layer):
         y = self._call_set(set_index, x, k, training)
         return dict(zip(streams, ops.split(y, k, axis=0), strict=True))
 
-    def _apply_sets(self, set_indices: list[int], xs: Any, stacked: bool, training: Any) -> list:
+    def _apply_sets(self, set_indices: list[int], xs: Any, stacked: bool, training: Any) -> Any:
+        """Per-stream outputs of the sets `set_indices` (a list), or, when the input is stacked
+        and the batched path takes all streams in order, the stacked ``[B, N, ...]`` output."""
         streams = [self._set_streams(i) for i in set_indices]
         blocks = [self.blocks[i] for i in set_indices]
         if self.batch_sets and batched_sets.can_batch(blocks, streams):
@@ -470,9 +472,15 @@ class SharedTower(keras.layers.Layer):
 
     def _apply_sets_batched(
         self, blocks: list, streams: list[list[int]], xs: Any, stacked: bool
-    ) -> list:
+    ) -> Any:
         """Every set at once (`batched_sets.apply_batched`); a set's streams are concatenated
         on the batch axis (stream-major), as the folded path does."""
+        if stacked and streams == [[s] for s in range(self.num_streams)]:
+            # One stream per set, in order: [B, N, ...] -> [N, B, ...] and back are one
+            # transpose each, where N slices and a stack (and their gradients, each a full-size
+            # zero tensor per slice) cost more than the batched matmul saves.
+            y = batched_sets.apply_batched(blocks, ops.moveaxis(xs, 1, 0))
+            return ops.moveaxis(y, 0, 1)
 
         def rows(s: int) -> Any:
             return xs[:, s] if stacked else xs[s]
@@ -481,7 +489,7 @@ class SharedTower(keras.layers.Layer):
             rows(ss[0]) if len(ss) == 1 else ops.concatenate([rows(s) for s in ss], axis=0)
             for ss in streams
         ]
-        outs = batched_sets.apply_batched(blocks, inputs)
+        outs = ops.unstack(batched_sets.apply_batched(blocks, inputs), axis=0)
         result: dict[int, Any] = {}
         for ss, y in zip(streams, outs, strict=True):
             parts = [y] if len(ss) == 1 else ops.split(y, len(ss), axis=0)
@@ -506,7 +514,9 @@ class SharedTower(keras.layers.Layer):
         if not stacked and len(xs) != self.num_streams:
             raise ValueError(f"{self.name}: expected {self.num_streams} streams, got {len(xs)}")
 
-        def finish(outs: list) -> Any:
+        def finish(outs: Any) -> Any:
+            if not isinstance(outs, list):
+                return outs  # already stacked (the batched path)
             return ops.stack(outs, axis=1) if stacked else outs
 
         def shared_path() -> Any:

@@ -501,13 +501,18 @@ class CustomLoop:
         self.nonfinite_skipped = 0
         self.stop_requested = False
         self.preemption = preemption.PreemptionGuard(self.strategy)
-        self._train_fn = None
+        self._train_fn: Any = None  # the compiled step, bound to one input iterator
+        self._bound_iterator: Any = None
+        self._out_keys: list[str] = []
+        # The call's host-side inputs live in variables, assigned only when they change: each
+        # tensor argument of a tf.function call costs ~70 us of Python here, every step.
+        self._num_steps: tf.Variable | None = None
+        self._stop_flag: tf.Variable | None = None
+        self._inputs = (1, False)  # what the two variables hold
         self.last_logs: dict[str, float] = {}
 
     # -- replica computations ------------------------------------------------------------
-    def _replica_train_step(
-        self, features: Any, labels: tf.Tensor, stop_requested: tf.Tensor
-    ) -> dict[str, tf.Tensor]:
+    def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
         model, optimizer = self.state.model, self.state.optimizer
         tvars = model.trainable_variables
         k = self.grad_accum
@@ -531,13 +536,18 @@ class CustomLoop:
             grads = [_add_grads(a, b) for a, b in zip(grads, step_grads, strict=True)]
             totals = {n: totals.get(n, 0.0) + v for n, v in sums.items()}
         reduced, nbytes = self.strategy.reduce_gradients(grads)
-        if self._guard_gradients:
-            # The reduced gradient is the same on every replica, so every replica decides alike.
-            bad = nonfinite.first_nonfinite(reduced)
+        # The reduced gradient is the same on every replica, so every replica decides alike.
+        bad = (
+            nonfinite.first_nonfinite(reduced)
+            if self._guard_gradients
+            else tf.constant(-1, tf.int32)
+        )
+        if self._guard_gradients and self.on_nonfinite == "skip":
             nonfinite.apply_if(optimizer, reduced, tvars, bad < 0)
         else:
+            # stop: train_step raises on the host before anything is saved (nonfinite.py says
+            # why the update is not held back).
             optimizer.apply(reduced, tvars)
-            bad = tf.constant(-1, tf.int32)
         flagged = bad >= 0
         if self.on_nonfinite == "skip":
             # A skipped step (or one whose local loss overflowed) is left out of the logged means.
@@ -548,14 +558,14 @@ class CustomLoop:
         # any process was asked to stop (SIGTERM).
         totals["nonfinite_steps"] = tf.cast(flagged, tf.float32)
         totals["nonfinite_variable"] = tf.cast(bad + 1, tf.float32)
-        totals["stop_requested"] = tf.identity(stop_requested)  # a per-replica value
+        totals["stop_requested"] = self._stop_flag.read_value()  # this process's flag
         totals["comm_bytes_per_step"] = tf.cast(nbytes, tf.float32)
         return totals
 
-    def _one_step(self, iterator: Any, stop_requested: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _one_step(self, iterator: Any) -> dict[str, tf.Tensor]:
         features, labels = next(iterator)
         out = self.strategy.reduce_sum(
-            self.strategy.run(self._replica_train_step, (features, labels, stop_requested))
+            self.strategy.run(self._replica_train_step, (features, labels))
         )
         # Counted in the graph: a host-side assign per step costs more than the op.
         self.state.global_step.assign_add(1)
@@ -563,49 +573,62 @@ class CustomLoop:
 
     # -- orbit's hooks -------------------------------------------------------------------
     def train_loop_begin(self) -> None:
-        """Build the compiled loop once."""
-        if self._train_fn is not None:
-            return
+        """Create the compiled step's host-side inputs (once)."""
+        if self._num_steps is None:
+            self._num_steps = tf.Variable(1, dtype=tf.int32, trainable=False, name="loop_steps")
+            self._stop_flag = tf.Variable(0.0, trainable=False, name="stop_requested")
 
+    def compiled_step(self, iterator: Any) -> Callable[[], tf.Tensor]:
+        """The compiled loop over ``iterator``: a function of no arguments returning the summed
+        logs as one vector (keys in ``self._out_keys``).
+
+        The iterator is captured rather than passed, and the logs come back as one tensor: on
+        this machine an iterator argument cost ~150 us of Python per call and each further
+        output ~10 us, against a ~11 ms step (benchmarks/bench_overhead.py). A new iterator (a
+        new ``train`` call, an elastic reset) gets a new trace.
+        """
+        if self._train_fn is not None and self._bound_iterator is iterator:
+            return self._train_fn
+        self.train_loop_begin()
         stop_at_nonfinite = self.on_nonfinite == "stop"
         # With one step per call (the default) the loop is left out of the graph: an empty
         # while loop still cost ~0.5 ms of a ~11 ms step here (benchmarks/bench_overhead.py).
         looped = self.steps_per_loop > 1
+        num_steps = self._num_steps
 
         @tf.function
-        def train_fn(
-            iterator: Any, num_steps: tf.Tensor, stop_requested: tf.Tensor
-        ) -> dict[str, tf.Tensor]:
-            totals = self._one_step(iterator, stop_requested)
-            if not looped:
-                return totals
-            for _ in tf.range(num_steps - 1):
-                # One step at a time: a step's collectives (Horovod names them) must not
-                # overlap the next step's, which a while loop's parallel iterations allow.
-                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
-                if stop_at_nonfinite and totals["nonfinite_steps"] > 0:
-                    break  # the same sum on every replica: all leave the loop together
-                totals = tf.nest.map_structure(
-                    tf.add, totals, self._one_step(iterator, stop_requested)
-                )
-            return totals
+        def train_fn() -> tf.Tensor:
+            totals = self._one_step(iterator)
+            if looped:
+                for _ in tf.range(num_steps - 1):
+                    # One step at a time: a step's collectives (Horovod names them) must not
+                    # overlap the next step's, which a while loop's parallel iterations allow.
+                    tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+                    if stop_at_nonfinite and totals["nonfinite_steps"] > 0:
+                        break  # the same sum on every replica: all leave the loop together
+                    totals = tf.nest.map_structure(tf.add, totals, self._one_step(iterator))
+            self._out_keys = list(totals)
+            return tf.stack([totals[k] for k in self._out_keys])
 
-        self._train_fn = train_fn
+        self._train_fn, self._bound_iterator = train_fn, iterator
+        return train_fn
 
     def train_step(self, iterator: Any, num_steps: int = 1) -> dict[str, float]:
         """``num_steps`` optimizer steps over global batches; returns their mean logs.
 
         Raises:
             NonFiniteError: ``on_nonfinite: stop`` and a step's reduced gradient or loss was
-                not finite (its update was not applied; the remaining steps were not run).
+                not finite (the remaining steps of the call were not run, nothing was saved).
         """
-        requested = tf.constant(float(self.preemption.requested), tf.float32)
-        out = {
-            k: float(v)
-            for k, v in self._train_fn(
-                iterator, tf.constant(num_steps, tf.int32), requested
-            ).items()
-        }
+        train_fn = self.compiled_step(iterator)
+        if num_steps != 1 and self.steps_per_loop == 1:
+            raise ValueError(f"num_steps={num_steps} needs training.steps_per_loop >= it")
+        if self._inputs != (num_steps, self.preemption.requested):
+            self._inputs = (num_steps, self.preemption.requested)
+            self._num_steps.assign(num_steps)
+            self._stop_flag.assign(float(self.preemption.requested))
+        values = train_fn().numpy().tolist()  # the first call traces, setting _out_keys
+        out = dict(zip(self._out_keys, values, strict=True))
         replicas = self.strategy.num_replicas
         flagged = round(out.pop("nonfinite_steps") / replicas)
         variable = round(out.pop("nonfinite_variable") / replicas)

@@ -13,10 +13,10 @@ and data, timed in interleaved blocks (wall and process CPU time, median):
    strategy, ``strategy.run`` and ``strategy.reduce_sum`` around the step).
 4. ``trainer compiled step``: the Trainer's own ``tf.function`` (iterator inside, strategy.run,
    reduce_gradients, reduce_sum), called directly.
-5. ``+ host floats``: ``Trainer.train_step`` (the hook: converts the outputs to Python floats).
+5. ``+ host floats``: ``Trainer.train_step`` (the hook: reads the outputs into Python floats).
    The global step is counted inside the compiled step (stage 4), not from the host.
 
-Uses Trainer internals (``_train_input``, ``_train_fn``) on purpose: it is a profiler.
+Calls the loop's ``compiled_step`` directly on purpose: it is a profiler.
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ def main() -> None:
     t_iter = iter(
         strategy.distribute_dataset(train_input(dataset_fn, 0, loop.state.spec.stream_names))
     )
-    loop.train_loop_begin()
-    one = tf.constant(1, tf.int32)
-    no_preemption = tf.constant(0.0, tf.float32)  # the SIGTERM flag train_step passes in
+    compiled = loop.compiled_step(t_iter)  # the Trainer's step, bound to its iterator
 
     spec = build_spec()
     model, opt = spec.model, keras.optimizers.Adam(cfg.optimizer.learning_rate)
@@ -99,8 +97,8 @@ def main() -> None:
     def trainer_fn() -> None:
         out = None
         for _ in range(args.block):
-            out = loop._train_fn(t_iter, one, no_preemption)
-        float(out["loss"])
+            out = compiled()
+        out.numpy()
 
     def trainer_step() -> None:
         for _ in range(args.block):
@@ -156,7 +154,7 @@ def main() -> None:
 
     features, labels = next(p_iter)
     plain_ops = graph_ops(steps["plain"], features, labels)
-    trainer_ops = graph_ops(loop._train_fn, t_iter, one, no_preemption)
+    trainer_ops = graph_ops(compiled)
     write_result(
         args.out_dir,
         "breakdown",
