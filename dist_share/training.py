@@ -504,8 +504,8 @@ class CustomLoop:
         self._train_fn: Any = None  # the compiled step, bound to one input iterator
         self._bound_iterator: Any = None
         self._out_keys: list[str] = []
-        # The call's host-side inputs live in variables, assigned only when they change: each
-        # tensor argument of a tf.function call costs ~70 us of Python here, every step.
+        # The call's host-side inputs live in variables, assigned only when they change: tensor
+        # arguments of a tf.function call cost Python time every step (benchmarks/call_costs.py).
         self._num_steps: tf.Variable | None = None
         self._stop_flag: tf.Variable | None = None
         self._inputs = (1, False)  # what the two variables hold
@@ -583,9 +583,10 @@ class CustomLoop:
         logs as one vector (keys in ``self._out_keys``).
 
         The iterator is captured rather than passed, and the logs come back as one tensor: on
-        this machine an iterator argument cost ~150 us of Python per call and each further
-        output ~10 us, against a ~11 ms step (benchmarks/bench_overhead.py). A new iterator (a
-        new ``train`` call, an elastic reset) gets a new trace.
+        this machine the old form (iterator and two tensors passed, 8 outputs read as floats)
+        cost 275-380 us more per call than this one, against a ~10 ms step
+        (benchmarks/call_costs.py). A new iterator (a new ``train`` call, an elastic reset)
+        gets a new trace.
         """
         if self._train_fn is not None and self._bound_iterator is iterator:
             return self._train_fn
@@ -622,7 +623,10 @@ class CustomLoop:
         """
         train_fn = self.compiled_step(iterator)
         if num_steps != 1 and self.steps_per_loop == 1:
-            raise ValueError(f"num_steps={num_steps} needs training.steps_per_loop >= it")
+            raise ValueError(
+                f"num_steps={num_steps}: the step was compiled for one step per call "
+                f"(training.steps_per_loop: 1); set steps_per_loop to {num_steps} or more"
+            )
         if self._inputs != (num_steps, self.preemption.requested):
             self._inputs = (num_steps, self.preemption.requested)
             self._num_steps.assign(num_steps)
