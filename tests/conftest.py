@@ -23,6 +23,7 @@ from dist_share.processes import run_job
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
+import background  # noqa: E402
 from clusters import podman  # noqa: E402
 from clusters.slurm import SlurmCluster  # noqa: E402
 
@@ -48,6 +49,26 @@ CLUSTER_TRAIN_ARGS = [
     *("--set", "logging.progress_bar=false"),
 ]
 CLUSTER_TRAIN_STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _background_jobs(request: pytest.FixtureRequest, tmp_path_factory) -> None:
+    """Start, as the module begins, the background jobs its selected tests name with
+    ``pytest.mark.background`` (built by the module's ``background_jobs(root)``)."""
+    make = getattr(request.module, "background_jobs", None)
+    if make is None:
+        return
+    keys = [
+        key
+        for item in request.session.items
+        if item.module is request.module
+        for marker in item.iter_markers("background")
+        for key in marker.args
+    ]
+    if keys:
+        jobs = make(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+        for key in dict.fromkeys(keys):
+            background.start(key, jobs[key])
 
 
 @contextlib.contextmanager

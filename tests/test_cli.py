@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from dist_share import config, rundir
 from dist_share.errors import ConfigError
-from dist_share.processes import run_job
+from dist_share.processes import JobResult, run_job
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+
+import background  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs"
@@ -236,31 +243,77 @@ def test_launch_dry_run_prints_the_exact_commands() -> None:
 
 
 # -- TensorFlow: real training -----------------------------------------------------------------
+# The trainings below are independent processes, started two at a time when the module begins
+# (tests/workers/background.py), so that they run beside the module's other tests.
+OTHER_CONFIGS = ["triplet_digits", "multiview_digits", "two_tower_synthetic"]
+
+
+def _train_short(run: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    return dist_share("train", str(CONFIGS / f"{name}.yaml"), "--run-dir", str(run), *SHORT, *extra)
+
+
+def _mirrored(run: Path) -> JobResult:
+    cmd = [EXE, "train", str(CONFIGS / "siamese_digits.yaml"), "--strategy", "mirrored",
+           "--run-dir", str(run), *SHORT, *MIRRORED]  # fmt: skip
+    return run_job(cmd, timeout=300)
+
+
+def _horovod_via_launch(run: Path) -> JobResult:
+    train = [EXE, "train", str(CONFIGS / "siamese_digits.yaml"), "--strategy", "horovod",
+             "--run-dir", str(run), *SHORT]  # fmt: skip
+    launch = [EXE, "launch", "--launcher", "horovodrun", "--hosts", "localhost:2",
+              "--network-interface", "lo", "--"]  # fmt: skip
+    return run_job([*launch, *train], timeout=400)
+
+
+MIRRORED = ["--set", "strategy.num_cpu_devices=2"]
+BAD_NORM = ["--set", "model.tower.block.norm=bogus"]
+
+
+def background_jobs(root: Path) -> dict[str, Callable[[], tuple[Path, Any]]]:
+    trainings: dict[str, Callable[[Path], Any]] = {
+        "cli/siamese": lambda run: _train_short(run, "siamese_digits"),
+        "cli/mirrored": _mirrored,
+        "cli/horovod_launch": _horovod_via_launch,
+        "cli/bad_norm": lambda run: _train_short(run, "siamese_digits", *BAD_NORM),
+    }
+    for name in OTHER_CONFIGS:
+        trainings[f"cli/{name}"] = lambda run, name=name: _train_short(run, name)
+    return {key: _in_run_dir(train, root / key) for key, train in trainings.items()}
+
+
+def _in_run_dir(train: Callable[[Path], Any], run: Path) -> Callable[[], tuple[Path, Any]]:
+    """A job that trains into ``run`` and returns it with the process's result."""
+    return lambda: (run, train(run))
+
+
 @pytest.fixture(scope="module")
-def siamese_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run = tmp_path_factory.mktemp("siamese") / "run"
-    out = dist_share("train", str(CONFIGS / "siamese_digits.yaml"), "--run-dir", str(run), *SHORT)
+def siamese_run() -> Path:
+    run, out = background.result("cli/siamese")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "final eval (step 3): loss=" in out.stdout
     return run
 
 
 @pytest.mark.slow
+@pytest.mark.background("cli/siamese")
 def test_default_config_trains_locally(siamese_run: Path) -> None:
     records = _check_run(siamese_run, CONFIGS / "siamese_digits.yaml", [], "local")
     assert "pair_accuracy" in records[-1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["triplet_digits", "multiview_digits", "two_tower_synthetic"])
-def test_every_other_config_trains_a_few_steps_locally(tmp_path: Path, name: str) -> None:
-    run = tmp_path / "run"
-    out = dist_share("train", str(CONFIGS / f"{name}.yaml"), "--run-dir", str(run), *SHORT)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.background(f"cli/{n}")) for n in OTHER_CONFIGS]
+)
+def test_every_other_config_trains_a_few_steps_locally(name: str) -> None:
+    run, out = background.result(f"cli/{name}")
     assert out.returncode == 0, out.stdout + out.stderr
     _check_run(run, CONFIGS / f"{name}.yaml", [], "local")
 
 
 @pytest.mark.slow
+@pytest.mark.background("cli/siamese")
 def test_same_config_resumes_and_extends_the_run(siamese_run: Path, tmp_path: Path) -> None:
     """Re-running the same config continues from the checkpoint instead of starting over."""
     import shutil
@@ -286,6 +339,7 @@ def siamese_evaluated(siamese_run: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.mark.slow
+@pytest.mark.background("cli/siamese")
 def test_evaluate_a_run_directory(siamese_evaluated: tuple, tmp_path: Path) -> None:
     run, out = siamese_evaluated
     assert out.returncode == 0, out.stdout + out.stderr
@@ -296,6 +350,7 @@ def test_evaluate_a_run_directory(siamese_evaluated: tuple, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.background("cli/siamese")
 def test_evaluating_a_run_reproduces_its_final_eval(siamese_evaluated: tuple) -> None:
     run, out = siamese_evaluated
     final, again = (r for r in _records(run)[-2:])
@@ -305,6 +360,7 @@ def test_evaluating_a_run_reproduces_its_final_eval(siamese_evaluated: tuple) ->
 
 
 @pytest.mark.slow
+@pytest.mark.background("cli/siamese")
 def test_export_then_reload_gives_the_same_predictions(siamese_run: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -325,19 +381,9 @@ def test_export_then_reload_gives_the_same_predictions(siamese_run: Path, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_config_error_found_while_building_the_model_removes_the_new_run_dir(
-    tmp_path: Path,
-) -> None:
-    run = tmp_path / "run"
-    out = dist_share(
-        "train",
-        str(CONFIGS / "siamese_digits.yaml"),
-        "--run-dir",
-        str(run),
-        *SHORT,
-        "--set",
-        "model.tower.block.norm=bogus",
-    )
+@pytest.mark.background("cli/bad_norm")
+def test_a_config_error_found_while_building_the_model_removes_the_new_run_dir() -> None:
+    run, out = background.result("cli/bad_norm")
     assert out.returncode == 2, out.stdout + out.stderr
     assert "model.tower.block.norm" in out.stderr
     assert not run.exists()
@@ -345,55 +391,17 @@ def test_a_config_error_found_while_building_the_model_removes_the_new_run_dir(
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_default_config_trains_under_mirrored_on_two_cpu_devices(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    extra = ["--set", "strategy.num_cpu_devices=2"]
-    job = run_job(
-        [
-            EXE,
-            "train",
-            str(CONFIGS / "siamese_digits.yaml"),
-            "--strategy",
-            "mirrored",
-            "--run-dir",
-            str(run),
-            *SHORT,
-            *extra,
-        ],
-        timeout=300,
-    ).check()
-    assert "final eval (step 3)" in job.output
-    _check_run(run, CONFIGS / "siamese_digits.yaml", extra, "mirrored")
+@pytest.mark.background("cli/mirrored")
+def test_default_config_trains_under_mirrored_on_two_cpu_devices() -> None:
+    run, job = background.result("cli/mirrored")
+    assert "final eval (step 3)" in job.check().output
+    _check_run(run, CONFIGS / "siamese_digits.yaml", MIRRORED, "mirrored")
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_default_config_trains_under_horovodrun_gloo_via_launch(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    train = [
-        EXE,
-        "train",
-        str(CONFIGS / "siamese_digits.yaml"),
-        "--strategy",
-        "horovod",
-        "--run-dir",
-        str(run),
-        *SHORT,
-    ]
-    job = run_job(
-        [
-            EXE,
-            "launch",
-            "--launcher",
-            "horovodrun",
-            "--hosts",
-            "localhost:2",
-            "--network-interface",
-            "lo",
-            "--",
-            *train,
-        ],
-        timeout=400,
-    ).check()
-    assert job.output.count("final eval (step 3)") == 1  # only the chief reports
+@pytest.mark.background("cli/horovod_launch")
+def test_default_config_trains_under_horovodrun_gloo_via_launch() -> None:
+    run, job = background.result("cli/horovod_launch")
+    assert job.check().output.count("final eval (step 3)") == 1  # only the chief reports
     _check_run(run, CONFIGS / "siamese_digits.yaml", [], "horovod")

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from dist_share.processes import local_horovodrun_command, run_job
+from dist_share.processes import JobResult, local_horovodrun_command, run_job
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+
+import background  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "custom_siamese.py"
 OWN_TOWER = Path(__file__).resolve().parents[1] / "examples" / "own_tower_triplet.py"
@@ -23,23 +29,36 @@ def _final_metrics(output: str) -> dict:
     return ast.literal_eval(results[0])
 
 
+def background_jobs(root: Path) -> dict[str, Callable[[], JobResult]]:
+    # Three independent trainings, started two at a time when the module begins.
+    horovod = local_horovodrun_command(2, [sys.executable, str(EXAMPLE), "horovod"])
+    return {
+        "examples/local": lambda: run_job([sys.executable, str(EXAMPLE)], timeout=300),
+        "examples/horovod": lambda: run_job(horovod, timeout=300),
+        "examples/own_tower": lambda: run_job(
+            [sys.executable, str(OWN_TOWER), "mirrored", "2"], timeout=600
+        ),
+    }
+
+
 @pytest.mark.slow
+@pytest.mark.background("examples/local")
 def test_example_trains_locally() -> None:
-    job = run_job([sys.executable, str(EXAMPLE)], timeout=300).check()
+    job = background.result("examples/local").check()
     assert _final_metrics(job.output)["pair_accuracy"] > 0.85  # chance is 0.5
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.background("examples/horovod")
 def test_example_trains_under_horovodrun() -> None:
-    job = run_job(
-        local_horovodrun_command(2, [sys.executable, str(EXAMPLE), "horovod"]), timeout=300
-    )
-    assert _final_metrics(job.check().output)["pair_accuracy"] > 0.85
+    job = background.result("examples/horovod").check()
+    assert _final_metrics(job.output)["pair_accuracy"] > 0.85
 
 
 @pytest.mark.slow
+@pytest.mark.background("examples/own_tower")
 def test_own_tower_example_trains_on_mirrored() -> None:
     """A user's Keras encoder (BatchNormalization, Dropout) shared by 3 streams, 2 replicas."""
-    job = run_job([sys.executable, str(OWN_TOWER), "mirrored", "2"], timeout=600).check()
+    job = background.result("examples/own_tower").check()
     assert _final_metrics(job.output)["triplet_accuracy"] > 0.8  # chance is 0.5

@@ -17,6 +17,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
+from background import concurrently  # noqa: E402
 from conftest import mounted_tmpfs  # noqa: E402
 from fault_jobs import CONFIG, EXE, SMALL, TIMEOUT, Job, checkpoint_values, env  # noqa: E402
 
@@ -249,28 +250,34 @@ def test_keras_fit_preemption_saves_and_resumes_exactly(tmp_path):
     # Enough steps that the SIGTERM, sent once step 1 is logged, lands mid-run: 40 steps of
     # this model took less than the 0.1 s poll on a quiet machine and the run ended with 0.
     fit = ["--set", "training.loop=keras_fit", "--set", "checkpoint.every=500", "--steps", "400"]
-    reference = _train(tmp_path / "reference", *fit)
-    assert reference.returncode == 0, reference.stderr
     run = tmp_path / "run"
-    cmd = [EXE, "train", CONFIG, "--run-dir", str(run), *SMALL, *fit]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env(), start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=TIMEOUT) == 75
-        err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+
+    def preempted_then_resumed() -> tuple[str, subprocess.CompletedProcess]:
+        cmd = [EXE, "train", CONFIG, "--run-dir", str(run), *SMALL, *fit]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, env=env(), start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=TIMEOUT) == 75
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return err, _train(run, *fit)
+
+    # The uninterrupted reference is independent of the preempted run and its rerun.
+    reference, (err, again) = concurrently(
+        lambda: _train(tmp_path / "reference", *fit), preempted_then_resumed
+    )
+    assert reference.returncode == 0, reference.stderr
     assert "every rank stopped after step" in err and "Traceback" not in err, err
     stopped = int(err.split("every rank stopped after step ")[1].split()[0])
     assert 0 < stopped < 400
-    again = _train(run, *fit)
     assert again.returncode == 0, again.stderr
     _assert_same_variables(tmp_path / "reference", run)
 
@@ -292,7 +299,14 @@ def test_a_diverging_run_stops_with_exit_4_or_skips_on_every_replica(tmp_path):
     import tensorflow as tf
 
     diverge = ["--set", "optimizer.learning_rate=1e8", "--set", "checkpoint.every=1"]
-    stop = _train(tmp_path / "stop", "--steps", "30", *diverge)
+    skip_args = ["--steps", "12", *diverge, "--strategy", "mirrored",
+                 "--set", "strategy.num_cpu_devices=2", "--set", "training.on_nonfinite=skip",
+                 # clipped, Adam's steps stay finite (~lr); only the NaN gradients are skipped
+                 "--set", "optimizer.clipnorm=1.0"]  # fmt: skip
+    stop, skip = concurrently(  # two independent runs, side by side
+        lambda: _train(tmp_path / "stop", "--steps", "30", *diverge),
+        lambda: _train(tmp_path / "skip", *skip_args),
+    )
     assert stop.returncode == 4, stop.stderr
     assert "non-finite values at step" in stop.stderr and "Traceback" not in stop.stderr
     assert "training.on_nonfinite: skip" in stop.stderr
@@ -310,10 +324,6 @@ def test_a_diverging_run_stops_with_exit_4_or_skips_on_every_replica(tmp_path):
                 assert np.isfinite(value).all(), k
     _strict_records(tmp_path / "stop")
 
-    skip = _train(tmp_path / "skip", "--steps", "12", *diverge, "--strategy", "mirrored",
-                  "--set", "strategy.num_cpu_devices=2", "--set", "training.on_nonfinite=skip",
-                  # clipped, Adam's steps stay finite (~lr); only the NaN gradients are skipped
-                  "--set", "optimizer.clipnorm=1.0")  # fmt: skip
     assert skip.returncode == 0, skip.stderr
     records = [r for r in _strict_records(tmp_path / "skip") if r["split"] == "train"]
     assert records[-1]["step"] == 12 and records[-1]["nonfinite_skipped"] > 0
