@@ -3,8 +3,8 @@
 Results are cached per launcher, so test modules that need the same run (equivalence, fit,
 gradients, records, smoke, models) share one process start instead of paying for it again:
 TensorFlow's start, Horovod's and the launcher's are most of a small run's cost. `start`
-launches several in the background, two at a time: one launch alone leaves a core idle while
-its processes start TensorFlow.
+launches several in the background, two at a time (on the session's shared pool,
+background.py): one launch alone leaves a core idle while its processes start TensorFlow.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 import os
 import sys
 import tempfile
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+import background
 
 from dist_share import processes
 
@@ -54,24 +54,17 @@ def _env() -> dict[str, str]:
     return {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="train_jobs")
-_LAUNCHED: dict[str, Future] = {}
-_LOCK = threading.Lock()
-
-
 def start(*launchers: str) -> None:
     """Launch these in the background (each once per session; two run at a time)."""
-    with _LOCK:
-        for launcher in launchers:
-            if launcher not in _LAUNCHED:
-                _LAUNCHED[launcher] = _POOL.submit(_launch, launcher)
+    for launcher in launchers:
+        background.start(f"train_jobs/{launcher}", lambda launcher=launcher: _launch(launcher))
 
 
 def run(launcher: str) -> dict[int, dict]:
     """The worker's results under `launcher`, {rank: result}, launched now unless `start` did
     already (raises with the output on failure)."""
     start(launcher)
-    return _LAUNCHED[launcher].result()
+    return background.result(f"train_jobs/{launcher}")
 
 
 def _launch(launcher: str) -> dict[int, dict]:
