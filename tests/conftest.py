@@ -51,6 +51,16 @@ CLUSTER_TRAIN_ARGS = [
 CLUSTER_TRAIN_STEPS = 6
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, not in pyproject.toml: the container image's dependency layer is keyed
+    # on that file, and a test-only change should not rebuild it.
+    config.addinivalue_line(
+        "markers",
+        "background(*keys): the test uses these jobs of its module's background_jobs(), "
+        "started when the module begins (tests/workers/background.py)",
+    )
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _background_jobs(request: pytest.FixtureRequest, tmp_path_factory) -> None:
     """Start, as the module begins, the background jobs its selected tests name with
