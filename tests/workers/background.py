@@ -28,10 +28,8 @@ def start(key: str, fn: Callable[[], Any]) -> None:
             _JOBS[key] = _POOL.submit(fn)
 
 
-def result(key: str, fn: Callable[[], Any] | None = None) -> Any:
-    """The result of job ``key`` (started now from ``fn`` if nobody started it)."""
-    if fn is not None:
-        start(key, fn)
+def result(key: str) -> Any:
+    """The result of job ``key``, once it has ended."""
     with _LOCK:
         if key not in _JOBS:
             raise KeyError(f"no background job {key!r} was started")
