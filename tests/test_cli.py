@@ -248,22 +248,22 @@ def test_launch_dry_run_prints_the_exact_commands() -> None:
 OTHER_CONFIGS = ["triplet_digits", "multiview_digits", "two_tower_synthetic"]
 
 
+def _train_argv(run: Path, name: str, *extra: str) -> list[str]:
+    return [EXE, "train", str(CONFIGS / f"{name}.yaml"), "--run-dir", str(run), *SHORT, *extra]
+
+
 def _train_short(run: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    return dist_share("train", str(CONFIGS / f"{name}.yaml"), "--run-dir", str(run), *SHORT, *extra)
+    return dist_share(*_train_argv(run, name, *extra)[1:])
 
 
 def _mirrored(run: Path) -> JobResult:
-    cmd = [EXE, "train", str(CONFIGS / "siamese_digits.yaml"), "--strategy", "mirrored",
-           "--run-dir", str(run), *SHORT, *MIRRORED]  # fmt: skip
-    return run_job(cmd, timeout=300)
+    return run_job(_train_argv(run, "siamese_digits", "--strategy", "mirrored", *MIRRORED), 300)
 
 
 def _horovod_via_launch(run: Path) -> JobResult:
-    train = [EXE, "train", str(CONFIGS / "siamese_digits.yaml"), "--strategy", "horovod",
-             "--run-dir", str(run), *SHORT]  # fmt: skip
     launch = [EXE, "launch", "--launcher", "horovodrun", "--hosts", "localhost:2",
               "--network-interface", "lo", "--"]  # fmt: skip
-    return run_job([*launch, *train], timeout=400)
+    return run_job([*launch, *_train_argv(run, "siamese_digits", "--strategy", "horovod")], 400)
 
 
 MIRRORED = ["--set", "strategy.num_cpu_devices=2"]

@@ -36,8 +36,8 @@ def _launch_early(request: pytest.FixtureRequest) -> None:
             wanted.add(callspec.params.get("launcher"))
     if wanted - {None}:
         # multiworker first: one of its workers sometimes idles for up to a minute after the
-        # other has exited (seen in 3 of 5 launches beside others; cause not found): started
-        # first, that wait overlaps the other launches instead of ending the module.
+        # other has exited (in 3 of the 4 launches watched beside others; cause not found).
+        # Started first, that wait overlaps the other launches instead of ending the module.
         order = ["multiworker", *LAUNCHERS]
         train_jobs.start(
             "local", *[launcher for launcher in dict.fromkeys(order) if launcher in wanted]
