@@ -125,8 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = trainer.train(run.train_fn, run.eval_fn)
         if run.strategy.world_size > 1 and threading.current_thread() is threading.main_thread():
             # The run is complete and on disk. A SIGTERM from now on comes from a scheduler
-            # stopping a job whose other rank exited first (compose's --abort-on-container-exit
-            # stopped rank 0 in its own exit: exit code 241): finish exiting, successfully.
+            # stopping a job whose other rank exited first (e.g. compose's
+            # --abort-on-container-exit, see docker/README.md): finish exiting, successfully.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except (ConfigError, DataError) as e:
         # A config problem found while building the model: leave no half-made run behind.

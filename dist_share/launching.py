@@ -656,11 +656,14 @@ def _tf_config_from_horovodrun(env: Mapping[str, str]) -> dict:
     base = f"http://{env['HOROVOD_GLOO_RENDEZVOUS_ADDR']}:{env['HOROVOD_GLOO_RENDEZVOUS_PORT']}"
     host = env.get("HOROVOD_HOSTNAME", socket.gethostname())
     host = "127.0.0.1" if host in LOCAL_NAMES else host
-    mine = f"{host}:{free_port()}".encode()
-    req = urllib.request.Request(f"{base}/dist_share_tf_config/{rank}", data=mine, method="PUT")
-    urllib.request.urlopen(req, timeout=30).close()
+    _kv_put(f"{base}/dist_share_tf_config/{rank}", f"{host}:{free_port()}", timeout=30)
     workers = [_kv_get(f"{base}/dist_share_tf_config/{i}") for i in range(size)]
     return tf_config_dict(workers, rank)
+
+
+def _kv_put(url: str, value: str, timeout: float) -> None:
+    req = urllib.request.Request(url, data=value.encode(), method="PUT")
+    urllib.request.urlopen(req, timeout=timeout).close()
 
 
 def _kv_get(url: str, timeout: float = 120.0) -> str:
@@ -708,27 +711,93 @@ def gloo_slot_env(
     }
 
 
+# Where each rank's exit code goes. An ad-hoc scope: Horovod's own scopes (global, local_*,
+# cross_*) are cleared by the server when their ranks finish the Gloo rendezvous.
+EXIT_SCOPE = "dist_share_exit"
+
+
 def serve_rendezvous(
-    hosts: Sequence[Host], port: int, ready: Callable[[int], None] | None = None
-) -> None:
-    """Run the HTTP rendezvous that horovodrun --gloo would start, on a fixed port, until killed.
+    hosts: Sequence[Host],
+    port: int,
+    ready: Callable[[int], None] | None = None,
+    poll: float = 0.2,
+) -> int:
+    """Run the HTTP rendezvous that horovodrun --gloo would start, on a fixed port, for as long
+    as the job runs; return the job's exit code.
 
     Uses Horovod's own server (pinned Horovod 0.28.1), so the workers see exactly what
-    horovodrun gives them; only the ssh-based process start is replaced.
+    horovodrun gives them; only the ssh-based process start is replaced. What horovodrun also
+    does, and a compose file cannot, is wait for every rank and exit with the job's status: here
+    each rank reports its exit code (`run_rank`), and the server stops once all have reported.
+    Its own exit code is then 0 if every rank succeeded, else the first failing rank's. So the
+    rendezvous lives as long as the job, and `compose up --abort-on-container-failure` needs no
+    container to be stopped when all goes well (``--abort-on-container-exit`` stops rank 0 as
+    soon as any other rank exits first). SIGTERM/SIGINT stop it with 128 + the signal.
     """
     from horovod.runner.common.util.hosts import get_host_assignments
     from horovod.runner.common.util.hosts import parse_hosts as hvd_hosts
     from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
-    plan = get_host_assignments(hvd_hosts(",".join(map(str, hosts))), total_slots(hosts))
+    size = total_slots(hosts)
+    plan = get_host_assignments(hvd_hosts(",".join(map(str, hosts))), size)
     server = RendezvousHTTPServer(("", port), RendezvousHandler, 0)
     server.init(plan)
+    stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        signals.append(signum)
+        stop.set()
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=server.serve_forever, name="rendezvous", daemon=True)
+    thread.start()
     if ready is not None:
         ready(server.server_address[1])
+    codes: dict[int, int] = {}
     try:
-        server.serve_forever()
+        while len(codes) < size and not stop.wait(poll):
+            with server.cache_lock:
+                reported = dict(server.cache.get(EXIT_SCOPE, {}))
+            for rank, value in sorted(reported.items()):
+                if int(rank) not in codes:
+                    codes[int(rank)] = int(value)
+                    print(f"rendezvous: rank {rank} exited with code {int(value)}", flush=True)
     finally:
+        server.shutdown()
         server.server_close()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if signals:
+        print(f"rendezvous: stopped by {signal.Signals(signals[0]).name}", flush=True)
+        return 128 + signals[0]
+    failed = [code for _, code in sorted(codes.items()) if code != 0]
+    code = failed[0] if failed else 0
+    print(f"rendezvous: all {size} ranks have exited; job exit code {code}", flush=True)
+    return code
+
+
+def run_rank(argv: Sequence[str], rendezvous: str, rank: int) -> int:
+    """Run one rank's command (`run`: SIGTERM reaches it, so a stopped container still saves),
+    then report its exit code to the rendezvous, which exits once every rank has reported."""
+    code = run(argv)
+    try:
+        _kv_put(f"http://{rendezvous}/{EXIT_SCOPE}/{rank}", str(code), timeout=10)
+    except OSError as e:
+        # The rendezvous is gone (stopped with the job): nobody waits for this report.
+        print(
+            f"rank {rank}: could not report exit code {code} to {rendezvous}: {e}", file=sys.stderr
+        )
+    return code
+
+
+def _rendezvous_address(text: str) -> tuple[str, int]:
+    addr, _, port = text.rpartition(":")
+    if not addr or not port.isdigit():
+        raise ConfigError("--rendezvous", f"got {text!r}, expected ADDR:PORT")
+    return addr, int(port)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
@@ -740,7 +809,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(
-        "rendezvous", help="serve the Gloo rendezvous for HOSTS on PORT (until killed)"
+        "rendezvous",
+        help="serve the Gloo rendezvous for HOSTS on PORT until every rank has reported its "
+        "exit; exit with the job's code",
     )
     p.add_argument("--hosts", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -749,20 +820,29 @@ def _main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--rendezvous", required=True, help="ADDR:PORT of the rendezvous server")
     p.add_argument("--iface", default="eth0", help="network interface for Gloo (lo on one machine)")
+    p = sub.add_parser(
+        "run-rank", help="run COMMAND as RANK, then report its exit code to the rendezvous"
+    )
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--rendezvous", required=True, help="ADDR:PORT of the rendezvous server")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "run-rank":
+            command = args.command[1:] if args.command[:1] == ["--"] else args.command
+            if not command:
+                raise ConfigError("run-rank", "needs a command after --")
+            addr, port = _rendezvous_address(args.rendezvous)
+            return run_rank(command, f"{addr}:{port}", args.rank)
         hosts = parse_hosts(args.hosts)
         if args.cmd == "rendezvous":
-            serve_rendezvous(
+            return serve_rendezvous(
                 hosts,
                 args.port,
                 lambda port: print(f"rendezvous listening on port {port}", flush=True),
             )
-            return 0
-        addr, _, port = args.rendezvous.rpartition(":")
-        if not addr or not port.isdigit():
-            raise ConfigError("--rendezvous", f"got {args.rendezvous!r}, expected ADDR:PORT")
-        for key, value in gloo_slot_env(hosts, args.rank, addr, int(port), args.iface).items():
+        addr, port = _rendezvous_address(args.rendezvous)
+        for key, value in gloo_slot_env(hosts, args.rank, addr, port, args.iface).items():
             print(f"export {key}={shlex.quote(value)}")
         return 0
     except ConfigError as e:

@@ -3,11 +3,13 @@
 #
 #   (unset)     run the command as given                   (default CMD: dist-share --help)
 #   rendezvous  serve Horovod's Gloo rendezvous (what horovodrun --gloo starts internally) for
-#               HOROVOD_HOSTS on HOROVOD_GLOO_RENDEZVOUS_PORT, until stopped
+#               HOROVOD_HOSTS on HOROVOD_GLOO_RENDEZVOUS_PORT until every rank has reported its
+#               exit, then exit with the job's code (0, or the first failing rank's)
 #   worker      become Horovod rank DIST_SHARE_RANK of HOROVOD_HOSTS: wait for the rendezvous at
 #               HOROVOD_GLOO_RENDEZVOUS_ADDR:HOROVOD_GLOO_RENDEZVOUS_PORT, export the HOROVOD_*
 #               variables horovodrun would set (python -m dist_share.launching gloo-env), run
-#               the command. No ssh between containers is needed.
+#               the command (SIGTERM passed on to it) and report its exit code to the
+#               rendezvous (python -m dist_share.launching run-rank). No ssh between containers.
 #   sshd        run sshd in the foreground (workers of a Kubeflow MPIJob, reached by mpirun)
 #
 # Variables: HOROVOD_HOSTS (host:slots,... e.g. worker0:1,worker1:1), DIST_SHARE_RANK,
@@ -62,7 +64,8 @@ case "$ROLE" in
     else
       wait_for "$HOROVOD_GLOO_RENDEZVOUS_ADDR" "$HOROVOD_GLOO_RENDEZVOUS_PORT" "${RENDEZVOUS_WAIT:-120}"
     fi
-    run "$@"
+    run "$PYTHON" -m dist_share.launching run-rank --rank "$DIST_SHARE_RANK" \
+      --rendezvous "$HOROVOD_GLOO_RENDEZVOUS_ADDR:$HOROVOD_GLOO_RENDEZVOUS_PORT" -- "$@"
     ;;
   sshd)
     run /usr/sbin/sshd -De

@@ -94,8 +94,10 @@ def test_compose_job_trains_like_one_local_process(
     base = [compose_cli, "-p", project, "-f", str(compose), "-f", str(override_file)]
     t0 = time.monotonic()
     try:
+        # The documented command: every container runs to its end (the rendezvous exits once
+        # both ranks reported), and a failing one stops the rest.
         up = subprocess.run(
-            [*base, "up", "--no-build", "--abort-on-container-exit", "--exit-code-from", "worker0"],
+            [*base, "up", "--no-build", "--abort-on-container-failure"],
             env=podman.podman_env(),
             cwd=ROOT / "docker",
             capture_output=True,
@@ -106,6 +108,22 @@ def test_compose_job_trains_like_one_local_process(
         output = up.stdout + up.stderr
         print(f"compose job: {seconds:.1f} s (podman-compose up to exit)")
         assert up.returncode == 0, output[-6000:]
+        assert "all 2 ranks have exited; job exit code 0" in output, output[-6000:]
+        listing = podman.run(
+            [
+                "podman",
+                "ps",
+                "-a",
+                "--filter",
+                f"label=io.podman.compose.project={project}",
+                "--format",
+                "{{.Names}} {{.ExitCode}}",
+            ],
+            60,
+        )
+        exits = dict(re.findall(r"^(\S+) (-?\d+)$", listing, flags=re.M))
+        # Each of the three ended by itself: none was stopped (143) or killed (137).
+        assert sorted(exits.values()) == ["0", "0", "0"], listing
         volume = f"{project}_runs"
         mount = podman.run(
             ["podman", "volume", "inspect", "--format", "{{.Mountpoint}}", volume], 60

@@ -85,12 +85,13 @@ def test_compose_file_describes_a_two_rank_job_without_ssh() -> None:
         assert out.returncode == 0, out.stderr
         exports = dict(re.findall(r"^export (\w+)=(\S+)$", out.stdout, flags=re.M))
         assert exports["HOROVOD_HOSTNAME"] == name and exports["HOROVOD_SIZE"] == "2"
-        assert (
-            out.stdout.strip()
-            .splitlines()[-1]
-            .startswith("dist-share train configs/siamese_digits.yaml")
+        rank = exports["HOROVOD_RANK"]
+        # The command runs under run-rank, which reports its exit code to the rendezvous.
+        assert out.stdout.strip().splitlines()[-1] == (
+            f"{sys.executable} -m dist_share.launching run-rank --rank {rank} "
+            f"--rendezvous {rdv_ip}:29400 -- " + " ".join(svc["command"])
         )
-        ranks.append(exports["HOROVOD_RANK"])
+        ranks.append(rank)
     assert sorted(ranks) == ["0", "1"]
     assert "hvd" in compose["networks"] and "runs" in compose["volumes"]
 
@@ -122,6 +123,98 @@ def test_entrypoint_roles_and_errors() -> None:
     assert bad_rank.returncode == 2 and "rank 5" in bad_rank.stderr
     unknown = _entrypoint(DIST_SHARE_ROLE="chief")
     assert unknown.returncode == 2 and "unknown DIST_SHARE_ROLE" in unknown.stderr
+
+
+def _launching(*args: str, **popen: object) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dist_share.launching", *args],
+        env=worker_env({}),
+        start_new_session=True,
+        text=True,
+        **popen,
+    )
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
+    """Read ``proc``'s stdout up to a line containing ``text`` (a line written once it is ready)."""
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"process ended before printing {text!r} (exit code {proc.wait()})")
+
+
+def test_rendezvous_lives_until_every_rank_reported_and_exits_with_the_jobs_code() -> None:
+    """What lets `compose up --abort-on-container-failure` end a job without stopping anyone."""
+    port = str(free_port())
+    rendezvous = _launching(
+        "rendezvous", "--hosts", "worker0:1,worker1:1", "--port", port, stdout=subprocess.PIPE
+    )
+    ranks = []
+    try:
+        _wait_for_line(rendezvous, "listening")
+        for rank, command in ((0, ["true"]), (1, ["sh", "-c", "exit 4"])):
+            ranks.append(
+                _launching(
+                    "run-rank",
+                    "--rank",
+                    str(rank),
+                    "--rendezvous",
+                    f"127.0.0.1:{port}",
+                    "--",
+                    *command,
+                )
+            )
+            assert ranks[-1].wait(timeout=60) == (0, 4)[rank]
+            if rank == 0:
+                time.sleep(1)  # one report is not the job's end: the rendezvous keeps serving
+                assert rendezvous.poll() is None
+        out, _ = rendezvous.communicate(timeout=60)
+        assert rendezvous.returncode == 4, out
+        assert "rank 0 exited with code 0" in out and "rank 1 exited with code 4" in out
+        assert "all 2 ranks have exited; job exit code 4" in out
+    finally:
+        for p in (rendezvous, *ranks):
+            _kill(p)
+
+
+def test_run_rank_passes_sigterm_on_and_a_stopped_rendezvous_exits_143() -> None:
+    """`docker stop` sends SIGTERM to the container's first process: run-rank for a worker (the
+    command must get it to save and exit 75), the rendezvous server itself."""
+    port = str(free_port())
+    rendezvous = _launching("rendezvous", "--hosts", "a:2", "--port", port, stdout=subprocess.PIPE)
+    worker = None
+    try:
+        _wait_for_line(rendezvous, "listening")
+        trap = (
+            "import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        worker = _launching(
+            "run-rank",
+            "--rank",
+            "1",
+            "--rendezvous",
+            f"127.0.0.1:{port}",
+            "--",
+            sys.executable,
+            "-c",
+            trap,
+            stdout=subprocess.PIPE,
+        )
+        _wait_for_line(worker, "ready")
+        worker.send_signal(signal.SIGTERM)  # to run-rank alone, as `docker stop` would
+        assert worker.wait(timeout=30) == 75
+        _wait_for_line(rendezvous, "rank 1 exited with code 75")
+        assert rendezvous.poll() is None  # rank 0 has not reported
+        rendezvous.send_signal(signal.SIGTERM)
+        out, _ = rendezvous.communicate(timeout=30)
+        assert rendezvous.returncode == 143 and "stopped by SIGTERM" in out
+    finally:
+        for p in (rendezvous, worker):
+            if p is not None:
+                _kill(p)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -167,13 +260,18 @@ def test_compose_topology_runs_two_horovod_ranks_without_horovodrun(tmp_path: Pa
             [str(ENTRYPOINT)],
             env=worker_env({**common, "DIST_SHARE_ROLE": "rendezvous"}),
             start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         procs.append(rendezvous)
         for p in procs[:2]:
             out, _ = p.communicate(timeout=180)
             assert p.returncode == 0, out[-4000:]
+        # Both ranks reported: the rendezvous ends by itself, with the job's code.
+        out, _ = rendezvous.communicate(timeout=60)
+        assert rendezvous.returncode == 0, out[-4000:]
+        assert "all 2 ranks have exited; job exit code 0" in out
     finally:
         for p in procs:
             _kill(p)
