@@ -25,6 +25,7 @@ sees the global gradient and ``comm_bytes_per_step`` is what was really handed t
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -679,8 +680,23 @@ class CustomLoop:
         self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None = None
     ) -> dict[str, float]:
         """Train from the restored step to ``training.steps``; returns the final eval metrics."""
-        with self.preemption:
-            return self._train(train_dataset_fn, eval_dataset_fn)
+        try:
+            with self.preemption:
+                return self._train(train_dataset_fn, eval_dataset_fn)
+        finally:
+            self.release_input()
+
+    def release_input(self) -> None:
+        """Free the input iterator now, not at interpreter exit.
+
+        The compiled step captures its iterator, so the iterator lives as long as the loop
+        object. Left to Python's exit, tf.data's destructor can wait out its autotuning thread's
+        current sleep, which doubles up to 60 s: a finished 6000-step run here lingered 51 s
+        after its last line, against 3.4 s with this (``python -m benchmarks.exit_time``). The
+        collection breaks the tf.function's reference cycles, which hold the capture.
+        """
+        self._train_fn = self._bound_iterator = None
+        gc.collect()
 
     def _train(self, train_dataset_fn: DatasetFn, eval_dataset_fn: DatasetFn | None) -> dict:
         start = self.state.restore()

@@ -35,9 +35,9 @@ def _launch_early(request: pytest.FixtureRequest) -> None:
         if item.module is request.module and callspec is not None:
             wanted.add(callspec.params.get("launcher"))
     if wanted - {None}:
-        # multiworker first: one of its workers sometimes idles for up to a minute after the
-        # other has exited (in 3 of the 4 launches watched beside others; cause not found).
-        # Started first, that wait overlaps the other launches instead of ending the module.
+        # multiworker first: with horovod_gloo the longest launch (~90 s each, side by side,
+        # here), so its tail overlaps the others instead of ending the module. (Its workers also idled up to a minute at exit until the loop
+        # freed its input iterator: docs/PERFORMANCE.md section 8.)
         order = ["multiworker", *LAUNCHERS]
         train_jobs.start(
             "local", *[launcher for launcher in dict.fromkeys(order) if launcher in wanted]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.data.ops import iterator_ops
 
 from dist_share import processes
 from dist_share.config import StrategyConfig
@@ -37,10 +39,19 @@ def config(optimizer: dict | None = None, **training):
     )
 
 
+def _live_input_iterators() -> int:
+    gc.collect()
+    return sum(isinstance(o, iterator_ops.OwnedIterator) for o in gc.get_objects())
+
+
 def test_logs_eval_tensorboard_and_resume(tmp_path: Path) -> None:
     trainer = Trainer(tc.build_two_tower, STRATEGY, config(), tmp_path)
     data = tc.make_dataset_fn("two_tower", 8)
+    iterators = _live_input_iterators()
     result = trainer.train(data, tc.make_dataset_fn("two_tower", 8, drop_remainder=False))
+    # The input iterator is freed when train returns, not left to Python's exit, where tf.data
+    # can wait up to 60 s for its autotuning thread (CustomLoop.release_input).
+    assert _live_input_iterators() == iterators
     trainer.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
