@@ -717,10 +717,7 @@ EXIT_SCOPE = "dist_share_exit"
 
 
 def serve_rendezvous(
-    hosts: Sequence[Host],
-    port: int,
-    ready: Callable[[int], None] | None = None,
-    poll: float = 0.2,
+    hosts: Sequence[Host], port: int, ready: Callable[[int], None] | None = None
 ) -> int:
     """Run the HTTP rendezvous that horovodrun --gloo would start, on a fixed port, for as long
     as the job runs; return the job's exit code.
@@ -758,7 +755,7 @@ def serve_rendezvous(
         ready(server.server_address[1])
     codes: dict[int, int] = {}
     try:
-        while len(codes) < size and not stop.wait(poll):
+        while len(codes) < size and not stop.wait(0.2):
             with server.cache_lock:
                 reported = dict(server.cache.get(EXIT_SCOPE, {}))
             for rank, value in sorted(reported.items()):

@@ -143,6 +143,7 @@ def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
     raise AssertionError(f"process ended before printing {text!r} (exit code {proc.wait()})")
 
 
+@pytest.mark.timeout(120)
 def test_rendezvous_lives_until_every_rank_reported_and_exits_with_the_jobs_code() -> None:
     """What lets `compose up --abort-on-container-failure` end a job without stopping anyone."""
     port = str(free_port())
@@ -177,6 +178,7 @@ def test_rendezvous_lives_until_every_rank_reported_and_exits_with_the_jobs_code
             _kill(p)
 
 
+@pytest.mark.timeout(120)
 def test_run_rank_passes_sigterm_on_and_a_stopped_rendezvous_exits_143() -> None:
     """`docker stop` sends SIGTERM to the container's first process: run-rank for a worker (the
     command must get it to save and exit 75), the rendezvous server itself."""
