@@ -56,7 +56,7 @@ def make_step(n: int, batched: bool, batch: int = BATCH, xla: bool = False) -> C
     import keras
     import tensorflow as tf
 
-    from dist_share.towers import SharedTower
+    from dist_share.model.towers import SharedTower
 
     keras.utils.set_random_seed(0)
     tower = SharedTower(BLOCK, n, "separate", output_dim=OUT_DIM, batch_sets=batched)

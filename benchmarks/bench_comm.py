@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import bench_main
-from dist_share.config import default_block
+from dist_share.config.schema import default_block
 
 NAME = "comm"
 
@@ -44,8 +44,8 @@ def zipf_ids(rng: np.random.Generator, a: float, vocab: int, size: Any) -> np.nd
 def tower_rows(stream_counts: list[int], batch: int = 32) -> list[dict[str, Any]]:
     import tensorflow as tf
 
-    from dist_share.gradients import GradientOptions, comm_bytes, prepare_gradient
-    from dist_share.towers import SharedTower
+    from dist_share.distribute.gradients import GradientOptions, comm_bytes, prepare_gradient
+    from dist_share.model.towers import SharedTower
 
     options = GradientOptions()
     rows = []
@@ -82,7 +82,7 @@ def embedding_rows(
 ) -> list[dict[str, Any]]:
     import tensorflow as tf
 
-    from dist_share.gradients import (
+    from dist_share.distribute.gradients import (
         GradientOptions,
         comm_bytes,
         dedup_indexed_slices,
@@ -136,7 +136,7 @@ WORKERS = (2, 8, 16, 24, 25, 32, 64, 128, 512)
 def link_rows(embeddings: list[dict[str, Any]], streams: int) -> list[dict[str, Any]]:
     """Per-worker link bytes at W workers for one stream count: all-gather of the deduplicated
     rows, ring all-reduce of the table, and the framework's pick (`dense_wins` on W x rows)."""
-    from dist_share.gradients import allgather_bytes, dense_wins, ring_allreduce_bytes
+    from dist_share.distribute.gradients import allgather_bytes, dense_wins, ring_allreduce_bytes
 
     rows = []
     for r in embeddings:

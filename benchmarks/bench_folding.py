@@ -54,7 +54,7 @@ def make_step(
     import keras
     import tensorflow as tf
 
-    from dist_share.towers import SharedTower
+    from dist_share.model.towers import SharedTower
 
     keras.utils.set_random_seed(0)
     if tower_kind == "dense":

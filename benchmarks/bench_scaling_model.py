@@ -64,7 +64,7 @@ def allreduce_seconds(nbytes: float, workers: int, bandwidth: float, latency: fl
     """Reduce-scatter + all-gather all-reduce of `nbytes` (0 for one worker)."""
     if workers <= 1:
         return 0.0
-    from dist_share.gradients import ring_allreduce_bytes
+    from dist_share.distribute.gradients import ring_allreduce_bytes
 
     steps = math.ceil(math.log2(workers))
     return 2 * steps * latency + ring_allreduce_bytes(nbytes, workers) / bandwidth
@@ -74,7 +74,7 @@ def allgather_seconds(per_worker: float, workers: int, bandwidth: float, latency
     """All-gather where every worker contributes `per_worker` bytes (0 for one worker)."""
     if workers <= 1:
         return 0.0
-    from dist_share.gradients import allgather_bytes
+    from dist_share.distribute.gradients import allgather_bytes
 
     return (
         math.ceil(math.log2(workers)) * latency + allgather_bytes(per_worker, workers) / bandwidth
@@ -83,7 +83,7 @@ def allgather_seconds(per_worker: float, workers: int, bandwidth: float, latency
 
 def comm_seconds(profile: dict[str, Any], workers: int, bandwidth: float, latency: float) -> float:
     """Communication time of one step of `profile` (a step_profile result) at `workers`."""
-    from dist_share.gradients import dense_wins
+    from dist_share.distribute.gradients import dense_wins
 
     if workers <= 1:
         return 0.0
@@ -138,7 +138,7 @@ def _shards_for(config: Path, out: Path) -> list[str]:
 
     import yaml
 
-    from dist_share.config import load_config
+    from dist_share.config.schema import load_config
 
     if load_config(config).data.source != "tfrecord":
         return []

@@ -78,11 +78,12 @@ def call_forms(rounds: int) -> dict[str, float]:
 
 def interval_work(rounds: int) -> dict[str, float]:
     from benchmarks.workers.wlib import bench_config
-    from dist_share import data, nonfinite
-    from dist_share.config import StrategyConfig
-    from dist_share.models import build_model
-    from dist_share.strategies import get_strategy
-    from dist_share.training import Trainer
+    from dist_share.config.schema import StrategyConfig
+    from dist_share.data import pipeline as data
+    from dist_share.distribute.strategies import get_strategy
+    from dist_share.families.build import build_model
+    from dist_share.train.guards import nonfinite
+    from dist_share.train.trainer import Trainer
 
     strategy = get_strategy(StrategyConfig(name="local"))
     cfg = bench_config(

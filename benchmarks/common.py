@@ -112,7 +112,7 @@ def run_worker(
     back in file-name (rank) order. ``mpi_yield=False`` runs ``mpirun`` without
     ``mpi_yield_when_idle`` (which the framework's mpirun lines always pass), to measure it.
     """
-    from dist_share import processes
+    from tests.helpers import processes
 
     if launch not in LAUNCHERS:
         raise ValueError(f"launch must be one of {LAUNCHERS}, got {launch!r}")

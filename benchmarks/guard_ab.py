@@ -31,12 +31,12 @@ def main() -> None:
     import tensorflow as tf
 
     from benchmarks.workers.wlib import bench_config
-    from dist_share import data
-    from dist_share.config import StrategyConfig
-    from dist_share.data import train_input
-    from dist_share.models import build_model
-    from dist_share.strategies import get_strategy
-    from dist_share.training import Trainer
+    from dist_share.config.schema import StrategyConfig
+    from dist_share.data import pipeline as data
+    from dist_share.data.pipeline import train_input
+    from dist_share.distribute.strategies import get_strategy
+    from dist_share.families.build import build_model
+    from dist_share.train.trainer import Trainer
 
     strategy = get_strategy(StrategyConfig(name="local"))
     cfg = bench_config("siamese", args.batch, 10**9, {"name": "local"})

@@ -24,10 +24,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_share import __version__, launching, rundir
-from dist_share import config as config_lib
-from dist_share import data as data_lib
-from dist_share.config import Config
+from dist_share import __version__, files
+from dist_share.config import schema as config_lib
+from dist_share.config.schema import Config
+from dist_share.data import pipeline as data_lib
 from dist_share.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -37,6 +37,8 @@ from dist_share.errors import (
     DataError,
     JobError,
 )
+from dist_share.launch import launching
+from dist_share.run import directory as rundir
 
 STRATEGY_NAMES = config_lib.STRATEGIES
 
@@ -67,7 +69,8 @@ class _Run:
     """Everything the TF-side commands share: the strategy, the model builder and the data."""
 
     def __init__(self, cfg: Config) -> None:
-        from dist_share import models, strategies
+        from dist_share.distribute import strategies
+        from dist_share.families import build as models
 
         self.cfg = cfg
         # First TF call of the process: MirroredStrategy may still create logical CPU devices.
@@ -79,7 +82,7 @@ class _Run:
         self.eval_fn = data_lib.make_dataset_fn(cfg.data, "eval", batch, seed)
 
     def trainer(self, run_dir: Path | None):
-        from dist_share.training import Trainer
+        from dist_share.train.trainer import Trainer
 
         return Trainer(self.build_spec, self.strategy, self.cfg, run_dir)
 
@@ -199,11 +202,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = trainer.model
     features, _ = next(iter(run.eval_fn(None)))
     expected = np.asarray(model(features, training=False))
-    with rundir.atomic_directory(run_dir / "export") as tmp:
+    with files.atomic_directory(run_dir / "export") as tmp:
         model.export(str(tmp / "saved_model"), verbose=False)
         model.save(str(tmp / "model.keras"))
         diff = _verify_export(tmp, features, expected)
-        rundir.atomic_write_text(tmp / "README.txt", _export_readme(cfg, step, run.specs, diff))
+        files.atomic_write_text(tmp / "README.txt", _export_readme(cfg, step, run.specs, diff))
     print(
         f"exported step {step} to {run_dir / 'export'} (saved_model/, model.keras); "
         f"reloaded predictions match (max abs diff {diff:.2e})"
@@ -217,7 +220,6 @@ def _verify_export(path: Path, features: Any, expected: Any) -> float:
     import numpy as np
     import tensorflow as tf
 
-    from dist_share import models  # noqa: F401  (registers the custom layers for loading)
 
     loaded = tf.saved_model.load(str(path / "saved_model"))  # keep it alive: it owns the variables
     served = loaded.serve(features)

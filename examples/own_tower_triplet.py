@@ -17,13 +17,14 @@ from pathlib import Path
 
 import keras
 
-from dist_share import config, data
-from dist_share.heads import TripletDistances
-from dist_share.losses import TripletAccuracy, TripletLoss
-from dist_share.models import ModelSpec
-from dist_share.strategies import get_strategy
-from dist_share.towers import SharedTower
-from dist_share.training import Trainer
+from dist_share.config import schema as config
+from dist_share.data import pipeline as data
+from dist_share.distribute.strategies import get_strategy
+from dist_share.families.build import ModelSpec
+from dist_share.model.heads import TripletDistances
+from dist_share.model.losses import TripletAccuracy, TripletLoss
+from dist_share.model.towers import SharedTower
+from dist_share.train.trainer import Trainer
 
 # The strategy comes first: it may create devices or initialise Horovod before TF runs.
 name = sys.argv[1] if len(sys.argv) > 1 else "local"

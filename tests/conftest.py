@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_share.processes import run_job
+from tests.helpers.processes import run_job
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_share import batched_sets
-from dist_share.towers import SharedTower
+from dist_share.model import batched_sets
+from dist_share.model.towers import SharedTower
 
 MLP = {"type": "mlp", "units": [16, 8], "activation": "relu"}
 

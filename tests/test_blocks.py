@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 from keras.src.testing import TestCase
 
-from dist_share.blocks import (
+from dist_share.errors import ConfigError
+from dist_share.model.blocks import (
     CombineFields,
     Conv2DBlock,
     EmbeddingBlock,
@@ -18,7 +19,6 @@ from dist_share.blocks import (
     build_block,
     check_block_input,
 )
-from dist_share.errors import ConfigError
 
 
 class BlockLayerTest(TestCase):

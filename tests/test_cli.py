@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from dist_share import config, rundir
+from dist_share.config import schema as config
 from dist_share.errors import ConfigError
-from dist_share.processes import JobResult, run_job
+from dist_share.run import directory as rundir
+from tests.helpers.processes import JobResult, run_job
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from dist_share.compat import v1 as cv1
-from dist_share.processes import local_horovodrun_command, run_job
+from tests.helpers.processes import local_horovodrun_command, run_job
 
 v1 = tf.compat.v1
 WORKERS = Path(__file__).parent / "workers"

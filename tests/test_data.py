@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_share import config, data
+from dist_share.config import schema as config
+from dist_share.data import pipeline as data
 from dist_share.errors import ConfigError, DataError
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_share.launching import free_port
-from dist_share.processes import worker_env
+from dist_share.launch.launching import free_port
+from tests.helpers.processes import worker_env
 
 ROOT = Path(__file__).parents[1]
 DOCKER = ROOT / "docker"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_share.processes import JobResult, local_horovodrun_command, run_job
+from tests.helpers.processes import JobResult, local_horovodrun_command, run_job
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 

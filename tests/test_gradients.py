@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_share import config
-from dist_share import gradients as G
+from dist_share.config import schema as config
+from dist_share.distribute import gradients as G
 from dist_share.errors import ConfigError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_share.config import StrategyConfig
+from dist_share.config.schema import StrategyConfig
+from dist_share.distribute.strategies import get_strategy
 from dist_share.errors import ConfigError
-from dist_share.strategies import get_strategy
-from dist_share.training import Trainer
+from dist_share.train.trainer import Trainer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 

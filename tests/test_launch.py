@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_share import launching
 from dist_share.errors import ConfigError
-from dist_share.launching import Host, free_port
-from dist_share.processes import run_job
+from dist_share.launch import launching
+from dist_share.launch.launching import Host, free_port
+from tests.helpers.processes import run_job
 
 ROOT = Path(__file__).parents[1]
 LAUNCH = ROOT / "launch"
@@ -193,7 +193,7 @@ def test_horovodrun_and_mpirun_command_lines() -> None:
 
 def test_local_mpirun_yields_unless_told_not_to() -> None:
     """Only bench_scaling's "mpirun x2" case runs without mpi_yield_when_idle, to measure it."""
-    from dist_share.processes import local_mpirun_command
+    from tests.helpers.processes import local_mpirun_command
 
     flag = ["-mca", "mpi_yield_when_idle", "1"]
 

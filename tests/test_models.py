@@ -13,10 +13,10 @@ import pytest
 import tensorflow as tf
 from keras.src.testing import TestCase
 
-from dist_share import heads, losses
-from dist_share.config import parse_model
+from dist_share.config.schema import parse_model
 from dist_share.errors import ConfigError
-from dist_share.models import MODEL_FAMILIES, ModelSpec, build_model
+from dist_share.families.build import MODEL_FAMILIES, ModelSpec, build_model
+from dist_share.model import heads, losses
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 

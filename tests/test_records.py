@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_share import records
+from dist_share.data import records
 from dist_share.errors import ConfigError, DataError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
@@ -470,7 +470,8 @@ def converted(tmp_path_factory) -> Path:
 
 
 def test_convert_writes_the_config_source_exactly(converted: Path) -> None:
-    from dist_share import config, data
+    from dist_share.config import schema as config
+    from dist_share.data import pipeline as data
 
     cfg = config.load_config(CONFIG, [s for s in SMALL if s != "--set"])
     manifest = records.Manifest.load(converted / "manifest.json")
@@ -547,7 +548,8 @@ def test_train_from_shards_and_resume_exactly(converted: Path, tmp_path: Path) -
 def test_config_and_cli_errors_name_the_key_the_file_and_the_stream(
     converted: Path, tmp_path: Path, capsys
 ) -> None:
-    from dist_share import config, data
+    from dist_share.config import schema as config
+    from dist_share.data import pipeline as data
 
     def cfg(*sets: str):
         return config.load_config(CONFIG, ["data.source=tfrecord", *sets])

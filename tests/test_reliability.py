@@ -18,9 +18,11 @@ import psutil
 import pytest
 from conftest import mounted_tmpfs
 
-from dist_share import config as config_lib
-from dist_share import launching, rundir, watchdog
+from dist_share.config import schema as config_lib
 from dist_share.errors import RunDirBusy
+from dist_share.launch import launching
+from dist_share.run import directory as rundir
+from dist_share.train.guards import watchdog
 
 ROOT = Path(__file__).parents[1]
 EXE = str(Path(sys.executable).parent / "dist-share")

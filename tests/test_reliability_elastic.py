@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 from fault_jobs import CONFIG, EXE, env  # noqa: E402
 
-from dist_share import processes  # noqa: E402
+from tests.helpers import processes
 
 TIMEOUT = 840
 STEPS, COMMIT_EVERY = 600, 5

@@ -343,7 +343,9 @@ def test_missing_or_corrupt_checkpoints_and_indivisible_batches_are_named(tmp_pa
     exit 1 and a message, no traceback; a global batch the replicas cannot split: exit 2.
     evaluate/export run through the CLI's entry point in this process (local strategy, no
     TensorFlow start-up per call); the mirrored train needs a fresh process for its devices."""
-    from dist_share import cli, config, rundir
+    from dist_share import cli
+    from dist_share.config import schema as config
+    from dist_share.run import directory as rundir
 
     run = tmp_path / "run"
     cfg = config.load_config(CONFIG, [SMALL[i + 1] for i in range(0, len(SMALL), 2)])

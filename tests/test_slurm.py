@@ -24,7 +24,7 @@ from clusters.slurm import JobState, SlurmCluster
 from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT
 
 from dist_share.errors import EXIT_PREEMPTED
-from dist_share.launching import free_port
+from dist_share.launch.launching import free_port
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 

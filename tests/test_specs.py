@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from dist_share import losses
-from dist_share.blocks import BlockSpec, build_block, validate_block_spec
 from dist_share.errors import ConfigError
-from dist_share.towers import validate_tower_layout
+from dist_share.model import losses
+from dist_share.model.blocks import BlockSpec, build_block, validate_block_spec
+from dist_share.model.towers import validate_tower_layout
 
 
 def test_block_spec_is_normalised_once_and_immutable() -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_share import config, processes
+from dist_share.config import schema as config
 from dist_share.errors import ConfigError
-from dist_share.launching import discover_tf_config, expand_nodelist, tf_config_from_slurm
+from dist_share.launch.launching import discover_tf_config, expand_nodelist, tf_config_from_slurm
+from tests.helpers import processes
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 

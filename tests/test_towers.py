@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 from keras.src.testing import TestCase
 
-from dist_share.blocks import build_block
 from dist_share.errors import ConfigError
-from dist_share.towers import SharedTower
+from dist_share.model.blocks import build_block
+from dist_share.model.towers import SharedTower
 
 N = 3
 B = 4

@@ -17,12 +17,13 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from dist_share import config, models
-from dist_share.blocks import build_block, validate_block_spec
+from dist_share.config import schema as config
 from dist_share.errors import ConfigError
-from dist_share.folding import FoldedBatchNormalization, FoldingError
-from dist_share.heads import L2Distance
-from dist_share.towers import SharedTower
+from dist_share.families import build as models
+from dist_share.model.blocks import build_block, validate_block_spec
+from dist_share.model.folding import FoldedBatchNormalization, FoldingError
+from dist_share.model.heads import L2Distance
+from dist_share.model.towers import SharedTower
 
 B = 4
 NOT_CALLABLE = 42  # a factory reference that names something that is not callable

@@ -70,8 +70,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     args = p.parse_args()
 
-    from dist_share import records
     from dist_share.cli import main as cli_main
+    from dist_share.data import records
 
     conversions = []
     for scale in [int(s) for s in args.convert.split(",") if s]:

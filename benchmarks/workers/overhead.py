@@ -50,8 +50,8 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from dist_share.config import StrategyConfig
-    from dist_share.strategies import get_strategy
+    from dist_share.config.schema import StrategyConfig
+    from dist_share.distribute.strategies import get_strategy
 
     # mirrored: 2 logical CPU devices in this process (made before anything else runs).
     devices = 2 if args.strategy == "mirrored" else None
@@ -174,7 +174,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as run_dir:
             use_dir = run_dir if variant.startswith("default") else None
             if variant == "fit":
-                from dist_share.training import Trainer
+                from dist_share.train.trainer import Trainer
 
                 trainer = Trainer(build_spec, strategy, cfg, use_dir)
                 timer = _FitWindows(args.block, plain_block)

@@ -34,13 +34,13 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from dist_share import data
-    from dist_share.config import StrategyConfig
-    from dist_share.data import train_input
-    from dist_share.gradients import comm_bytes
-    from dist_share.models import build_model
-    from dist_share.strategies import get_strategy
-    from dist_share.training import Trainer
+    from dist_share.config.schema import StrategyConfig
+    from dist_share.data import pipeline as data
+    from dist_share.data.pipeline import train_input
+    from dist_share.distribute.gradients import comm_bytes
+    from dist_share.distribute.strategies import get_strategy
+    from dist_share.families.build import build_model
+    from dist_share.train.trainer import Trainer
 
     strategy = get_strategy(StrategyConfig(name="local"))
     cfg = bench_config(args.family, args.batch, 10**9, {"name": "local"}, args.set)

@@ -31,8 +31,8 @@ def main() -> None:
     t_start = time.perf_counter()
     threads = setup_threads(args.intra, args.inter)
 
-    from dist_share.config import StrategyConfig
-    from dist_share.strategies import get_strategy
+    from dist_share.config.schema import StrategyConfig
+    from dist_share.distribute.strategies import get_strategy
 
     strategy_cfg = {"name": args.strategy}
     if args.strategy == "mirrored":

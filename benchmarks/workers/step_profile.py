@@ -65,9 +65,9 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from dist_share import gradients as G
-    from dist_share.config import StrategyConfig, load_config
-    from dist_share.strategies import get_strategy
+    from dist_share.config.schema import StrategyConfig, load_config
+    from dist_share.distribute import gradients as G
+    from dist_share.distribute.strategies import get_strategy
 
     strategy = get_strategy(StrategyConfig(name=args.strategy))
     per_worker = load_config(args.config).training.batch_size

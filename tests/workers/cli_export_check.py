@@ -13,10 +13,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_share import data, models, rundir
-from dist_share.config import StrategyConfig
-from dist_share.strategies import get_strategy
-from dist_share.training import Trainer
+from dist_share.config.schema import StrategyConfig
+from dist_share.data import pipeline as data
+from dist_share.distribute.strategies import get_strategy
+from dist_share.families import build as models
+from dist_share.run import directory as rundir
+from dist_share.train.trainer import Trainer
 
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = rundir.read_config(run_dir)

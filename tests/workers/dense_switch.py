@@ -36,7 +36,7 @@ def ids_for(case: str, replica: int) -> list[int]:
 def check(hvd: Any = None, strategy: tf.distribute.Strategy | None = None) -> dict:
     """Horovod (`hvd` given: this rank's replica) or MirroredStrategy over 2 devices (`strategy`
     given: both replicas). Returns {replica: {case[/variant]: record}}."""
-    from dist_share import gradients as G
+    from dist_share.distribute import gradients as G
 
     backend = "horovod" if hvd is not None else "tf_distribute"
     # Horovod also runs the cases with fp16 on the wire and op=average (each under its own key).

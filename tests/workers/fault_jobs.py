@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from dist_share import launching, watchdog
+from dist_share.launch import launching
+from dist_share.train.guards import watchdog
 
 ROOT = Path(__file__).resolve().parents[2]
 EXE = str(Path(sys.executable).parent / "dist-share")
@@ -38,7 +39,7 @@ STRATEGY = {"horovodrun": "horovod", "mpirun": "horovod", "multiworker": "multiw
 
 
 def env() -> dict[str, str]:
-    from dist_share.processes import worker_env
+    from tests.helpers.processes import worker_env
 
     env = worker_env({"PYTHONPATH": str(ROOT)})
     env.pop("MAX_RESTARTS", None)

@@ -20,7 +20,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from dist_share import records
+from dist_share.data import records
 
 GLOBAL_TRAIN_BATCH, GLOBAL_EVAL_BATCH = 4, 4
 

@@ -11,8 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_share.config import parse_model
-from dist_share.models import MODEL_FAMILIES, build_model
+from dist_share.config.schema import parse_model
+from dist_share.families.build import MODEL_FAMILIES, build_model
 
 
 def _snapshot(weights) -> list:

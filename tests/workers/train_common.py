@@ -31,7 +31,7 @@ IN_DIM = 4
 def run_config(**sections: dict):
     """A validated dist_share Config with these sections (the model section is unused: the
     tests' models are built by the functions below)."""
-    from dist_share.config import validate
+    from dist_share.config.schema import validate
 
     return validate({"model": {"family": "siamese"}, **sections})
 
@@ -105,7 +105,7 @@ def make_user_encoder() -> keras.Model:
 
 def build_user_tower() -> Spec:
     """The user's encoder shared by the three streams through SharedTower (folded)."""
-    from dist_share.towers import SharedTower
+    from dist_share.model.towers import SharedTower
 
     names = STREAMS["user_tower"]
     inputs = {s: keras.Input((IN_DIM,), name=s) for s in names}

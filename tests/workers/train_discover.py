@@ -9,8 +9,8 @@ import sys
 
 def main() -> None:
     assert "TF_CONFIG" not in os.environ, "the test must not hand TF_CONFIG to this worker"
-    from dist_share.config import StrategyConfig
-    from dist_share.strategies import get_strategy
+    from dist_share.config.schema import StrategyConfig
+    from dist_share.distribute.strategies import get_strategy
 
     strategy = get_strategy(StrategyConfig(name="multiworker"))
     import tensorflow as tf

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import background
 
-from dist_share import processes
+from tests.helpers import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = [sys.executable, str(Path(__file__).with_name("train_worker.py"))]

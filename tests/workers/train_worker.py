@@ -123,9 +123,9 @@ def main() -> None:
     p.add_argument("--shards", default="", help="comma list of shard directories (records)")
     a = p.parse_args()
 
-    from dist_share.config import StrategyConfig
-    from dist_share.gradients import GradientOptions
-    from dist_share.strategies import get_strategy
+    from dist_share.config.schema import StrategyConfig
+    from dist_share.distribute.gradients import GradientOptions
+    from dist_share.distribute.strategies import get_strategy
 
     # First thing: logical devices / TF_CONFIG / hvd.init must happen before TF initialises.
     strategy = get_strategy(StrategyConfig(name=a.strategy, num_cpu_devices=a.num_cpu_devices))
@@ -134,7 +134,7 @@ def main() -> None:
     import numpy as np
     import train_common as tc
 
-    from dist_share.training import CustomLoop, Trainer
+    from dist_share.train.trainer import CustomLoop, Trainer
 
     class SlowLoop(CustomLoop):
         """Lets the kill test catch the run between checkpoints."""

@@ -32,10 +32,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from dist_share import batched_sets
-from dist_share.blocks import BlockSpec, build_block, is_builtin_block, validate_block_spec
 from dist_share.errors import ConfigError
-from dist_share.folding import fold_streams, prepare_for_folding
+from dist_share.model import batched_sets
+from dist_share.model.blocks import BlockSpec, build_block, is_builtin_block, validate_block_spec
+from dist_share.model.folding import fold_streams, prepare_for_folding
 
 SHARING_MODES = ("shared", "separate", "grouped", "switchable")
 

@@ -40,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from dist_share.distribute.strategies import DatasetFn
 from dist_share.errors import ConfigError, JobError
-from dist_share.strategies import DatasetFn
-from dist_share.training import CustomLoop, Evaluator, MetricsLogger, TrainState
+from dist_share.train.trainer import CustomLoop, Evaluator, MetricsLogger, TrainState
 
 # What a TensorFlow error says when a Horovod collective failed because the job lost a worker
 # (Gloo's connection to it broke, or Horovod's background loop shut down after that).

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from dist_share.data import DatasetFn
+from dist_share.data.pipeline import DatasetFn
+from dist_share.distribute.gradients import GradientOptions, reduce_gradients
 from dist_share.errors import ConfigError
-from dist_share.gradients import GradientOptions, reduce_gradients
-from dist_share.launching import discover_tf_config
+from dist_share.launch.launching import discover_tf_config
 
 if TYPE_CHECKING:
-    from dist_share.config import StrategyConfig
+    from dist_share.config.schema import StrategyConfig
 
 __all__ = ["STRATEGY_NAMES", "DatasetFn", "Strategy", "get_strategy"]
 STRATEGY_NAMES = ("local", "mirrored", "multiworker", "horovod")
@@ -341,7 +341,7 @@ def get_strategy(cfg: StrategyConfig | None = None) -> Strategy:
             after TensorFlow initialised its devices.
     """
     if cfg is None:
-        from dist_share.config import StrategyConfig
+        from dist_share.config.schema import StrategyConfig
 
         cfg = StrategyConfig()
     if cfg.name not in STRATEGY_NAMES:

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from dist_share import families
 from dist_share.errors import ConfigError, hint
+from dist_share.families import base as families
 
 STRATEGIES = ("local", "mirrored", "multiworker", "horovod")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")

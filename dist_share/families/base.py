@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dist_share import datacheck
+from dist_share.data import checks as datacheck
 from dist_share.errors import ConfigError, hint
 
 if TYPE_CHECKING:
-    from dist_share.config import DataConfig, ModelConfig
+    from dist_share.config.schema import DataConfig, ModelConfig
 
 NAMES = ("siamese", "triplet", "multiview", "two_tower")
 SOURCES = ("digits", "two_tower_synthetic", "npz", "random", "tfrecord")
@@ -70,7 +70,7 @@ class Family:
         returns it with the loss's options filled in."""
         import dataclasses
 
-        from dist_share import losses
+        from dist_share.model import losses
 
         kind = model.loss.get("type") if isinstance(model.loss, Mapping) else None
         if kind not in self.losses:
@@ -134,7 +134,7 @@ class TowerFamily(Family):
         ``model.tower.block``, so building the tower does not check it again."""
         import dataclasses
 
-        from dist_share import blocks, towers
+        from dist_share.model import blocks, towers
 
         model = super().check_model(model, num_views)
         spec = blocks.validate_block_spec(model.tower.block, "model.tower.block")
@@ -161,7 +161,7 @@ class TowerFamily(Family):
         return model
 
     def build_tower_outputs(self, model: ModelConfig, inputs: dict[str, Any]) -> list:
-        from dist_share.towers import SharedTower
+        from dist_share.model.towers import SharedTower
 
         t = model.tower
         tower = SharedTower(
@@ -184,7 +184,7 @@ class SiameseFamily(TowerFamily):
     fixed_streams = ("left", "right")
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
-        from dist_share import data as data_lib
+        from dist_share.data import pipeline as data_lib
 
         images, by_class, rng = data_lib.digits_for(data, split, salt=1)
         same = rng.permutation(np.arange(n) < n // 2)  # balanced: exactly half the pairs match
@@ -198,7 +198,7 @@ class SiameseFamily(TowerFamily):
         datacheck.check_binary_labels(labels, where, self.name)
 
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
-        from dist_share import heads, losses
+        from dist_share.model import heads, losses
 
         outs = self.build_tower_outputs(model, inputs)
         layer = (
@@ -217,7 +217,7 @@ class TripletFamily(TowerFamily):
     fixed_streams = ("anchor", "positive", "negative")
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
-        from dist_share import data as data_lib
+        from dist_share.data import pipeline as data_lib
 
         images, by_class, rng = data_lib.digits_for(data, split, salt=2)
         ca = rng.integers(0, 10, n)
@@ -235,7 +235,7 @@ class TripletFamily(TowerFamily):
         return np.zeros(n, np.float32)
 
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
-        from dist_share import heads, losses
+        from dist_share.model import heads, losses
 
         outs = self.build_tower_outputs(model, inputs)
         return heads.TripletDistances(name="distances")(outs), {
@@ -260,7 +260,7 @@ class MultiviewFamily(TowerFamily):
         datacheck.check_class_labels(labels, where, self.name)
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
-        from dist_share import data as data_lib
+        from dist_share.data import pipeline as data_lib
 
         images, labels, rng = data_lib.digits_with_labels(data, split, salt=3)
         idx = rng.integers(0, len(labels), n)
@@ -274,7 +274,7 @@ class MultiviewFamily(TowerFamily):
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
         import keras
 
-        from dist_share import heads, losses
+        from dist_share.model import heads, losses
 
         outs = self.build_tower_outputs(model, inputs)
         combined = heads.Combine(model.head, name="combine")(outs)
@@ -310,7 +310,7 @@ class TwoTowerFamily(Family):
         """Also checks each side's block once and keeps the checked `blocks.BlockSpec`."""
         import dataclasses
 
-        from dist_share import blocks
+        from dist_share.model import blocks
 
         model = super().check_model(model, num_views)
         tables = model.tables
@@ -391,15 +391,15 @@ class TwoTowerFamily(Family):
                     )
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
-        from dist_share import data as data_lib
+        from dist_share.data import pipeline as data_lib
 
         return data_lib.synthetic_interactions(data, split, n)
 
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
         import keras
 
-        from dist_share import heads, losses
-        from dist_share.blocks import CombineFields, build_block
+        from dist_share.model import heads, losses
+        from dist_share.model.blocks import CombineFields, build_block
 
         tables = {
             name: keras.layers.Embedding(

@@ -24,7 +24,7 @@ import keras
 from keras import ops
 
 from dist_share.errors import ConfigError, hint
-from dist_share.folding import folded_streams
+from dist_share.model.folding import folded_streams
 
 BUILTIN_BLOCK_TYPES = ("mlp", "conv2d", "embedding", "gru", "transformer")
 USER_BLOCK_TYPES = ("custom", "keras_application")

@@ -37,14 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dist_share import datacheck, records
+from dist_share.data import checks as datacheck
+from dist_share.data import records
 from dist_share.errors import ConfigError, DataError
-from dist_share.families import Arrays
+from dist_share.families.base import Arrays
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
-    from dist_share.config import DataConfig
+    from dist_share.config.schema import DataConfig
 
 SPLITS = ("train", "eval")
 DatasetFn = Callable[["tf.distribute.InputContext"], "tf.data.Dataset"]

@@ -21,15 +21,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_share import nonfinite, preemption
-from dist_share.data import DatasetFn, train_input
+from dist_share.data.pipeline import DatasetFn, train_input
+from dist_share.distribute.gradients import set_optimizer_reduction
 from dist_share.errors import ConfigError
-from dist_share.gradients import set_optimizer_reduction
+from dist_share.train.guards import nonfinite, preemption
 
 if TYPE_CHECKING:
-    from dist_share.config import Config
-    from dist_share.strategies import Strategy
-    from dist_share.training import Evaluator, MetricsLogger, TrainState
+    from dist_share.config.schema import Config
+    from dist_share.distribute.strategies import Strategy
+    from dist_share.train.trainer import Evaluator, MetricsLogger, TrainState
 
 
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, strategy: Strategy) -> Any:

@@ -40,15 +40,17 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from dist_share import keras_fit, nonfinite, preemption, rundir, watchdog
-from dist_share.data import check_element_spec, train_input
+from dist_share.data.pipeline import check_element_spec, train_input
+from dist_share.distribute.gradients import take_over_reduction
+from dist_share.distribute.strategies import DatasetFn, Strategy
 from dist_share.errors import ConfigError, DataError, JobError
-from dist_share.gradients import take_over_reduction
-from dist_share.strategies import DatasetFn, Strategy
+from dist_share.run import directory as rundir
+from dist_share.train.guards import nonfinite, preemption, watchdog
+from dist_share.train.loops import fit as keras_fit
 
 if TYPE_CHECKING:
-    from dist_share.config import Config, OptimizerConfig, TrainingConfig
-    from dist_share.models import ModelSpec
+    from dist_share.config.schema import Config, OptimizerConfig, TrainingConfig
+    from dist_share.families.build import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +286,7 @@ class MetricsLogger:
 
     @staticmethod
     def _drop_records_after(path: Path, step: int) -> None:
-        from dist_share.rundir import atomic_write_text
+        from dist_share.files import atomic_write_text
 
         lines = path.read_text(encoding="utf-8").splitlines()
         kept = []
@@ -881,7 +883,7 @@ def loop_class(config: Config) -> type:
     """The loop a config trains with: `elastic.ElasticLoop` for ``strategy.horovod.elastic``
     under Horovod, else the one ``training.loop`` names."""
     if config.strategy.name == "horovod" and config.strategy.horovod.elastic:
-        from dist_share.elastic import ElasticLoop  # it subclasses CustomLoop
+        from dist_share.train.loops.elastic import ElasticLoop
 
         return ElasticLoop
     return LOOPS[config.training.loop]

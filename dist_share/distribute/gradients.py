@@ -61,7 +61,7 @@ import tensorflow as tf
 from dist_share.errors import ConfigError
 
 if TYPE_CHECKING:
-    from dist_share.config import StrategyConfig
+    from dist_share.config.schema import StrategyConfig
 
 COMPRESSIONS = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
 OPS = ("average", "sum")

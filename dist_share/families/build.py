@@ -15,12 +15,12 @@ from typing import Any
 
 import keras
 
-from dist_share import losses
-from dist_share.blocks import check_block_input
-from dist_share.config import ModelConfig
+from dist_share.config.schema import ModelConfig
 from dist_share.errors import ConfigError
-from dist_share.families import NAMES as MODEL_FAMILIES
-from dist_share.families import Family, TowerFamily
+from dist_share.families.base import NAMES as MODEL_FAMILIES
+from dist_share.families.base import Family, TowerFamily
+from dist_share.model import losses
+from dist_share.model.blocks import check_block_input
 
 __all__ = ["MODEL_FAMILIES", "ModelSpec", "build_model"]
 

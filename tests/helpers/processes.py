@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_share import launching
-from dist_share.launching import Host, free_port, kill_process_group
+from dist_share.launch import launching
+from dist_share.launch.launching import Host, free_port, kill_process_group
 
 __all__ = [
     "JobResult",
