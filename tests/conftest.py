@@ -24,8 +24,8 @@ from tests.helpers.processes import run_job
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
 import background  # noqa: E402
-from clusters import podman  # noqa: E402
-from clusters.slurm import SlurmCluster  # noqa: E402
+from tests.clusters import podman  # noqa: E402
+from tests.clusters.slurm import SlurmCluster  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 DIST_SHARE = str(Path(sys.executable).parent / "dist-share")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from clusters import podman
+from tests.clusters import podman
 from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT, BuiltImage
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))

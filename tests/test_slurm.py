@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusters.slurm import JobState, SlurmCluster
+from tests.clusters.slurm import JobState, SlurmCluster
 from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT
 
 from dist_share.errors import EXIT_PREEMPTED
