@@ -202,14 +202,14 @@ def run(quick: bool = False) -> dict:
             "stacked_xla: a hand-written step with stacked [N, in, out] weight variables under "
             "XLA (not the framework's layout), stacked_xla_vs_one_after_another: the default step "
             "over it. "
-            "Target (issue 14): N = 8 at least 1.3x; not met on this CPU, so batch_sets stays off "
+            "Target: N = 8 at least 1.3x; not met on this CPU, so batch_sets stays off "
             "by default."
         ),
         "conditions_before": before,
         "conditions_after": conditions(),
         "table": table,
         "extra_tables": {
-            "Target (issue 14)": [
+            "Target": [
                 {
                     "target": "separate MLP tower, N = 8: batched speedup over one set after another",
                     "goal": ">= 1.3",

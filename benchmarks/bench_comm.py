@@ -237,7 +237,7 @@ def run(quick: bool = False) -> dict:
         "embeddings": embeddings,
         "table": table,
         "extra_tables": {
-            "Targets (issue 14)": summary,
+            "Targets": summary,
             "Bytes through one worker's link per step at W workers (cost model of "
             "dist_share.gradients; every worker sends the distinct rows measured above; "
             "16 streams)": link_rows(embeddings, max(streams)),

@@ -98,7 +98,7 @@ def run(quick: bool = False) -> dict:
             f"{2 * repeats} blocks of {block} batches (before and after the training runs); "
             f"training: median examples/s over metrics.jsonl windows of 50 steps ({steps} steps, "
             "first window dropped). vs_training_step = examples/s / the memory-fed step's. "
-            "The machine was shared with other engineers' jobs: compare ratios only. "
+            "Compare ratios only: the absolute rates depend on what else the machine runs. "
             "Peak RSS: VmHWM (/proc/self/status) of one `dist-share train` process per case "
             f"({'20' if quick else '100'} steps), data.train_examples = scale x 16384 pairs "
             "(memory) or the same pairs converted into 8 shards (files)."

@@ -87,7 +87,7 @@ def _breakdown(batch: int, block: int, repeats: int, timeout: float) -> dict[str
     return {"table": table, "graph_ops": r["graph_ops"], "raw": r}
 
 
-# (what, case, target): the issue-14 targets, each read from one row of the table.
+# (what, case, target): the Trainer's targets, each read from one row of the table.
 TARGETS = [
     ("Trainer, all defaults, batch 64 / hand loop", "local x1 default", 0.98),
     ("Trainer, defaults + steps_per_loop=10 / hand loop", "local x1 default_spl10", 1.0),
@@ -140,14 +140,14 @@ def run(quick: bool = False) -> dict:
         row for s, vs, b, t in jobs for row in _cases(s, vs, b, block, repeats, warmup, t, timeout)
     ]
     table = [{k: v for k, v in r.items() if k != "raw"} for r in rows]
-    extra = {"Issue 14's targets (trainer_over_plain of the rows above)": _targets(table)}
+    extra = {"Targets (trainer_over_plain of the rows above)": _targets(table)}
     extra["Where the trainer's time goes (local, batch 64, ms per step, median)"] = breakdown[
         "table"
     ]
     return {
         "name": NAME,
         "description": (
-            "examples/s of dist_share.training.Trainer vs a hand-written loop on the same model "
+            "examples/s of dist_share.train.trainer.Trainer vs a hand-written loop on the same model "
             "(siamese, conv2d tower, project defaults), interleaved blocks of "
             f"{block} steps, {warmup} warm-up block(s) dropped, median over {repeats} pairs. "
             "quiet: no run_dir/progress bar; default: metrics.jsonl + TensorBoard + progress bar "

@@ -138,7 +138,7 @@ def _shards_for(config: Path, out: Path) -> list[str]:
 
     import yaml
 
-    from dist_share.config.schema import load_config
+    from dist_share.run.resolve import load_config
 
     if load_config(config).data.source != "tfrecord":
         return []

@@ -1,7 +1,7 @@
 """What the Trainer's per-call and per-interval host work costs: ``python -m
 benchmarks.call_costs``.
 
-Two questions of docs/PERFORMANCE.md section 7, answered in one process:
+Two questions of docs/PERFORMANCE.md section 1, answered in one process:
 
 * A ``tf.function`` call: the same trivial step (read a batch, sum it, 8 outputs) called with
   the input iterator captured or passed, with two extra tensor arguments or none, returning a
@@ -21,6 +21,8 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+
+from dist_share.run.inputs import input_specs, make_dataset_fn
 
 
 def _median_us(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict[str, float]:
@@ -79,7 +81,6 @@ def call_forms(rounds: int) -> dict[str, float]:
 def interval_work(rounds: int) -> dict[str, float]:
     from benchmarks.workers.wlib import bench_config
     from dist_share.config.schema import StrategyConfig
-    from dist_share.data import pipeline as data
     from dist_share.distribute.strategies import get_strategy
     from dist_share.families.build import build_model
     from dist_share.train.guards import nonfinite
@@ -93,8 +94,8 @@ def interval_work(rounds: int) -> dict[str, float]:
         {"name": "local"},
         ["logging.progress_bar=false", "logging.tensorboard=true"],
     )
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", 64, cfg.training.seed)
+    specs = input_specs(cfg.data)
+    dataset_fn = make_dataset_fn(cfg.data, "train", 64, cfg.training.seed)
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(lambda: build_model(cfg.model, specs), strategy, cfg, run_dir)
         trainer.train(dataset_fn)

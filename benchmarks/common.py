@@ -253,6 +253,7 @@ def bench_main(name: str, run: Callable[..., dict], argv: Sequence[str] | None =
     result = dict(run(quick=args.quick))
     result.setdefault("machine", machine_info())
     result.setdefault("seconds", time.perf_counter() - t0)
+    result.setdefault("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     result.setdefault("quick", args.quick)
     module = Path(sys.argv[0]).stem  # run as ``python -m benchmarks.<module>``
     result.setdefault("command", " ".join([f"python -m benchmarks.{module}", *sys.argv[1:]]))

@@ -30,9 +30,10 @@ CONFIG = REPO / "configs" / "siamese_digits.yaml"
 # The run as the CLI does it, optionally with the iterator left to Python's exit.
 DRIVER = """
 import sys
-from dist_share import cli, training
+from dist_share import cli
+from dist_share.train.loops.custom import CustomLoop
 if sys.argv[1] == "kept":
-    training.CustomLoop.release_input = lambda self: None
+    CustomLoop.release_input = lambda self: None
 sys.exit(cli.main(sys.argv[2:]))
 """
 VARIANTS = {

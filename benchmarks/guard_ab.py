@@ -9,7 +9,7 @@ blocks (the local strategy, the benchmark model at batch 64): the step under ``s
 ``skip``, with no guard, and a plain ``tf.function`` step on a model built from the same
 config, fed the same way (the iterator inside the function; GradientTape, mean loss, Adam's
 ``apply_gradients``). Ratios are medians over rounds of per-round ratios to the plain step.
-Not part of ``run_all``: it answers one question of docs/PERFORMANCE.md section 7 and uses the
+Not part of ``run_all``: it answers one question of docs/PERFORMANCE.md section 1 and uses the
 loop's internals (``on_nonfinite``, ``_guard_gradients``, ``compiled_step``) on purpose.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+
+from dist_share.run.inputs import input_specs, make_dataset_fn
 
 
 def main() -> None:
@@ -32,7 +34,6 @@ def main() -> None:
 
     from benchmarks.workers.wlib import bench_config
     from dist_share.config.schema import StrategyConfig
-    from dist_share.data import pipeline as data
     from dist_share.data.pipeline import train_input
     from dist_share.distribute.strategies import get_strategy
     from dist_share.families.build import build_model
@@ -40,8 +41,8 @@ def main() -> None:
 
     strategy = get_strategy(StrategyConfig(name="local"))
     cfg = bench_config("siamese", args.batch, 10**9, {"name": "local"})
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
+    specs = input_specs(cfg.data)
+    dataset_fn = make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
 
     steps = {}
     # (name, on_nonfinite, guard): both are read when the step is traced

@@ -51,8 +51,8 @@ def discover() -> list[str]:
 def busy_processes(limit: int = 5, interval: float = 1.0) -> list[str]:
     """The processes using the most CPU over the last `interval` seconds, as "pcpu% command".
 
-    Other engineers' jobs share these cores; a number measured next to a busy test suite must
-    say so. (``ps`` pcpu is a lifetime average, useless for this, so sample with psutil.)
+    A number measured next to other work on the same cores must say so. (``ps`` pcpu is a
+    lifetime average, useless for this, so sample with psutil.)
     """
     try:
         import psutil
@@ -89,6 +89,7 @@ def run_one(name: str, quick: bool, results_dir: Path, command: str) -> dict[str
     except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others' numbers
         result = {"name": name, "error": traceback.format_exc(), "table": []}
     result["seconds"] = time.perf_counter() - t0
+    result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["quick"] = quick
     result["command"] = command
     result["machine"] = machine_info()
@@ -120,18 +121,15 @@ def render(results: Sequence[dict], command: str, results_dir: Path, docs: Path)
         name = r["name"]
         lines.append(f"### {name}")
         lines.append("")
-        before = r.get("machine", {}).get("before", {})
-        # A benchmark run alone (bench_main) records the load at its end only.
-        load, when = before.get("load_average"), "before"
-        if not load:
-            load, when = r.get("machine", {}).get("load_average"), "at its end"
-        load_text = ", ".join(f"{x:.2f}" for x in load) if load else "n/a"
-        made_by = f"Made by `{r['command']}`; run time" if r.get("command") else "Run time"
-        lines.append(f"{made_by} {r.get('seconds', 0):.0f} s; load average {when}: {load_text}.")
-        busy = before.get("busy", [])[:3]
-        if busy:
-            lines.append("Other processes busy at its start (CPU % of one core, command):  ")
-            lines += [f"`{b[:110]}`  " for b in busy]
+        made_by = f"Made by `{r['command']}`" if r.get("command") else "Made"
+        if r.get("date"):
+            made_by += f" on {r['date']}"
+        run_time = f"run time {r.get('seconds', 0):.0f} s."
+        lines.append(f"{made_by}; {run_time}" if made_by != "Made" else run_time.capitalize())
+        # The JSON keeps the load and the busiest processes; the page only says whether
+        # other work shared the cores, which is what a reader needs to weigh the figures.
+        if r.get("machine", {}).get("before", {}).get("busy"):
+            lines.append("Measured while the machine was busy with other work.")
         if r.get("description"):
             lines += ["", str(r["description"])]
         lines.append("")

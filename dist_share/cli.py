@@ -13,21 +13,22 @@ fast; Horovod is imported only by the ``horovod`` strategy, inside ``train``.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.metadata
 import os
+import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_share import __version__, files
-from dist_share.config import schema as config_lib
-from dist_share.config.schema import Config
-from dist_share.data import pipeline as data_lib
+from dist_share import files
+from dist_share.config.loading import dump
+from dist_share.config.schema import STRATEGIES, Config
 from dist_share.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -37,10 +38,16 @@ from dist_share.errors import (
     DataError,
     JobError,
 )
-from dist_share.launch import launching
-from dist_share.run import directory as rundir
-
-STRATEGY_NAMES = config_lib.STRATEGIES
+from dist_share.launch import supervise
+from dist_share.launch.commands import (
+    LAUNCHERS,
+    ElasticLaunch,
+    format_worker,
+    horovodrun_command,
+    mpirun_command,
+    multiworker_commands,
+)
+from dist_share.launch.hosts import Host, parse_hosts, read_hostfile, total_slots
 
 
 class UsageError(Exception):
@@ -65,43 +72,6 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
 
 
-class _Run:
-    """Everything the TF-side commands share: the strategy, the model builder and the data."""
-
-    def __init__(self, cfg: Config) -> None:
-        from dist_share.distribute import strategies
-        from dist_share.families import build as models
-
-        self.cfg = cfg
-        # First TF call of the process: MirroredStrategy may still create logical CPU devices.
-        self.strategy = strategies.get_strategy(cfg.strategy)
-        self.specs = data_lib.input_specs(cfg.data)
-        self.build_spec = lambda: models.build_model(cfg.model, self.specs)
-        batch, seed = cfg.training.batch_size, cfg.training.seed
-        self.train_fn = data_lib.make_dataset_fn(cfg.data, "train", batch, seed)
-        self.eval_fn = data_lib.make_dataset_fn(cfg.data, "eval", batch, seed)
-
-    def trainer(self, run_dir: Path | None):
-        from dist_share.train.trainer import Trainer
-
-        return Trainer(self.build_spec, self.strategy, self.cfg, run_dir)
-
-
-@contextlib.contextmanager
-def _input_errors(run: _Run) -> Iterator[None]:
-    """TensorFlow errors about bad TFRecord input become a DataError naming file and stream."""
-    import tensorflow as tf
-
-    try:
-        yield
-    except tf.errors.OpError as e:
-        explained = data_lib.explain_input_error(e, run.train_fn, run.eval_fn)
-        if explained is None:
-            raise
-        explained.found_while_training = True
-        raise explained from None
-
-
 def _latest_checkpoint(run_dir: Path) -> str | None:
     import tensorflow as tf
 
@@ -110,12 +80,18 @@ def _latest_checkpoint(run_dir: Path) -> str | None:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = config_lib.load_config(args.config, _overrides(args))
-    data_lib.stream_shapes(cfg.data)  # user data files checked before anything is created
+    from dist_share.run import directory as rundir
+    from dist_share.run.inputs import RunInputs
+    from dist_share.run.resolve import load_config
+    from dist_share.run.session import Run
+
+    cfg = load_config(args.config, _overrides(args))
+    # The data is opened once, here: user files are checked before anything is created.
+    inputs = RunInputs(cfg.data, cfg.training.batch_size, cfg.training.seed)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     existed = run_dir.exists()
     mode = rundir.check(run_dir, cfg, args.overwrite)
-    run = _Run(cfg)
+    run = Run(cfg, inputs)
     # One live run per directory: the chief holds the lock (the kernel frees it however the
     # process ends), taken before `prepare` may clear a run being overwritten.
     run_lock = rundir.lock(run_dir) if run.strategy.is_chief else None
@@ -124,8 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if run.strategy.is_chief:
             rundir.prepare(run_dir, cfg, mode)
         trainer = run.trainer(run_dir)
-        with _input_errors(run):
-            result = trainer.train(run.train_fn, run.eval_fn)
+        with run.input_errors():
+            result = trainer.train(run.inputs.train_fn, run.inputs.eval_fn)
         if run.strategy.world_size > 1 and threading.current_thread() is threading.main_thread():
             # The run is complete and on disk. A SIGTERM from now on comes from a scheduler
             # stopping a job whose other rank exited first (e.g. compose's
@@ -149,19 +125,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dist_share.run import directory as rundir
+    from dist_share.run.resolve import load_config
+    from dist_share.run.session import Run
+
     target = Path(args.target)
     overrides = [*_overrides(args), "checkpoint.resume=true"]
     if target.is_dir():
         cfg = rundir.read_config(target, overrides)
         run_dir: Path | None = target
     else:
-        cfg = config_lib.load_config(target, overrides)
+        cfg = load_config(target, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
     if run_dir is not None and _latest_checkpoint(run_dir) is None:
         raise UsageError(
             f"{run_dir} has no checkpoint to evaluate (expected {run_dir / 'checkpoints'})"
         )
-    run = _Run(cfg)
+    run = Run(cfg)
     trainer = run.trainer(run_dir)
     try:
         step = trainer.restore()
@@ -170,8 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 run.strategy,
                 "no run directory: evaluating an untrained model (a chance-level baseline)",
             )
-        with _input_errors(run):
-            metrics = trainer.evaluate(run.eval_fn, step=step)
+        with run.input_errors():
+            metrics = trainer.evaluate(run.inputs.eval_fn, step=step)
     finally:
         trainer.close()
     _say(run.strategy, f"eval (step {step}): {_format_metrics(metrics)}")
@@ -180,6 +160,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import numpy as np
+
+    from dist_share.run import directory as rundir
+    from dist_share.run.session import Run
 
     run_dir = Path(args.run_dir)
     # float32 weights for portable serving, on one local replica.
@@ -196,17 +179,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{run_dir} has no checkpoint to export (expected {run_dir / 'checkpoints'})"
         )
-    run = _Run(cfg)
+    run = Run(cfg)
     trainer = run.trainer(run_dir)  # restore() reads the run; nothing here writes metrics
     step = trainer.restore()
     model = trainer.model
-    features, _ = next(iter(run.eval_fn(None)))
+    features, _ = next(iter(run.inputs.eval_fn(None)))
     expected = np.asarray(model(features, training=False))
     with files.atomic_directory(run_dir / "export") as tmp:
         model.export(str(tmp / "saved_model"), verbose=False)
         model.save(str(tmp / "model.keras"))
         diff = _verify_export(tmp, features, expected)
-        files.atomic_write_text(tmp / "README.txt", _export_readme(cfg, step, run.specs, diff))
+        files.atomic_write_text(
+            tmp / "README.txt", _export_readme(cfg, step, run.inputs.specs, diff)
+        )
     print(
         f"exported step {step} to {run_dir / 'export'} (saved_model/, model.keras); "
         f"reloaded predictions match (max abs diff {diff:.2e})"
@@ -219,7 +204,6 @@ def _verify_export(path: Path, features: Any, expected: Any) -> float:
     import keras
     import numpy as np
     import tensorflow as tf
-
 
     loaded = tf.saved_model.load(str(path / "saved_model"))  # keep it alive: it owns the variables
     served = loaded.serve(features)
@@ -237,15 +221,18 @@ def _export_readme(cfg: Config, step: int, specs: dict, diff: float) -> str:
     return (
         f"dist_share export of a {cfg.model.family} model at step {step}.\n"
         f"saved_model/: tf.saved_model.load(path).serve(inputs_dict)\n"
-        f"model.keras:  keras.models.load_model(path) after `import dist_share.models`\n"
+        f"model.keras:  keras.models.load_model(path) after `import dist_share.model.towers, dist_share.model.heads`\n"
         f"inputs (a dict):\n{inputs}\n"
         f"round-trip check: max abs difference {diff:.2e}\n"
     )
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    cfg = config_lib.load_config(args.config, _overrides(args))
-    manifest = data_lib.convert(
+    from dist_share.run.inputs import convert
+    from dist_share.run.resolve import load_config
+
+    cfg = load_config(args.config, _overrides(args))
+    manifest = convert(
         cfg.data,
         args.out,
         shards=args.shards,
@@ -264,9 +251,12 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = config_lib.load_config(args.config, _overrides(args))
-    shapes = data_lib.stream_shapes(cfg.data)
-    sys.stdout.write(config_lib.dump(cfg))
+    from dist_share.run.inputs import stream_shapes
+    from dist_share.run.resolve import load_config
+
+    cfg = load_config(args.config, _overrides(args))
+    shapes = stream_shapes(cfg.data)
+    sys.stdout.write(dump(cfg))
     streams = ", ".join(f"{k} {v[1].name}{list(v[0])}" for k, v in shapes.items())
     print(f"# valid; streams: {streams}", file=sys.stderr)
     return EXIT_OK
@@ -283,29 +273,29 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.hosts and args.hostfile:
         raise UsageError("give either --hosts or --hostfile, not both")
     if args.hostfile:
-        hosts = launching.read_hostfile(args.hostfile)
+        hosts = read_hostfile(args.hostfile)
     elif args.hosts:
-        hosts = launching.parse_hosts(args.hosts)
+        hosts = parse_hosts(args.hosts)
     else:
-        hosts = [launching.Host("localhost", args.np or 1)]
+        hosts = [Host("localhost", args.np or 1)]
     elastic = _elastic_launch(args)
     if elastic is not None and args.launcher != "horovodrun":
         raise UsageError(
             "--min-np, --max-np and --host-discovery-script need --launcher horovodrun"
         )
     if args.launcher == "multiworker":
-        if args.np is not None and args.np != launching.total_slots(hosts):
+        if args.np is not None and args.np != total_slots(hosts):
             raise UsageError("-np must equal the total slots for multiworker (one worker per slot)")
-        workers = launching.multiworker_commands(hosts, command, base_port=args.base_port)
+        workers = multiworker_commands(hosts, command, base_port=args.base_port)
         if args.dry_run:
             for w in workers:
-                print(launching.format_worker(w))
+                print(format_worker(w))
             return EXIT_OK
-        return launching.run_with_restarts(
-            lambda: launching.run_multiworker(workers), args.max_restarts
+        return supervise.run_with_restarts(
+            lambda: supervise.run_multiworker(workers), args.max_restarts
         )
     if args.launcher == "horovodrun":
-        argv = launching.horovodrun_command(
+        argv = horovodrun_command(
             hosts,
             command,
             args.np,
@@ -316,16 +306,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
             elastic=elastic,
         )
     else:
-        argv = launching.mpirun_command(hosts, command, args.np, args.network_interface)
+        argv = mpirun_command(hosts, command, args.np, args.network_interface)
     if args.dry_run:
-        print(launching.shlex.join(argv))
+        print(shlex.join(argv))
         return EXIT_OK
     if shutil.which(argv[0]) is None:
         raise UsageError(f"{argv[0]} is not on PATH")
-    return launching.run_with_restarts(lambda: launching.run(argv), args.max_restarts)
+    return supervise.run_with_restarts(lambda: supervise.run(argv), args.max_restarts)
 
 
-def _elastic_launch(args: argparse.Namespace) -> launching.ElasticLaunch | None:
+def _elastic_launch(args: argparse.Namespace) -> ElasticLaunch | None:
     """horovodrun's elastic flags, if any was given."""
     given = (args.min_np, args.max_np, args.host_discovery_script, args.blacklist_cooldown_range)
     if all(v is None for v in given):
@@ -333,7 +323,7 @@ def _elastic_launch(args: argparse.Namespace) -> launching.ElasticLaunch | None:
     if args.host_discovery_script and (args.hosts or args.hostfile):
         raise UsageError("give --host-discovery-script or --hosts/--hostfile, not both")
     cooldown = args.blacklist_cooldown_range
-    return launching.ElasticLaunch(
+    return ElasticLaunch(
         min_np=args.min_np,
         max_np=args.max_np,
         host_discovery_script=args.host_discovery_script,
@@ -350,8 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
         "was lost, 4 non-finite values, 75 preempted (checkpoint saved), 130 interrupted; "
         "rerun after 1, 3 or 75 to resume",
     )
-    parser.add_argument("--version", action="version", version=f"dist-share {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"dist-share {importlib.metadata.version('dist_share')}",
+    )
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+
+    def add_verbose(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="also show TensorFlow's start-up messages (shown too when the environment sets "
+            "TF_CPP_MIN_LOG_LEVEL to 0 or 1)",
+        )
 
     def add_set(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -367,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a config; writes RUN_DIR/{config.yaml,metrics.jsonl,checkpoints,tensorboard}",
     )
     p.add_argument("config", help="YAML config, e.g. configs/siamese_digits.yaml")
-    p.add_argument("--strategy", choices=STRATEGY_NAMES, help="overrides strategy.name")
+    p.add_argument("--strategy", choices=STRATEGIES, help="overrides strategy.name")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     p.add_argument("--steps", type=int, help="overrides training.steps")
     p.add_argument(
@@ -376,19 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a run directory that holds a different config",
     )
     add_set(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a run's last checkpoint (or an untrained config)")
     p.add_argument("target", metavar="RUN_DIR|CONFIG")
-    p.add_argument("--strategy", choices=STRATEGY_NAMES)
+    p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--run-dir", help="with a CONFIG: the run whose checkpoint to evaluate")
     add_set(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "export", help="export a run's last checkpoint to RUN_DIR/export (SavedModel and .keras)"
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
+    add_verbose(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="data tools: convert a config's data into TFRecord shards")
@@ -411,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", choices=("none", "gzip"), default="none")
     p.add_argument("--overwrite", action="store_true", help="replace a data set already in OUT")
     add_set(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_data_convert)
 
     p = sub.add_parser(
@@ -418,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config")
     add_set(p)
+    add_verbose(p)
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser(
@@ -426,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="e.g. dist-share launch --launcher horovodrun --hosts node1:4,node2:4 -- "
         "dist-share train configs/siamese_digits.yaml --strategy horovod",
     )
-    p.add_argument("--launcher", choices=launching.LAUNCHERS, default="horovodrun")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun")
     p.add_argument("--hosts", help="HOST:SLOTS,... (slots = processes; GPUs per node for Horovod)")
     p.add_argument("--hostfile", help="file with 'host slots=N' lines")
     p.add_argument(
@@ -477,9 +484,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its native start-up lines (absl's log notice, oneDNN, CPU
+    features) held back, so that the command's own lines are not buried under them. What was
+    held back is shown if the import fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    asked_for_tf_logs = os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
+    if hasattr(args, "verbose") and not (args.verbose or asked_for_tf_logs):
+        _import_tensorflow_quietly()
     try:
         return args.func(args)
     except (ConfigError, DataError, UsageError) as e:

@@ -7,9 +7,9 @@
 #               exit, then exit with the job's code (0, or the first failing rank's)
 #   worker      become Horovod rank DIST_SHARE_RANK of HOROVOD_HOSTS: wait for the rendezvous at
 #               HOROVOD_GLOO_RENDEZVOUS_ADDR:HOROVOD_GLOO_RENDEZVOUS_PORT, export the HOROVOD_*
-#               variables horovodrun would set (python -m dist_share.launching gloo-env), run
+#               variables horovodrun would set (python -m dist_share.launch gloo-env), run
 #               the command (SIGTERM passed on to it) and report its exit code to the
-#               rendezvous (python -m dist_share.launching run-rank). No ssh between containers.
+#               rendezvous (python -m dist_share.launch run-rank). No ssh between containers.
 #   sshd        run sshd in the foreground (workers of a Kubeflow MPIJob, reached by mpirun)
 #
 # Variables: HOROVOD_HOSTS (host:slots,... e.g. worker0:1,worker1:1), DIST_SHARE_RANK,
@@ -50,12 +50,12 @@ case "$ROLE" in
     ;;
   rendezvous)
     need HOROVOD_HOSTS HOROVOD_GLOO_RENDEZVOUS_PORT
-    run "$PYTHON" -m dist_share.launching rendezvous --hosts "$HOROVOD_HOSTS" --port "$HOROVOD_GLOO_RENDEZVOUS_PORT"
+    run "$PYTHON" -m dist_share.launch rendezvous --hosts "$HOROVOD_HOSTS" --port "$HOROVOD_GLOO_RENDEZVOUS_PORT"
     ;;
   worker)
     need HOROVOD_HOSTS DIST_SHARE_RANK HOROVOD_GLOO_RENDEZVOUS_ADDR HOROVOD_GLOO_RENDEZVOUS_PORT
     [ $# -gt 0 ] || die "DIST_SHARE_ROLE=worker needs a command, e.g. dist-share train CONFIG --strategy horovod"
-    exports="$("$PYTHON" -m dist_share.launching gloo-env --hosts "$HOROVOD_HOSTS" --rank "$DIST_SHARE_RANK" \
+    exports="$("$PYTHON" -m dist_share.launch gloo-env --hosts "$HOROVOD_HOSTS" --rank "$DIST_SHARE_RANK" \
       --rendezvous "$HOROVOD_GLOO_RENDEZVOUS_ADDR:$HOROVOD_GLOO_RENDEZVOUS_PORT" \
       --iface "${HOROVOD_GLOO_IFACE:-eth0}")" || die "cannot compute the Horovod environment"
     eval "$exports"
@@ -64,7 +64,7 @@ case "$ROLE" in
     else
       wait_for "$HOROVOD_GLOO_RENDEZVOUS_ADDR" "$HOROVOD_GLOO_RENDEZVOUS_PORT" "${RENDEZVOUS_WAIT:-120}"
     fi
-    run "$PYTHON" -m dist_share.launching run-rank --rank "$DIST_SHARE_RANK" \
+    run "$PYTHON" -m dist_share.launch run-rank --rank "$DIST_SHARE_RANK" \
       --rendezvous "$HOROVOD_GLOO_RENDEZVOUS_ADDR:$HOROVOD_GLOO_RENDEZVOUS_PORT" -- "$@"
     ;;
   sshd)

@@ -13,21 +13,23 @@ from pathlib import Path
 
 import keras
 
-from dist_share.config import schema as config
-from dist_share.data import pipeline as data
+from dist_share.config.schema import StrategyConfig
 from dist_share.distribute.strategies import get_strategy
 from dist_share.families.build import ModelSpec
 from dist_share.model.heads import L2Distance
-from dist_share.model.losses import ContrastiveLoss, PairAccuracy
+from dist_share.model.losses import ContrastiveLoss
+from dist_share.model.metrics import PairAccuracy
 from dist_share.model.towers import SharedTower
+from dist_share.run.inputs import make_dataset_fn
+from dist_share.run.resolve import load_config
 from dist_share.train.trainer import Trainer
 
 # 1. The strategy comes first: it may create devices or initialise Horovod before TF runs.
-strategy = get_strategy(config.StrategyConfig(name=sys.argv[1] if len(sys.argv) > 1 else "local"))
+strategy = get_strategy(StrategyConfig(name=sys.argv[1] if len(sys.argv) > 1 else "local"))
 
 # 2. The default Siamese config (typed, validated) gives data, optimizer and training settings.
 default_config = Path(__file__).resolve().parents[1] / "configs" / "siamese_digits.yaml"
-cfg = config.load_config(default_config, ["training.steps=300", "training.eval_every=300"])
+cfg = load_config(default_config, ["training.steps=300", "training.eval_every=300"])
 
 
 def build_spec() -> ModelSpec:
@@ -47,8 +49,8 @@ def build_spec() -> ModelSpec:
 
 
 # 3. Global batch 64: each replica gets 64 / num_replicas; data is sharded per worker.
-train_fn = data.make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
-eval_fn = data.make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
+train_fn = make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
+eval_fn = make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
 trainer = Trainer(build_spec, strategy, cfg, run_dir=None)
 result = trainer.train(train_fn, eval_fn)
 if strategy.is_chief:  # only rank 0 prints

@@ -17,21 +17,23 @@ from pathlib import Path
 
 import keras
 
-from dist_share.config import schema as config
-from dist_share.data import pipeline as data
+from dist_share.config.schema import StrategyConfig
 from dist_share.distribute.strategies import get_strategy
 from dist_share.families.build import ModelSpec
 from dist_share.model.heads import TripletDistances
-from dist_share.model.losses import TripletAccuracy, TripletLoss
+from dist_share.model.losses import TripletLoss
+from dist_share.model.metrics import TripletAccuracy
 from dist_share.model.towers import SharedTower
+from dist_share.run.inputs import make_dataset_fn
+from dist_share.run.resolve import load_config
 from dist_share.train.trainer import Trainer
 
 # The strategy comes first: it may create devices or initialise Horovod before TF runs.
 name = sys.argv[1] if len(sys.argv) > 1 else "local"
 cpus = int(sys.argv[2]) if len(sys.argv) > 2 else None
-strategy = get_strategy(config.StrategyConfig(name=name, num_cpu_devices=cpus))
+strategy = get_strategy(StrategyConfig(name=name, num_cpu_devices=cpus))
 default_config = Path(__file__).resolve().parents[1] / "configs" / "triplet_digits.yaml"
-cfg = config.load_config(default_config, ["training.steps=300", "training.eval_every=300"])
+cfg = load_config(default_config, ["training.steps=300", "training.eval_every=300"])
 STREAMS = ["anchor", "positive", "negative"]
 
 
@@ -62,8 +64,8 @@ def build_spec() -> ModelSpec:
     )
 
 
-train_fn = data.make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
-eval_fn = data.make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
+train_fn = make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
+eval_fn = make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
 result = Trainer(build_spec, strategy, cfg, run_dir=None).train(train_fn, eval_fn)
 if strategy.is_chief:  # only rank 0 prints
     print({k: round(v, 4) for k, v in result.items()})

@@ -24,6 +24,7 @@ from tests.helpers.processes import run_job
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 
 import background  # noqa: E402
+
 from tests.clusters import podman  # noqa: E402
 from tests.clusters.slurm import SlurmCluster  # noqa: E402
 

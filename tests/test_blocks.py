@@ -9,16 +9,13 @@ import tensorflow as tf
 from keras.src.testing import TestCase
 
 from dist_share.errors import ConfigError
-from dist_share.model.blocks import (
-    CombineFields,
-    Conv2DBlock,
-    EmbeddingBlock,
-    MLPBlock,
-    SequenceBlock,
-    StreamBatchNormalization,
-    build_block,
-    check_block_input,
-)
+from dist_share.model.blocks.build import build_block
+from dist_share.model.blocks.conv2d import Conv2DBlock
+from dist_share.model.blocks.dense import MLPBlock
+from dist_share.model.blocks.embedding import CombineFields, EmbeddingBlock
+from dist_share.model.blocks.norm import StreamBatchNormalization
+from dist_share.model.blocks.sequence import SequenceBlock
+from dist_share.model.blocks.spec import check_block_input
 
 
 class BlockLayerTest(TestCase):

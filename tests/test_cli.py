@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dist_share.config import schema as config
 from dist_share.errors import ConfigError
 from dist_share.run import directory as rundir
+from dist_share.run.resolve import load_config, validate
 from tests.helpers.processes import JobResult, run_job
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
@@ -65,7 +65,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _check_run(run_dir: Path, cfg_path: Path, extra: list[str], strategy: str) -> list[dict]:
     """config.yaml is the resolved config; metrics.jsonl has every step once and a final eval."""
-    expected = config.load_config(
+    expected = load_config(
         cfg_path, [*_overrides(SHORT), *_overrides(extra), f"strategy.name={strategy}"]
     )
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == expected.to_dict()
@@ -91,10 +91,10 @@ def test_a_typo_outside_the_model_is_reported_before_tensorflow_loads() -> None:
     # are checked first, so a typo there is reported at once.
     code = (
         "import sys\n"
-        "from dist_share import config\n"
+        "from dist_share.run.resolve import validate\n"
         "from dist_share.errors import ConfigError\n"
         "try:\n"
-        "    config.validate({'model': {'family': 'siamese'}, 'training': {'stpes': 3}})\n"
+        "    validate({'model': {'family': 'siamese'}, 'training': {'stpes': 3}})\n"
         "except ConfigError as e:\n"
         "    assert 'training.stpes' in str(e), e\n"
         "else:\n"
@@ -121,7 +121,7 @@ def test_config_command_prints_the_resolved_config() -> None:
     out = dist_share("config", str(CONFIGS / "multiview_digits.yaml"), "--set", "data.num_views=4")
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
-    expected = config.load_config(CONFIGS / "multiview_digits.yaml", ["data.num_views=4"])
+    expected = load_config(CONFIGS / "multiview_digits.yaml", ["data.num_views=4"])
     assert printed == expected.to_dict()
     assert "view3" in out.stderr
 
@@ -170,7 +170,7 @@ def test_bad_configs_exit_2_name_the_key_and_leave_no_run_dir(tmp_path: Path, ca
 def test_a_run_dir_of_another_config_is_refused_and_left_untouched(tmp_path: Path) -> None:
     cfg_path = CONFIGS / "siamese_digits.yaml"
     run = tmp_path / "run"
-    rundir.prepare(run, config.load_config(cfg_path, ["model.embedding_dim=8"]), "new")
+    rundir.prepare(run, load_config(cfg_path, ["model.embedding_dim=8"]), "new")
     (run / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     out = dist_share("train", str(cfg_path), "--run-dir", str(run), *SHORT)
@@ -180,8 +180,8 @@ def test_a_run_dir_of_another_config_is_refused_and_left_untouched(tmp_path: Pat
 
 
 def test_run_dir_decisions_and_overwrite_keep_the_users_own_files(tmp_path: Path) -> None:
-    base = config.validate({"model": {"family": "siamese"}})
-    longer = config.validate(
+    base = validate({"model": {"family": "siamese"}})
+    longer = validate(
         {
             "model": {"family": "siamese"},
             "training": {"steps": 900},
@@ -189,7 +189,7 @@ def test_run_dir_decisions_and_overwrite_keep_the_users_own_files(tmp_path: Path
             "logging": {"tensorboard": False},
         }
     )
-    other = config.validate({"model": {"family": "siamese"}, "optimizer": {"learning_rate": 0.1}})
+    other = validate({"model": {"family": "siamese"}, "optimizer": {"learning_rate": 0.1}})
     run = tmp_path / "run"
     assert rundir.check(run, base) == "new"
     rundir.prepare(run, base, "new")

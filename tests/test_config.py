@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_share.config import schema as config
+from dist_share.config.loading import diff, dump
+from dist_share.config.schema import FAMILIES, SECTIONS, TrainingConfig
 from dist_share.errors import ConfigError
-from dist_share.model import blocks
+from dist_share.families.registry import get_family
+from dist_share.model.blocks.spec import BlockSpec, validate_block_spec
+from dist_share.run.resolve import load_config, replace, validate
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -23,7 +26,7 @@ def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 
 def _error(raw: dict) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        config.validate(raw)
+        validate(raw)
     return info.value
 
 
@@ -34,15 +37,15 @@ def test_the_four_families_ship_a_config() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_shipped_config_validates_and_round_trips(path: Path) -> None:
-    cfg = config.load_config(path)
-    assert list(cfg.to_dict()) == list(config.SECTIONS)
+    cfg = load_config(path)
+    assert list(cfg.to_dict()) == list(SECTIONS)
     assert cfg.data.family == cfg.model.family
     # The saved (dumped) resolved config loads back to exactly the same config.
-    assert config.validate(yaml.safe_load(config.dump(cfg))) == cfg
+    assert validate(yaml.safe_load(dump(cfg))) == cfg
 
 
 def test_defaults_are_filled_from_a_minimal_config() -> None:
-    cfg = config.validate({"model": {"family": "siamese"}})
+    cfg = validate({"model": {"family": "siamese"}})
     assert cfg.training.batch_size == 64
     assert cfg.to_dict()["strategy"] == {
         "name": "local",
@@ -60,28 +63,28 @@ def test_defaults_are_filled_from_a_minimal_config() -> None:
     assert cfg.model.tower.block["type"] == "conv2d"
     assert cfg.model.loss == {"type": "contrastive", "margin": 1.0}
     assert cfg.data.source == "digits"
-    tt = config.validate({"model": {"family": "two_tower"}})
+    tt = validate({"model": {"family": "two_tower"}})
     assert tt.data.source == "two_tower_synthetic"
     assert "tower" not in tt.to_dict()["model"] and "head" not in tt.to_dict()["model"]
     assert tt.model.tables["items"].vocab_size == 2000
 
 
 def test_a_users_block_replaces_the_default_block_instead_of_merging() -> None:
-    cfg = config.validate(
+    cfg = validate(
         {
             "model": {"family": "siamese", "tower": {"block": {"type": "mlp", "units": [8]}}},
             "data": {"source": "random", "random": {"image_shape": [4]}},
         }
     )
     block = cfg.model.tower.block
-    assert block == blocks.validate_block_spec({"type": "mlp", "units": [8]})
+    assert block == validate_block_spec({"type": "mlp", "units": [8]})
     assert block["units"] == [8] and "filters" not in block  # nothing of the default conv2d
-    assert isinstance(block, blocks.BlockSpec)  # checked once, here, and kept
+    assert isinstance(block, BlockSpec)  # checked once, here, and kept
 
 
 def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
     path = _write(tmp_path, "model: {family: siamese}\n")
-    cfg = config.load_config(
+    cfg = load_config(
         path,
         [
             "training.steps=3",
@@ -99,18 +102,18 @@ def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
     assert cfg.model.tower.block["filters"] == [4, 8]
     assert cfg.strategy.horovod.compression == "fp16"
     assert cfg.logging.tensorboard is False
-    assert cfg.replace("training.steps=9").training.steps == 9
+    assert replace(cfg, "training.steps=9").training.steps == 9
 
 
 def test_override_errors_name_the_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "model: {family: siamese}\n")
     with pytest.raises(ConfigError, match=r"--set.*KEY.PATH=VALUE"):
-        config.load_config(path, ["training.steps"])
+        load_config(path, ["training.steps"])
     with pytest.raises(ConfigError) as info:
-        config.load_config(path, ["training.steps.x=1"])
+        load_config(path, ["training.steps.x=1"])
     assert info.value.path == "training.steps"
     with pytest.raises(ConfigError) as info:
-        config.load_config(path, ["training.stpes=3"])
+        load_config(path, ["training.stpes=3"])
     assert info.value.path == "training.stpes" and "did you mean 'steps'" in str(info.value)
 
 
@@ -248,23 +251,23 @@ def test_stream_count_mismatch_in_grouped_sharing_names_the_streams() -> None:
     assert err.path.startswith("model.tower.groups")
     assert "view0" in str(err) and "view2" in str(err)
     raw["data"]["num_views"] = 4
-    assert config.validate(raw).model.tower.groups == [[0, 1], [2, 3]]
+    assert validate(raw).model.tower.groups == [[0, 1], [2, 3]]
 
 
 def test_unparsable_yaml_names_the_file_and_line(tmp_path: Path) -> None:
     path = _write(tmp_path, "model:\n  family: siamese\ntraining: {steps: 3\n")
     with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
-        config.load_config(path)
+        load_config(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
-        config.load_config(tmp_path / "missing.yaml")
+        load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="must hold a mapping"):
-        config.load_config(_write(tmp_path, "- a\n- b\n", "list.yaml"))
+        load_config(_write(tmp_path, "- a\n- b\n", "list.yaml"))
 
 
 def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
     path = _write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        config.load_config(path)
+        load_config(path)
 
 
 def test_base_configs_merge_and_cycles_are_reported(tmp_path: Path) -> None:
@@ -274,38 +277,37 @@ def test_base_configs_merge_and_cycles_are_reported(tmp_path: Path) -> None:
         "base.yaml",
     )
     child = _write(tmp_path, "base: base.yaml\ntraining: {steps: 20}\n", "child.yaml")
-    cfg = config.load_config(child)
+    cfg = load_config(child)
     assert (cfg.model.embedding_dim, cfg.training.steps, cfg.training.batch_size) == (16, 20, 32)
     _write(tmp_path, "base: b.yaml\n", "a.yaml")
     _write(tmp_path, "base: a.yaml\n", "b.yaml")
     with pytest.raises(ConfigError, match="cycle"):
-        config.load_config(tmp_path / "a.yaml")
+        load_config(tmp_path / "a.yaml")
 
 
 def test_diff_lists_changed_key_paths() -> None:
-    a = config.validate({"model": {"family": "siamese"}})
-    b = config.validate({"model": {"family": "siamese"}, "training": {"steps": 7}})
-    assert config.diff(a.to_dict(), b.to_dict()) == ["training.steps: 600 -> 7"]
+    a = validate({"model": {"family": "siamese"}})
+    b = validate({"model": {"family": "siamese"}, "training": {"steps": 7}})
+    assert diff(a.to_dict(), b.to_dict()) == ["training.steps: 600 -> 7"]
 
 
 def test_the_config_is_frozen_and_typed() -> None:
-    cfg = config.validate({"model": {"family": "siamese"}})
+    cfg = validate({"model": {"family": "siamese"}})
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.training.steps = 3  # type: ignore[misc]
-    assert isinstance(cfg.training, config.TrainingConfig)
-    assert cfg.data.streams == ["left", "right"]
+    assert isinstance(cfg.training, TrainingConfig)
+    assert get_family(cfg.data.family).streams(cfg.data) == ["left", "right"]
 
 
 def test_family_registry_answers_for_config_data_and_models() -> None:
     """One object per family: its streams, losses and heads are asked, never re-listed."""
-    from dist_share.families import base as families
 
-    assert families.NAMES == ("siamese", "triplet", "multiview", "two_tower")
-    for name in families.NAMES:
-        fam = families.get(name)
-        cfg = config.validate({"model": {"family": name}})
+    assert FAMILIES == ("siamese", "triplet", "multiview", "two_tower")
+    for name in FAMILIES:
+        fam = get_family(name)
+        cfg = validate({"model": {"family": name}})
         assert cfg.model.loss["type"] == fam.losses[0]
         assert cfg.data.source == fam.sources[0]
-        assert cfg.data.streams == fam.streams(cfg.data)
+        assert set(cfg.to_dict()["model"]) == set(fam.model_keys)
     with pytest.raises(ConfigError, match="did you mean 'siamese'"):
-        families.get("siames")
+        get_family("siames")

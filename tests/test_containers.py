@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.clusters import podman
-from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT, BuiltImage
+from tests.conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT, BuiltImage
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 

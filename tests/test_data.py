@@ -7,39 +7,44 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_share.config import schema as config
-from dist_share.data import pipeline as data
+from dist_share.config.schema import DataConfig
+from dist_share.data.digits import digits_with_labels
+from dist_share.data.synthetic import _two_tower_world
+from dist_share.data.types import SPLITS
 from dist_share.errors import ConfigError, DataError
+from dist_share.families.registry import get_family
+from dist_share.run.inputs import input_specs, load_arrays, make_dataset_fn, stream_shapes
+from dist_share.run.resolve import validate
 
 
-def _cfg(family: str, **data_keys) -> config.DataConfig:
-    return config.validate({"model": {"family": family}, "data": data_keys}).data
+def _cfg(family: str, **data_keys) -> DataConfig:
+    return validate({"model": {"family": family}, "data": data_keys}).data
 
 
-def _class_of(images: np.ndarray, cfg: config.DataConfig) -> np.ndarray:
+def _class_of(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """Recover each image's digit by exact lookup in the split's images (pairs copy images)."""
     lookup = {}
-    for split in data.SPLITS:
-        x, y, _ = data.digits_with_labels(cfg, split, salt=0)
+    for split in SPLITS:
+        x, y, _ = digits_with_labels(cfg, split, salt=0)
         lookup.update({img.tobytes(): int(label) for img, label in zip(x, y, strict=True)})
     return np.array([lookup[img.tobytes()] for img in images])
 
 
 def test_train_and_eval_digit_images_are_disjoint_and_fixed_by_the_seed() -> None:
     cfg = _cfg("siamese")
-    tr, _, _ = data.digits_with_labels(cfg, "train", salt=0)
-    ev, _, _ = data.digits_with_labels(cfg, "eval", salt=0)
+    tr, _, _ = digits_with_labels(cfg, "train", salt=0)
+    ev, _, _ = digits_with_labels(cfg, "eval", salt=0)
     assert len(tr) + len(ev) == 1797 and abs(len(ev) / 1797 - cfg.eval_fraction) < 0.01
     assert not {x.tobytes() for x in tr} & {x.tobytes() for x in ev} - {
         np.zeros_like(tr[0]).tobytes()
     }
-    other = data.digits_with_labels(_cfg("siamese", split_seed=1), "eval", salt=0)[0]
+    other = digits_with_labels(_cfg("siamese", split_seed=1), "eval", salt=0)[0]
     assert not np.array_equal(ev, other)
 
 
 def test_siamese_pairs_are_balanced_and_labelled_by_class_identity() -> None:
     cfg = _cfg("siamese", train_examples=2000)
-    feats, labels = data.load_arrays(cfg, "train")
+    feats, labels = load_arrays(cfg, "train")
     assert labels.dtype == np.float32 and labels.mean() == 0.5
     same = _class_of(feats["left"], cfg) == _class_of(feats["right"], cfg)
     np.testing.assert_array_equal(same, labels == 1.0)
@@ -48,7 +53,7 @@ def test_siamese_pairs_are_balanced_and_labelled_by_class_identity() -> None:
         and feats["left"].min() >= 0.0
         and feats["left"].max() <= 1.0
     )
-    again, _ = data.load_arrays(cfg, "train")
+    again, _ = load_arrays(cfg, "train")
     np.testing.assert_array_equal(
         again["left"], feats["left"]
     )  # every process builds the same pairs
@@ -56,7 +61,7 @@ def test_siamese_pairs_are_balanced_and_labelled_by_class_identity() -> None:
 
 def test_triplets_share_the_anchor_class_only_with_the_positive() -> None:
     cfg = _cfg("triplet", eval_examples=500)
-    feats, labels = data.load_arrays(cfg, "eval")
+    feats, labels = load_arrays(cfg, "eval")
     a, p, n = (_class_of(feats[k], cfg) for k in ("anchor", "positive", "negative"))
     assert (a == p).all() and (a != n).all()
     assert labels.shape == (500,) and not labels.any()
@@ -64,7 +69,7 @@ def test_triplets_share_the_anchor_class_only_with_the_positive() -> None:
 
 def test_multiview_views_disagree_and_combining_them_helps() -> None:
     cfg = _cfg("multiview", train_examples=3000, eval_examples=1000, num_views=3)
-    (tr, ytr), (ev, yev) = data.load_arrays(cfg, "train"), data.load_arrays(cfg, "eval")
+    (tr, ytr), (ev, yev) = load_arrays(cfg, "train"), load_arrays(cfg, "eval")
     assert sorted(tr) == ["view0", "view1", "view2"] and ytr.dtype == np.int32
     assert not np.allclose(ev["view0"], ev["view1"])
 
@@ -85,8 +90,8 @@ def test_multiview_views_disagree_and_combining_them_helps() -> None:
 def test_two_tower_synthetic_has_the_planted_structure() -> None:
     cfg = _cfg("two_tower", train_examples=4000)
     s = cfg.synthetic
-    feats, labels = data.load_arrays(cfg, "train")
-    item_cluster, _, _, _, prefs, histories = data._two_tower_world(
+    feats, labels = load_arrays(cfg, "train")
+    item_cluster, _, _, _, prefs, histories = _two_tower_world(
         cfg.split_seed,
         s.num_users,
         s.num_items,
@@ -111,9 +116,9 @@ def test_two_tower_synthetic_has_the_planted_structure() -> None:
 @pytest.mark.parametrize("family", ["siamese", "triplet", "multiview", "two_tower"])
 def test_input_specs_match_the_arrays_and_the_contract(family: str) -> None:
     cfg = _cfg(family)
-    specs = data.input_specs(cfg)
-    feats, labels = data.load_arrays(cfg, "eval")
-    assert list(specs) == cfg.streams
+    specs = input_specs(cfg)
+    feats, labels = load_arrays(cfg, "eval")
+    assert list(specs) == get_family(family).streams(cfg)
     for name, spec in specs.items():
         assert tuple(spec.shape) == feats[name].shape[1:]
         assert spec.dtype.as_numpy_dtype == feats[name].dtype
@@ -127,9 +132,9 @@ def test_random_source_has_the_requested_shapes() -> None:
         num_views=2,
         random={"num_examples": 32, "image_shape": [16, 16, 3]},
     )
-    feats, labels = data.load_arrays(cfg, "train")
+    feats, labels = load_arrays(cfg, "train")
     assert sorted(feats) == ["view0", "view1"] and feats["view0"].shape == (32, 16, 16, 3)
-    assert tuple(data.input_specs(cfg)["view1"].shape) == (16, 16, 3)
+    assert tuple(input_specs(cfg)["view1"].shape) == (16, 16, 3)
 
 
 def test_sharded_per_replica_batches_make_up_the_global_batch() -> None:
@@ -137,7 +142,7 @@ def test_sharded_per_replica_batches_make_up_the_global_batch() -> None:
     import tensorflow as tf
 
     cfg = _cfg("siamese", train_examples=256)
-    fn = data.make_dataset_fn(cfg, "train", global_batch_size=16, seed=3)
+    fn = make_dataset_fn(cfg, "train", global_batch_size=16, seed=3)
     whole = [b for _, b in zip(range(3), fn(None), strict=False)]
     shards = [
         [b for _, b in zip(range(3), fn(tf.distribute.InputContext(2, i, 2)), strict=False)]
@@ -158,7 +163,7 @@ def test_eval_split_is_seen_exactly_once_across_shards() -> None:
     import tensorflow as tf
 
     cfg = _cfg("siamese", eval_examples=50)
-    fn = data.make_dataset_fn(cfg, "eval", global_batch_size=8, seed=0)
+    fn = make_dataset_fn(cfg, "eval", global_batch_size=8, seed=0)
     sizes = [
         sum(int(b[1].shape[0]) for b in fn(tf.distribute.InputContext(2, i, 2))) for i in range(2)
     ]
@@ -175,8 +180,8 @@ def test_npz_files_bring_your_own_data(tmp_path: Path) -> None:
         labels=rng.integers(0, 2, 40),
     )
     cfg = _cfg("siamese", source="npz", train_path=str(path), eval_fraction=0.25)
-    assert tuple(data.input_specs(cfg)["left"].shape) == (5, 5, 2)
-    (tr, ytr), (_ev, yev) = data.load_arrays(cfg, "train"), data.load_arrays(cfg, "eval")
+    assert tuple(input_specs(cfg)["left"].shape) == (5, 5, 2)
+    (tr, ytr), (_ev, yev) = load_arrays(cfg, "train"), load_arrays(cfg, "eval")
     assert (len(ytr), len(yev)) == (30, 10) and tr["left"].dtype == np.float32
 
 
@@ -186,14 +191,14 @@ def test_npz_stream_mismatch_names_the_key_and_the_streams(tmp_path: Path) -> No
     np.savez(path, **{f"view{i}": rng.random((10, 8, 8, 1)) for i in range(4)}, labels=np.zeros(10))
     cfg = _cfg("multiview", source="npz", train_path=str(path), num_views=3)
     with pytest.raises(ConfigError) as info:
-        data.stream_shapes(cfg)
+        stream_shapes(cfg)
     assert info.value.path == "data.num_views"
     assert "view3" in str(info.value) and "['view0', 'view1', 'view2']" in str(info.value)
 
     bad = tmp_path / "pairs.npz"
     np.savez(bad, left=np.zeros((4, 3)), other=np.zeros((4, 3)), labels=np.zeros(4))
     with pytest.raises(ConfigError) as info:
-        data.stream_shapes(_cfg("siamese", source="npz", train_path=str(bad)))
+        stream_shapes(_cfg("siamese", source="npz", train_path=str(bad)))
     assert (
         info.value.path == "data.train_path"
         and "'other'" in str(info.value)
@@ -203,22 +208,22 @@ def test_npz_stream_mismatch_names_the_key_and_the_streams(tmp_path: Path) -> No
     nolabels = tmp_path / "nolabels.npz"
     np.savez(nolabels, left=np.zeros((4, 3)), right=np.zeros((4, 3)))
     with pytest.raises(ConfigError, match="no 'labels'"):
-        data.stream_shapes(_cfg("siamese", source="npz", train_path=str(nolabels)))
+        stream_shapes(_cfg("siamese", source="npz", train_path=str(nolabels)))
 
     short = tmp_path / "short.npz"
     np.savez(short, left=np.zeros((4, 3)), right=np.zeros((3, 3)), labels=np.zeros(4))
     with pytest.raises(DataError, match="'right' has 3 examples"):
-        data.stream_shapes(_cfg("siamese", source="npz", train_path=str(short)))
+        stream_shapes(_cfg("siamese", source="npz", train_path=str(short)))
 
     with pytest.raises(ConfigError) as info:
-        data.stream_shapes(_cfg("siamese", source="npz", train_path=str(tmp_path / "nope.npz")))
+        stream_shapes(_cfg("siamese", source="npz", train_path=str(tmp_path / "nope.npz")))
     assert info.value.path == "data.train_path"
 
 
 def test_a_global_batch_larger_than_the_data_is_a_config_error() -> None:
     cfg = _cfg("siamese", train_examples=8)
     with pytest.raises(ConfigError) as info:
-        data.make_dataset_fn(cfg, "train", global_batch_size=16, seed=0)
+        make_dataset_fn(cfg, "train", global_batch_size=16, seed=0)
     assert info.value.path == "training.batch_size"
 
 
@@ -236,10 +241,10 @@ def test_npz_labels_that_cannot_be_the_familys_are_refused(
     """Labels out of range would train silently on a meaningless loss; strings would crash deep
     in TensorFlow. Both are refused up front, naming the key and the file."""
     path = tmp_path / "bad.npz"
-    streams = config.validate({"model": {"family": family}}).data.streams
+    streams = get_family(family).streams(validate({"model": {"family": family}}).data)
     np.savez(path, **{s: np.zeros((4, 8, 8, 1)) for s in streams}, labels=labels)
     with pytest.raises(ConfigError) as info:
-        data.stream_shapes(_cfg(family, source="npz", train_path=str(path)))
+        stream_shapes(_cfg(family, source="npz", train_path=str(path)))
     assert info.value.path.startswith("data.train_path") and str(path) in str(info.value)
     for word in words:
         assert word in str(info.value), str(info.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_share.launch.launching import free_port
+from dist_share.launch.hosts import free_port
 from tests.helpers.processes import worker_env
 
 ROOT = Path(__file__).parents[1]
@@ -88,7 +88,7 @@ def test_compose_file_describes_a_two_rank_job_without_ssh() -> None:
         rank = exports["HOROVOD_RANK"]
         # The command runs under run-rank, which reports its exit code to the rendezvous.
         assert out.stdout.strip().splitlines()[-1] == (
-            f"{sys.executable} -m dist_share.launching run-rank --rank {rank} "
+            f"{sys.executable} -m dist_share.launch run-rank --rank {rank} "
             f"--rendezvous {rdv_ip}:29400 -- " + " ".join(svc["command"])
         )
         ranks.append(rank)
@@ -107,7 +107,7 @@ def test_entrypoint_roles_and_errors() -> None:
     )
     assert (
         out.stdout.strip()
-        == f"{sys.executable} -m dist_share.launching rendezvous --hosts a:1,b:1 --port 29400"
+        == f"{sys.executable} -m dist_share.launch rendezvous --hosts a:1,b:1 --port 29400"
     )
     assert _entrypoint(DRY_RUN="1", DIST_SHARE_ROLE="sshd").stdout.strip() == "/usr/sbin/sshd -De"
     missing = _entrypoint("x", DIST_SHARE_ROLE="worker", HOROVOD_HOSTS="a:1")
@@ -125,9 +125,9 @@ def test_entrypoint_roles_and_errors() -> None:
     assert unknown.returncode == 2 and "unknown DIST_SHARE_ROLE" in unknown.stderr
 
 
-def _launching(*args: str, **popen: object) -> subprocess.Popen:
+def _launch(*args: str, **popen: object) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dist_share.launching", *args],
+        [sys.executable, "-m", "dist_share.launch", *args],
         env=worker_env({}),
         start_new_session=True,
         text=True,
@@ -147,7 +147,7 @@ def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
 def test_rendezvous_lives_until_every_rank_reported_and_exits_with_the_jobs_code() -> None:
     """What lets `compose up --abort-on-container-failure` end a job without stopping anyone."""
     port = str(free_port())
-    rendezvous = _launching(
+    rendezvous = _launch(
         "rendezvous", "--hosts", "worker0:1,worker1:1", "--port", port, stdout=subprocess.PIPE
     )
     ranks = []
@@ -155,7 +155,7 @@ def test_rendezvous_lives_until_every_rank_reported_and_exits_with_the_jobs_code
         _wait_for_line(rendezvous, "listening")
         for rank, command in ((0, ["true"]), (1, ["sh", "-c", "exit 4"])):
             ranks.append(
-                _launching(
+                _launch(
                     "run-rank",
                     "--rank",
                     str(rank),
@@ -183,7 +183,7 @@ def test_run_rank_passes_sigterm_on_and_a_stopped_rendezvous_exits_143() -> None
     """`docker stop` sends SIGTERM to the container's first process: run-rank for a worker (the
     command must get it to save and exit 75), the rendezvous server itself."""
     port = str(free_port())
-    rendezvous = _launching("rendezvous", "--hosts", "a:2", "--port", port, stdout=subprocess.PIPE)
+    rendezvous = _launch("rendezvous", "--hosts", "a:2", "--port", port, stdout=subprocess.PIPE)
     worker = None
     try:
         _wait_for_line(rendezvous, "listening")
@@ -193,7 +193,7 @@ def test_run_rank_passes_sigterm_on_and_a_stopped_rendezvous_exits_143() -> None
             "print('ready', flush=True)\n"
             "time.sleep(60)\n"
         )
-        worker = _launching(
+        worker = _launch(
             "run-rank",
             "--rank",
             "1",

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_share.config import schema as config
 from dist_share.distribute import gradients as G
 from dist_share.errors import ConfigError
+from dist_share.run.resolve import validate
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
@@ -91,12 +91,12 @@ def test_shared_embedding_gradient_dedup_same_update_fewer_bytes() -> None:
 )
 def test_bad_options_name_the_key(cfg: dict, path: str) -> None:
     with pytest.raises(ConfigError) as e:
-        config.validate({"model": {"family": "siamese"}, "strategy": cfg})
+        validate({"model": {"family": "siamese"}, "strategy": cfg})
     assert e.value.path == path
 
 
 def test_options_come_from_the_strategy_section() -> None:
-    strategy = config.validate(
+    strategy = validate(
         {
             "model": {"family": "two_tower"},
             "strategy": {"horovod": {"compression": "fp16"}, "sparse": {"dense_threshold": None}},

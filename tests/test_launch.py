@@ -13,8 +13,16 @@ import pytest
 import yaml
 
 from dist_share.errors import ConfigError
-from dist_share.launch import launching
-from dist_share.launch.launching import Host, free_port
+from dist_share.launch.commands import (
+    ElasticLaunch,
+    format_worker,
+    horovodrun_command,
+    mpirun_command,
+    multiworker_commands,
+    tf_config,
+)
+from dist_share.launch.containers import gloo_slot_env
+from dist_share.launch.hosts import Host, free_port, parse_hosts, read_hostfile, total_slots
 from tests.helpers.processes import run_job
 
 ROOT = Path(__file__).parents[1]
@@ -66,8 +74,8 @@ def _cli_dry_run(*args: str, env: dict | None = None) -> str:
 
 # -- host lists --------------------------------------------------------------------------------
 def test_parse_hosts_and_hostfiles(tmp_path: Path) -> None:
-    assert launching.parse_hosts("node1:4,node2:4") == [Host("node1", 4), Host("node2", 4)]
-    assert launching.parse_hosts("a, b:2") == [Host("a", 1), Host("b", 2)]
+    assert parse_hosts("node1:4,node2:4") == [Host("node1", 4), Host("node2", 4)]
+    assert parse_hosts("a, b:2") == [Host("a", 1), Host("b", 2)]
     for bad, word in [
         ("a:0", "slot count"),
         ("a:x", "slot count"),
@@ -75,23 +83,23 @@ def test_parse_hosts_and_hostfiles(tmp_path: Path) -> None:
         ("a,,b", "bad host"),
     ]:
         with pytest.raises(ConfigError, match=word) as info:
-            launching.parse_hosts(bad)
+            parse_hosts(bad)
         assert info.value.path == "--hosts"
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# cluster\nnode1 slots=4\n\nnode2 slots = 2  # small\nnode3:1\n")
-    assert launching.read_hostfile(hostfile) == [
+    assert read_hostfile(hostfile) == [
         Host("node1", 4),
         Host("node2", 2),
         Host("node3", 1),
     ]
     (tmp_path / "empty").write_text("# nothing\n")
     with pytest.raises(ConfigError, match="lists no hosts"):
-        launching.read_hostfile(tmp_path / "empty")
+        read_hostfile(tmp_path / "empty")
 
 
 def test_horovodrun_and_mpirun_command_lines() -> None:
-    hosts = launching.parse_hosts("node1:4,node2:4")
-    assert launching.horovodrun_command(hosts, ["python", "train.py"]) == [
+    hosts = parse_hosts("node1:4,node2:4")
+    assert horovodrun_command(hosts, ["python", "train.py"]) == [
         "horovodrun",
         "-np",
         "8",
@@ -101,7 +109,7 @@ def test_horovodrun_and_mpirun_command_lines() -> None:
         "python",
         "train.py",
     ]
-    assert launching.horovodrun_command(
+    assert horovodrun_command(
         hosts, ["x"], num_proc=6, transport="mpi", network_interface="ib0", ssh_port=2222
     ) == [
         "horovodrun",
@@ -116,8 +124,8 @@ def test_horovodrun_and_mpirun_command_lines() -> None:
         "2222",
         "x",
     ]
-    elastic = launching.ElasticLaunch(2, 8, "/bin/true", (10, 60))
-    assert launching.horovodrun_command(hosts, ["x"], elastic=elastic) == [
+    elastic = ElasticLaunch(2, 8, "/bin/true", (10, 60))
+    assert horovodrun_command(hosts, ["x"], elastic=elastic) == [
         "horovodrun",
         "-np",
         "2",
@@ -134,18 +142,26 @@ def test_horovodrun_and_mpirun_command_lines() -> None:
         "x",
     ]
     # Without a discovery script the hosts are horovodrun's fixed elastic host set.
-    assert launching.horovodrun_command(
-        hosts, ["x"], num_proc=4, elastic=launching.ElasticLaunch(min_np=2)
-    ) == ["horovodrun", "-np", "4", "-H", "node1:4,node2:4", "--gloo", "--min-np", "2", "x"]
+    assert horovodrun_command(hosts, ["x"], num_proc=4, elastic=ElasticLaunch(min_np=2)) == [
+        "horovodrun",
+        "-np",
+        "4",
+        "-H",
+        "node1:4,node2:4",
+        "--gloo",
+        "--min-np",
+        "2",
+        "x",
+    ]
     with pytest.raises(ConfigError, match="Gloo only"):
-        launching.horovodrun_command(hosts, ["x"], transport="mpi", elastic=elastic)
+        horovodrun_command(hosts, ["x"], transport="mpi", elastic=elastic)
     with pytest.raises(ConfigError, match="--max-np"):
-        launching.horovodrun_command(hosts, ["x"], elastic=launching.ElasticLaunch(4, 2))
+        horovodrun_command(hosts, ["x"], elastic=ElasticLaunch(4, 2))
     with pytest.raises(ConfigError, match="not an executable"):
-        launching.horovodrun_command(
-            hosts, ["x"], elastic=launching.ElasticLaunch(host_discovery_script="/nonexistent")
+        horovodrun_command(
+            hosts, ["x"], elastic=ElasticLaunch(host_discovery_script="/nonexistent")
         )
-    argv = launching.mpirun_command(
+    argv = mpirun_command(
         hosts,
         ["x"],
         network_interface="eth0",
@@ -188,7 +204,7 @@ def test_horovodrun_and_mpirun_command_lines() -> None:
         "x",
     ]
     with pytest.raises(ConfigError, match="asks|asked for 9 processes"):
-        launching.mpirun_command(hosts, ["x"], num_proc=9)
+        mpirun_command(hosts, ["x"], num_proc=9)
 
 
 def test_local_mpirun_yields_unless_told_not_to() -> None:
@@ -209,8 +225,8 @@ def test_local_mpirun_yields_unless_told_not_to() -> None:
 
 
 def test_multiworker_commands_give_each_worker_its_tf_config() -> None:
-    workers = launching.multiworker_commands(
-        launching.parse_hosts("localhost:2,node2:1"),
+    workers = multiworker_commands(
+        parse_hosts("localhost:2,node2:1"),
         ["dist-share", "train", "c.yaml"],
         base_port=5000,
         workdir="/work dir",
@@ -227,17 +243,18 @@ def test_multiworker_commands_give_each_worker_its_tf_config() -> None:
     assert remote.startswith("cd '/work dir' && TF_CONFIG=") and remote.endswith(
         "exec dist-share train c.yaml"
     )
-    assert shlex.split(launching.format_worker(workers[1]))[0].startswith("TF_CONFIG={")
+    assert shlex.split(format_worker(workers[1]))[0].startswith("TF_CONFIG={")
 
 
 def test_gloo_slot_env_matches_horovods_own_host_plan() -> None:
-    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+    from horovod.runner.common.util.hosts import get_host_assignments
+    from horovod.runner.common.util.hosts import parse_hosts as hvd_hosts
 
     for text in ["w0:1,w1:1", "a:2,b:3", "a:3,b:1,c:2"]:
-        hosts = launching.parse_hosts(text)
-        plan = get_host_assignments(parse_hosts(text), launching.total_slots(hosts))
+        hosts = parse_hosts(text)
+        plan = get_host_assignments(hvd_hosts(text), total_slots(hosts))
         for slot in plan:
-            env = launching.gloo_slot_env(hosts, slot.rank, "10.0.0.1", 29400, "eth0")
+            env = gloo_slot_env(hosts, slot.rank, "10.0.0.1", 29400, "eth0")
             assert (env["HOROVOD_HOSTNAME"], env["HOROVOD_RANK"], env["HOROVOD_SIZE"]) == (
                 slot.hostname,
                 str(slot.rank),
@@ -252,7 +269,7 @@ def test_gloo_slot_env_matches_horovods_own_host_plan() -> None:
                 str(slot.cross_size),
             )
     with pytest.raises(ConfigError, match="rank 2"):
-        launching.gloo_slot_env(launching.parse_hosts("a:1,b:1"), 2, "x", 1, "lo")
+        gloo_slot_env(parse_hosts("a:1,b:1"), 2, "x", 1, "lo")
 
 
 # -- the scripts -------------------------------------------------------------------------------
@@ -344,7 +361,7 @@ def test_mirrored_and_multiworker_scripts() -> None:
     argv = shlex.split(out)
     assert argv[0] == "env" and argv[1].startswith("TF_CONFIG=")
     assert json.loads(argv[1][len("TF_CONFIG=") :]) == json.loads(
-        launching.tf_config(["n1:7000", "n2:7000", "n3:7000"], 1)
+        tf_config(["n1:7000", "n2:7000", "n3:7000"], 1)
     )
     assert argv[2:6] == ["dist-share", "train", "configs/siamese_digits.yaml", "--strategy"]
     bad = _script("multiworker.sh", INDEX="3", WORKERS="n1:1,n2:1")

@@ -13,10 +13,11 @@ import pytest
 import tensorflow as tf
 from keras.src.testing import TestCase
 
-from dist_share.config.schema import parse_model
+from dist_share.config.schema import FAMILIES
 from dist_share.errors import ConfigError
-from dist_share.families.build import MODEL_FAMILIES, ModelSpec, build_model
-from dist_share.model import heads, losses
+from dist_share.families.build import ModelSpec, build_model
+from dist_share.model import heads, losses, metrics
+from dist_share.run.resolve import parse_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
@@ -106,11 +107,11 @@ def _batch(family: str, specs: dict, n: int = 16, seed: int = 0) -> tuple[dict, 
 
 
 def test_families_constant() -> None:
-    assert MODEL_FAMILIES == ("siamese", "triplet", "multiview", "two_tower")
-    assert set(CASES) == set(MODEL_FAMILIES)
+    assert FAMILIES == ("siamese", "triplet", "multiview", "two_tower")
+    assert set(CASES) == set(FAMILIES)
 
 
-@pytest.mark.parametrize("family", MODEL_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fit_then_save_load_round_trip(family: str, tmp_path: Path) -> None:
     cfg, specs = CASES[family]
     spec = build_model(parse_model(cfg), specs)
@@ -179,7 +180,7 @@ def test_switchable_model_param_count_and_flag() -> None:
 def test_mixed_precision_distances_and_losses_are_float32() -> None:
     keras.mixed_precision.set_dtype_policy("mixed_float16")
     try:
-        for family in MODEL_FAMILIES:
+        for family in FAMILIES:
             cfg, specs = CASES[family]
             spec = build_model(parse_model(cfg), specs)
             x, y = _batch(family, specs)
@@ -335,7 +336,7 @@ def test_inside_mirrored_strategy_scope() -> None:
     mirrored launch (tests/workers/towers_mirrored.py, run by tests/workers/train_jobs.py)."""
     (result,) = train_jobs.check("mirrored", "model_families")
     assert result["num_replicas"] == 2
-    for family in MODEL_FAMILIES:
+    for family in FAMILIES:
         r = result[family]
         assert all(np.isfinite(r["losses"])), family
         assert r["moved"], family
@@ -361,7 +362,7 @@ def test_losses_match_their_formulas() -> None:
     np.testing.assert_allclose(
         losses.TripletLoss(0.3)(y, dd).numpy(), np.maximum(dd[:, 0] - dd[:, 1] + 0.3, 0), rtol=1e-6
     )
-    np.testing.assert_array_equal(losses.TripletAccuracy()(y, dd).numpy(), dd[:, 0] < dd[:, 1])
+    np.testing.assert_array_equal(metrics.TripletAccuracy()(y, dd).numpy(), dd[:, 0] < dd[:, 1])
     pair = rng.normal(size=(6, 2, 3)).astype("float32")
     logits = pair[:, 0] @ pair[:, 1].T / 0.5
     log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
@@ -369,13 +370,14 @@ def test_losses_match_their_formulas() -> None:
         losses.InBatchSoftmaxLoss(0.5)(y, pair).numpy(), -np.diag(log_softmax), rtol=1e-5
     )
     np.testing.assert_array_equal(
-        losses.InBatchTop1()(y, pair).numpy(), (pair[:, 0] @ pair[:, 1].T).argmax(1) == np.arange(6)
+        metrics.InBatchTop1()(y, pair).numpy(),
+        (pair[:, 0] @ pair[:, 1].T).argmax(1) == np.arange(6),
     )
     score = (pair[:, 0] * pair[:, 1]).sum(-1)
     bce = np.maximum(score, 0) - score * y + np.log1p(np.exp(-np.abs(score)))
     np.testing.assert_allclose(losses.BinaryLoss()(y, pair).numpy(), bce, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(
-        losses.BinaryAccuracy()(y, pair).numpy(), (score > 0) == (y > 0.5)
+        metrics.BinaryAccuracy()(y, pair).numpy(), (score > 0) == (y > 0.5)
     )
     cls = rng.normal(size=(6, 4)).astype("float32")
     labels = np.array([0, 1, 2, 3, 0, 1])
@@ -384,9 +386,9 @@ def test_losses_match_their_formulas() -> None:
         losses.SparseCrossEntropyLoss()(labels, cls).numpy(), -ls[np.arange(6), labels], rtol=1e-5
     )
     np.testing.assert_array_equal(
-        losses.ClassAccuracy()(labels, cls).numpy(), cls.argmax(1) == labels
+        metrics.ClassAccuracy()(labels, cls).numpy(), cls.argmax(1) == labels
     )
-    np.testing.assert_array_equal(losses.PairAccuracy(0.5)(y, d).numpy(), (d < 0.5) == (y > 0.5))
+    np.testing.assert_array_equal(metrics.PairAccuracy(0.5)(y, d).numpy(), (d < 0.5) == (y > 0.5))
     # Mixed-precision predictions come back as float32 per-example values.
     assert losses.ContrastiveLoss()(y, tf.cast(d, tf.float16)).dtype == tf.float32
 

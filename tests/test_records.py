@@ -17,8 +17,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dist_share.data import records
+from dist_share.data.records import source as records_source
+from dist_share.data.records import writer as records_writer
+from dist_share.data.records.manifest import Manifest
+from dist_share.data.records.source import RecordSource
+from dist_share.data.records.writer import write_shards
 from dist_share.errors import ConfigError, DataError
+from dist_share.run.inputs import load_arrays, stream_shapes
+from dist_share.run.resolve import load_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
@@ -33,8 +39,8 @@ def read_ids(dataset: tf.data.Dataset) -> list[int]:
     return [int(i) for features, _ in dataset for i in features["id"].numpy()]
 
 
-def write(directory: Path, n: int = 99, shards: int = 4, **kwargs) -> records.Manifest:
-    return records.write_shards(
+def write(directory: Path, n: int = 99, shards: int = 4, **kwargs) -> Manifest:
+    return write_shards(
         directory, {"train": id_split(n)}, shards, family="siamese", progress=False, **kwargs
     )
 
@@ -42,7 +48,7 @@ def write(directory: Path, n: int = 99, shards: int = 4, **kwargs) -> records.Ma
 # -- round trip --------------------------------------------------------------------------------
 def test_round_trip_values_labels_and_order_within_each_shard(tmp_path: Path) -> None:
     train, evals = id_split(99), id_split(10, seed=1)
-    manifest = records.write_shards(
+    manifest = write_shards(
         tmp_path, {"train": train, "eval": evals}, {"train": 4, "eval": 2}, family="siamese",
         source={"kind": "test"}, progress=False,
     )  # fmt: skip
@@ -63,12 +69,15 @@ def test_round_trip_values_labels_and_order_within_each_shard(tmp_path: Path) ->
         ("eval-00001-of-00002.tfrecord", 5, 5),
     ]
     assert all(s.bytes == (tmp_path / s.file).stat().st_size for s in manifest.shards)
-    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    # Nothing but the shards and the manifest: no temporary file left beside them.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [s.file for s in manifest.shards] + ["manifest.json"]
+    )
 
     # Each shard alone, read back in order: exactly the source's contiguous slice.
     for info in manifest.shards:
         src = train if info.split == "train" else evals
-        one = records.RecordSource.open(tmp_path / info.file)
+        one = RecordSource.open(tmp_path / info.file)
         got = list(one.dataset_fn(7, training=False)(None).unbatch().as_numpy_iterator())
         lo = info.first_example
         assert len(got) == info.examples
@@ -79,21 +88,21 @@ def test_round_trip_values_labels_and_order_within_each_shard(tmp_path: Path) ->
             assert label == src[1][lo + k]
 
     # All train shards through the interleaved pipeline: every example once, shard order kept.
-    source = records.RecordSource.open(str(tmp_path / "train-*.tfrecord"))
+    source = RecordSource.open(str(tmp_path / "train-*.tfrecord"))
     ids = read_ids(source.dataset_fn(16, training=False)(None))
     assert sorted(ids) == list(range(99))
     for info in manifest.shards[:4]:
         mine = [i for i in ids if info.first_example <= i < info.first_example + info.examples]
         assert mine == sorted(mine)
     # A directory names its manifest's shards of one split.
-    assert records.RecordSource.open(tmp_path, split="eval").num_examples == 10
+    assert RecordSource.open(tmp_path, split="eval").num_examples == 10
     assert source.input_specs()["mask"] == tf.TensorSpec([3], tf.bool, name="mask")
 
 
 def test_writes_atomically_and_never_leaves_a_half_written_shard(
     tmp_path: Path, monkeypatch
 ) -> None:
-    real = records._to_lists
+    real = records_writer._to_lists
     calls = {"n": 0}
 
     def fail_in_third_shard(array, spec):
@@ -102,7 +111,7 @@ def test_writes_atomically_and_never_leaves_a_half_written_shard(
             raise OSError("disk full (simulated)")
         return real(array, spec)
 
-    monkeypatch.setattr(records, "_to_lists", fail_in_third_shard)
+    monkeypatch.setattr(records_writer, "_to_lists", fail_in_third_shard)
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path / "out")
     # Two complete shards under their final names, no partial file, no manifest: not a data set.
@@ -111,8 +120,8 @@ def test_writes_atomically_and_never_leaves_a_half_written_shard(
         "train-00001-of-00004.tfrecord",
     ]
     with pytest.raises(DataError, match="no manifest.json beside it"):
-        records.RecordSource.open(str(tmp_path / "out" / "*.tfrecord"))
-    monkeypatch.setattr(records, "_to_lists", real)
+        RecordSource.open(str(tmp_path / "out" / "*.tfrecord"))
+    monkeypatch.setattr(records_writer, "_to_lists", real)
 
     write(tmp_path / "ok", shards=4)
     with pytest.raises(DataError, match="already holds a converted data set"):
@@ -127,7 +136,7 @@ def test_writes_atomically_and_never_leaves_a_half_written_shard(
 
 def test_gzip_compression_round_trips(tmp_path: Path) -> None:
     write(tmp_path, n=20, shards=2, compression="GZIP")
-    source = records.RecordSource.open(tmp_path, split="train")
+    source = RecordSource.open(tmp_path, split="train")
     assert source.manifest.compression == "GZIP"
     assert sorted(read_ids(source.dataset_fn(4, training=False)(None))) == list(range(20))
     assert source.validate() == 20
@@ -136,29 +145,27 @@ def test_gzip_compression_round_trips(tmp_path: Path) -> None:
 def test_rejects_what_a_tf_train_example_cannot_hold(tmp_path: Path) -> None:
     features, labels = id_split(4)
     with pytest.raises(DataError, match="stream 'left'.*float64.*cast float64 to float32"):
-        records.write_shards(
+        write_shards(
             tmp_path,
             {"train": ({**features, "left": features["left"].astype(np.float64)}, labels)},
             1,
         )
     with pytest.raises(DataError, match="stream 'right' has 3 examples but the labels have 4"):
-        records.write_shards(
-            tmp_path, {"train": ({**features, "right": features["right"][:3]}, labels)}, 1
-        )
+        write_shards(tmp_path, {"train": ({**features, "right": features["right"][:3]}, labels)}, 1)
     with pytest.raises(DataError, match="5 shards for 4 examples"):
-        records.write_shards(tmp_path, {"train": (features, labels)}, 5)
+        write_shards(tmp_path, {"train": (features, labels)}, 5)
     with pytest.raises(DataError, match="'label' .* reserved"):
-        records.write_shards(tmp_path, {"train": ({"label": labels}, labels)}, 1)
+        write_shards(tmp_path, {"train": ({"label": labels}, labels)}, 1)
 
 
 # -- sharding and resume (in one process: InputContexts built by hand) ---------------------------
 @pytest.mark.parametrize("pipelines", [2, 3, 5])
 def test_every_example_once_per_epoch_across_pipelines(tmp_path: Path, pipelines, caplog) -> None:
     write(tmp_path, n=99, shards=4)
-    source = records.RecordSource.open(tmp_path, split="train")
-    records._logged_once.clear()
+    source = RecordSource.open(tmp_path, split="train")
+    records_source._logged_once.clear()
     seen, evaluated, files = [], [], []
-    with caplog.at_level(logging.WARNING, logger="dist_share.records"):
+    with caplog.at_level(logging.WARNING, logger="dist_share.data.records"):
         for i in range(pipelines):
             ctx = tf.distribute.InputContext(pipelines, i, pipelines)
             plan = source.plan(ctx)
@@ -185,7 +192,7 @@ def test_every_example_once_per_epoch_across_pipelines(tmp_path: Path, pipelines
 def test_training_stream_reshuffles_each_epoch_and_resumes_exactly(tmp_path: Path) -> None:
     tf.random.set_seed(0)  # as the trainer does with training.seed 0 (a tf.data corner case)
     write(tmp_path, n=99, shards=4)
-    source = records.RecordSource.open(tmp_path, split="train")
+    source = RecordSource.open(tmp_path, split="train")
     for pipelines, replicas in ((2, 2), (1, 2)):  # Horovod or multi-worker; Mirrored on one host
         for i in range(pipelines):
             ctx = tf.distribute.InputContext(pipelines, i, replicas)
@@ -248,7 +255,7 @@ def replace_shard(directory: Path, index: int, payloads: list[bytes]) -> Path:
 
 
 def stream_all(directory: Path) -> None:
-    source = records.RecordSource.open(directory, split="train")
+    source = RecordSource.open(directory, split="train")
     with source.errors_as_data_errors():
         for _ in source.dataset_fn(8, training=False)(None):
             pass
@@ -268,7 +275,7 @@ def test_truncated_shard_is_named_when_the_source_is_opened(tmp_path: Path) -> N
     with open(path, "r+b") as f:
         f.truncate(size - 100)
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(tmp_path, split="train")
+        RecordSource.open(tmp_path, split="train")
     assert_clean(err, str(path), f"{size - 100} bytes", f"records {size}", "truncated")
 
 
@@ -336,7 +343,7 @@ def test_record_with_a_missing_stream_names_file_record_and_stream(tmp_path: Pat
     # In the first record, the check when the source is opened finds it.
     path = replace_shard(tmp_path, 3, [bad, *good])
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(tmp_path, split="train")
+        RecordSource.open(tmp_path, split="train")
     assert_clean(
         err, f"{path}, record 0", "stream 'right' is missing", "['id', 'label', 'left', 'mask']"
     )
@@ -354,14 +361,14 @@ def test_manifest_that_disagrees_with_the_records(tmp_path: Path) -> None:
 
     with_manifest(lambda m: m["streams"]["left"].update(shape=[4, 4, 4]))
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(tmp_path, split="train")
+        RecordSource.open(tmp_path, split="train")
     assert_clean(
         err, f"{first}, record 0", "stream 'left'", "expected shape [4, 4, 4], found [8, 8, 1]"
     )
 
     with_manifest(lambda m: m["streams"]["right"].update(dtype="int32"))
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(tmp_path, split="train")
+        RecordSource.open(tmp_path, split="train")
     assert_clean(
         err,
         f"{first}, record 0",
@@ -371,38 +378,38 @@ def test_manifest_that_disagrees_with_the_records(tmp_path: Path) -> None:
 
     with_manifest(lambda m: m["streams"].update(extra={"shape": [2], "dtype": "float32"}))
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(tmp_path, split="train")
+        RecordSource.open(tmp_path, split="train")
     assert_clean(err, f"{first}, record 0", "stream 'extra' is missing")
 
     with_manifest(lambda m: m["streams"].pop("mask"))
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(tmp_path, split="train")
+        RecordSource.open(tmp_path, split="train")
     assert_clean(
         err, f"{first}, record 0", "features ['mask', 'mask/shape'] the manifest does not list"
     )
 
     with_manifest(lambda m: m["shards"][0].update(examples=20))  # the count: a full pass notices
-    source = records.RecordSource.open(tmp_path, split="train")
+    source = RecordSource.open(tmp_path, split="train")
     with pytest.raises(DataError) as err:
         source.validate()
     assert_clean(err, str(first), "holds 25 records", "records 20")
 
     with_manifest(lambda m: m["shards"].pop(3))  # a file the manifest does not list
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(str(tmp_path / "train-*.tfrecord"))
+        RecordSource.open(str(tmp_path / "train-*.tfrecord"))
     assert_clean(err, "train-00003-of-00004.tfrecord: not listed in", "manifest.json")
 
     with_manifest(lambda m: m.update(version=7))
     with pytest.raises(DataError) as err:
-        records.RecordSource.open(tmp_path, split="train")
+        RecordSource.open(tmp_path, split="train")
     assert_clean(err, "manifest.json: version: is 7, this dist_share reads version 1")
 
     with_manifest(lambda m: None)
-    assert records.RecordSource.open(tmp_path, split="train").validate() == 99
+    assert RecordSource.open(tmp_path, split="train").validate() == 99
     with pytest.raises(DataError, match="holds siamese data, expected triplet data"):
-        records.RecordSource.open(tmp_path, split="train", family="triplet")
+        RecordSource.open(tmp_path, split="train", family="triplet")
     with pytest.raises(DataError, match="matches no file"):
-        records.RecordSource.open(str(tmp_path / "eval-*.tfrecord"))
+        RecordSource.open(str(tmp_path / "eval-*.tfrecord"))
 
 
 # -- multi-process: the real launchers ---------------------------------------------------------
@@ -470,17 +477,15 @@ def converted(tmp_path_factory) -> Path:
 
 
 def test_convert_writes_the_config_source_exactly(converted: Path) -> None:
-    from dist_share.config import schema as config
-    from dist_share.data import pipeline as data
 
-    cfg = config.load_config(CONFIG, [s for s in SMALL if s != "--set"])
-    manifest = records.Manifest.load(converted / "manifest.json")
+    cfg = load_config(CONFIG, [s for s in SMALL if s != "--set"])
+    manifest = Manifest.load(converted / "manifest.json")
     assert manifest.family == "siamese" and list(manifest.streams) == ["left", "right"]
     assert manifest.source["source"] == "digits" and manifest.examples("train") == 512
     for split in ("train", "eval"):
-        features, labels = data.load_arrays(cfg.data, split)
+        features, labels = load_arrays(cfg.data, split)
         for info in (s for s in manifest.shards if s.split == split):
-            one = records.RecordSource.open(converted / info.file)
+            one = RecordSource.open(converted / info.file)
             got = list(one.dataset_fn(64, training=False)(None).unbatch().as_numpy_iterator())
             lo = info.first_example
             for k, (feats, label) in enumerate(got):  # values, labels and order within a shard
@@ -548,11 +553,9 @@ def test_train_from_shards_and_resume_exactly(converted: Path, tmp_path: Path) -
 def test_config_and_cli_errors_name_the_key_the_file_and_the_stream(
     converted: Path, tmp_path: Path, capsys
 ) -> None:
-    from dist_share.config import schema as config
-    from dist_share.data import pipeline as data
 
     def cfg(*sets: str):
-        return config.load_config(CONFIG, ["data.source=tfrecord", *sets])
+        return load_config(CONFIG, ["data.source=tfrecord", *sets])
 
     with pytest.raises(ConfigError, match="data.tfrecord.train: is required for source: tfrecord"):
         cfg()
@@ -560,15 +563,15 @@ def test_config_and_cli_errors_name_the_key_the_file_and_the_stream(
         ConfigError,
         match="data.tfrecord.train: 'nowhere' does not exist; write the shards first, e.g. `dist-share data convert",
     ):
-        data.stream_shapes(cfg("data.tfrecord.train=nowhere").data)
-    triplet = config.load_config(
+        stream_shapes(cfg("data.tfrecord.train=nowhere").data)
+    triplet = load_config(
         str(CONFIGS / "triplet_digits.yaml"),
         ["data.source=tfrecord", f"data.tfrecord.train={converted}"],
     )
     with pytest.raises(
         DataError, match=r"data.tfrecord.train: .*holds siamese data, expected triplet"
     ):
-        data.stream_shapes(triplet.data)
+        stream_shapes(triplet.data)
 
     # A bad record met while training: exit code 2, one line naming file, record and stream.
     bad_dir = tmp_path / "bad"

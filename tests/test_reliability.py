@@ -16,18 +16,26 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import mounted_tmpfs
 
-from dist_share.config import schema as config_lib
 from dist_share.errors import RunDirBusy
-from dist_share.launch import launching
+from dist_share.launch.commands import WorkerLaunch, tf_config
+from dist_share.launch.hosts import free_port
+from dist_share.launch.supervise import (
+    describe_exit,
+    job_exit_code,
+    run_multiworker,
+    run_with_restarts,
+)
 from dist_share.run import directory as rundir
+from dist_share.run.resolve import validate
+from dist_share.train.checkpoints import remove_partial_checkpoints
 from dist_share.train.guards import watchdog
+from tests.conftest import mounted_tmpfs
 
 ROOT = Path(__file__).parents[1]
 EXE = str(Path(sys.executable).parent / "dist-share")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-CFG = config_lib.validate({"model": {"family": "siamese"}, "training": {"steps": 1}})
+CFG = validate({"model": {"family": "siamese"}, "training": {"steps": 1}})
 
 
 def _python(code: str) -> list[str]:
@@ -60,7 +68,7 @@ def test_lock_refuses_a_second_holder_and_is_freed_when_the_holder_is_killed(tmp
     holder = subprocess.Popen(
         _python(f"""
             import time
-            from dist_share import rundir
+            from dist_share.run import directory as rundir
             rundir.lock({str(run)!r})
             print("locked", flush=True)
             time.sleep(120)
@@ -100,7 +108,7 @@ def test_partial_checkpoint_files_are_removed(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / "ckpt-3.index").write_text("keep")
     (tmp_path / "checkpoint").write_text("keep")
-    removed = rundir.remove_partial_checkpoints(tmp_path)
+    removed = remove_partial_checkpoints(tmp_path)
     assert sorted(removed) == ["checkpoint.tmp123", "ckpt-6_temp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "ckpt-3.index"]
 
@@ -108,7 +116,7 @@ def test_partial_checkpoint_files_are_removed(tmp_path):
 # -- heartbeats --------------------------------------------------------------------------------
 BEATING_RANK = """
     import sys, time
-    from dist_share import watchdog
+    from dist_share.train.guards import watchdog
     hb = watchdog.Heartbeat(sys.argv[1], int(sys.argv[2]), 2, stall_timeout=3, interval=0.25)
     hb.start()
     print("beating", flush=True)
@@ -180,12 +188,9 @@ def test_a_finished_peer_is_not_a_stall(tmp_path):
 
 
 # -- the multi-worker launcher -----------------------------------------------------------------
-def _workers(n: int, code: str) -> list[launching.WorkerLaunch]:
-    addrs = [f"127.0.0.1:{launching.free_port('127.0.0.1')}" for _ in range(n)]
-    return [
-        launching.WorkerLaunch("localhost", i, launching.tf_config(addrs, i), _python(code))
-        for i in range(n)
-    ]
+def _workers(n: int, code: str) -> list[WorkerLaunch]:
+    addrs = [f"127.0.0.1:{free_port('127.0.0.1')}" for _ in range(n)]
+    return [WorkerLaunch("localhost", i, tf_config(addrs, i), _python(code)) for i in range(n)]
 
 
 SLEEPING_WORKER = """
@@ -216,7 +221,7 @@ def test_multiworker_launcher_names_the_dead_worker_and_stops_the_rest(
     killer = threading.Thread(target=kill_worker_1)
     killer.start()
     t0 = time.monotonic()
-    rc = launching.run_multiworker(workers, grace=5)
+    rc = run_multiworker(workers, grace=5)
     killer.join()
     assert time.monotonic() - t0 < 30
     err = capfd.readouterr().err
@@ -248,7 +253,7 @@ def test_multiworker_launcher_kills_a_frozen_worker_when_another_fails(tmp_path,
     t = threading.Thread(target=freeze_worker_0)
     t.start()
     t0 = time.monotonic()
-    assert launching.run_multiworker(workers, grace=5) == 3
+    assert run_multiworker(workers, grace=5) == 3
     t.join()
     # SIGCONT + SIGTERM end it at once; without SIGCONT it would take the SIGKILL after 5 s.
     assert time.monotonic() - t0 < 5
@@ -256,28 +261,28 @@ def test_multiworker_launcher_kills_a_frozen_worker_when_another_fails(tmp_path,
 
 
 def test_exit_codes_are_mapped_to_documented_ones():
-    assert launching.job_exit_code(-9) == 3
-    assert launching.job_exit_code(137) == 3  # a shell's 128 + SIGKILL
-    assert launching.job_exit_code(247) == 1  # the old undocumented code
+    assert job_exit_code(-9) == 3
+    assert job_exit_code(137) == 3  # a shell's 128 + SIGKILL
+    assert job_exit_code(247) == 1  # the old undocumented code
     for code in (0, 1, 2, 3, 4, 75, 130):
-        assert launching.job_exit_code(code) == code
-    assert launching.describe_exit(-15) == "was killed by SIGTERM"
+        assert job_exit_code(code) == code
+    assert describe_exit(-15) == "was killed by SIGTERM"
 
 
 # -- restarts ----------------------------------------------------------------------------------
 def test_run_with_restarts_backs_off_and_gives_up(capfd):
     delays: list[float] = []
     codes = iter([3, 1, 0])
-    assert launching.run_with_restarts(lambda: next(codes), 5, backoff=2, sleep=delays.append) == 0
+    assert run_with_restarts(lambda: next(codes), 5, backoff=2, sleep=delays.append) == 0
     assert delays == [2, 4]
     codes = iter([3, 3, 3, 3])
-    assert launching.run_with_restarts(lambda: next(codes), 2, backoff=1, sleep=delays.append) == 3
+    assert run_with_restarts(lambda: next(codes), 2, backoff=1, sleep=delays.append) == 3
     err = capfd.readouterr().err
     assert "job failed with exit code 3; restart 1/5 in 2 s" in err
     assert "restart 2/2 in 2 s" in err and "giving up after 2 restart(s); last exit code 3" in err
     for final in (2, 4, 75, 130):  # not fixable by a rerun: returned at once
         calls: list[int] = []
-        assert launching.run_with_restarts(lambda f=final, c=calls: c.append(1) or f, 5) == final
+        assert run_with_restarts(lambda f=final, c=calls: c.append(1) or f, 5) == final
         assert len(calls) == 1
 
 
@@ -306,7 +311,7 @@ def test_launch_max_restarts_relaunches_the_whole_job(tmp_path):
         "--hosts",
         "localhost:2",
         "--base-port",
-        str(launching.free_port(count=2)),
+        str(free_port(count=2)),
         "--",
         sys.executable,
         str(script),

@@ -210,7 +210,7 @@ def test_elastic_training_survives_a_lost_worker_and_takes_a_new_one(tmp_path):
 _RUN_ERRORS = """
 import os, time
 import horovod.tensorflow as hvd, keras, tensorflow as tf
-from dist_share import elastic
+from dist_share.train.loops import elastic
 hvd.init()
 model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
 optimizer = keras.optimizers.Adam()

@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_share.run.resolve import load_config
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 
 from background import concurrently  # noqa: E402
-from conftest import mounted_tmpfs  # noqa: E402
 from fault_jobs import CONFIG, EXE, SMALL, TIMEOUT, Job, checkpoint_values, env  # noqa: E402
+
+from tests.conftest import mounted_tmpfs  # noqa: E402
 
 
 def _assert_same_variables(want_dir: Path, got_dir: Path) -> None:
@@ -344,11 +347,10 @@ def test_missing_or_corrupt_checkpoints_and_indivisible_batches_are_named(tmp_pa
     evaluate/export run through the CLI's entry point in this process (local strategy, no
     TensorFlow start-up per call); the mirrored train needs a fresh process for its devices."""
     from dist_share import cli
-    from dist_share.config import schema as config
     from dist_share.run import directory as rundir
 
     run = tmp_path / "run"
-    cfg = config.load_config(CONFIG, [SMALL[i + 1] for i in range(0, len(SMALL), 2)])
+    cfg = load_config(CONFIG, [SMALL[i + 1] for i in range(0, len(SMALL), 2)])
     rundir.prepare(run, cfg, "new")
 
     def cli_here(*args: str) -> tuple[int, str]:

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.clusters.slurm import JobState, SlurmCluster
-from conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT
 
 from dist_share.errors import EXIT_PREEMPTED
-from dist_share.launch.launching import free_port
+from dist_share.launch.hosts import free_port
+from tests.clusters.slurm import JobState, SlurmCluster
+from tests.conftest import CLUSTER_TRAIN_ARGS, CLUSTER_TRAIN_STEPS, CONFIG, ROOT
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 

@@ -1,6 +1,6 @@
 """The public checks that config validation reuses: each argument checked by the code that uses it.
 
-`blocks.validate_block_spec`, `towers.validate_tower_layout` / `validate_groups` and
+`blocks.spec.validate_block_spec`, `towers.validate_tower_layout` / `validate_groups` and
 `losses.validate_loss_spec` return normalised values with the defaults filled in (the defaults
 are the constructors' own) and raise `ConfigError` naming the key path they are given.
 """
@@ -11,7 +11,8 @@ import pytest
 
 from dist_share.errors import ConfigError
 from dist_share.model import losses
-from dist_share.model.blocks import BlockSpec, build_block, validate_block_spec
+from dist_share.model.blocks.build import build_block
+from dist_share.model.blocks.spec import BlockSpec, validate_block_spec
 from dist_share.model.towers import validate_tower_layout
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_share.config import schema as config
+from dist_share.distribute.cluster import discover_tf_config, expand_nodelist, tf_config_from_slurm
 from dist_share.errors import ConfigError
-from dist_share.launch.launching import discover_tf_config, expand_nodelist, tf_config_from_slurm
+from dist_share.run.resolve import validate
 from tests.helpers import processes
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
@@ -27,11 +27,12 @@ def test_import_leaves_horovod_out_and_multiworker_needs_a_launcher() -> None:
     and the trainer must not load Horovod, and `multiworker` with no TF_CONFIG, MPI, Slurm or
     horovodrun variables is a ConfigError naming strategy.name (still without Horovod)."""
     code = (
-        "import sys, dist_share, dist_share.strategies, dist_share.training, dist_share.gradients\n"
+        "import sys, dist_share, dist_share.distribute.strategies, dist_share.train.trainer\n"
+        "import dist_share.distribute.gradients, dist_share.run.session\n"
         "print('HVD', sorted(m for m in sys.modules if m.split('.')[0] == 'horovod'))\n"
-        "from dist_share.config import StrategyConfig\n"
+        "from dist_share.config.schema import StrategyConfig\n"
         "from dist_share.errors import ConfigError\n"
-        "try:\n    dist_share.strategies.get_strategy(StrategyConfig(name='multiworker'))\n"
+        "try:\n    dist_share.distribute.strategies.get_strategy(StrategyConfig(name='multiworker'))\n"
         "except ConfigError as e:\n    print('PATH', e.path)\n"
         "print('HVD', sorted(m for m in sys.modules if m.split('.')[0] == 'horovod'))\n"
     )
@@ -69,7 +70,7 @@ def test_tf_config_from_slurm_places_tasks_blockwise() -> None:
 )
 def test_bad_strategy_config(cfg: dict, path: str) -> None:
     with pytest.raises(ConfigError) as e:
-        config.validate({"model": {"family": "siamese"}, "strategy": cfg})
+        validate({"model": {"family": "siamese"}, "strategy": cfg})
     assert e.value.path == path
 
 

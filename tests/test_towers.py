@@ -15,7 +15,7 @@ import tensorflow as tf
 from keras.src.testing import TestCase
 
 from dist_share.errors import ConfigError
-from dist_share.model.blocks import build_block
+from dist_share.model.blocks.build import build_block
 from dist_share.model.towers import SharedTower
 
 N = 3

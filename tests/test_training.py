@@ -129,7 +129,7 @@ def test_evaluation_covers_the_split_once_everywhere(launcher: str) -> None:
 
 def test_lr_scaling_and_clipping(tmp_path: Path) -> None:
     from dist_share.config.schema import OptimizerConfig
-    from dist_share.train.trainer import make_optimizer
+    from dist_share.train.optimizer import make_optimizer
 
     opt = make_optimizer(OptimizerConfig("sgd", 0.1, scale_lr_by_world_size=True), 4)
     assert float(opt.learning_rate) == pytest.approx(0.4)
@@ -211,8 +211,8 @@ def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None
 def test_checkpoint_holds_every_model_variable_of_list_held_layers(tmp_path: Path) -> None:
     """SharedTower keeps its weight sets in a Python list, which tf.train.Checkpoint(model=...)
     does not see; the checkpoint must still carry every weight and the batch-norm statistics."""
-    from dist_share.config.schema import parse_model
     from dist_share.families.build import build_model
+    from dist_share.run.resolve import parse_model
 
     model_cfg = parse_model(
         {
@@ -284,7 +284,7 @@ def test_logs_are_plain_lines_off_a_terminal_and_strict_json(tmp_path: Path) -> 
     bar frames; metrics.jsonl stays strict JSON whatever the values (NaN -> null)."""
     import io
 
-    from dist_share.train.trainer import MetricsLogger
+    from dist_share.train.logs import MetricsLogger
 
     console = io.StringIO()
     logger = MetricsLogger(tmp_path, True, 100, tensorboard=False, stream=console, rank=1)

@@ -17,13 +17,14 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from dist_share.config import schema as config
 from dist_share.errors import ConfigError
 from dist_share.families import build as models
-from dist_share.model.blocks import build_block, validate_block_spec
+from dist_share.model.blocks.build import build_block
+from dist_share.model.blocks.spec import validate_block_spec
 from dist_share.model.folding import FoldedBatchNormalization, FoldingError
 from dist_share.model.heads import L2Distance
 from dist_share.model.towers import SharedTower
+from dist_share.run.resolve import validate
 
 B = 4
 NOT_CALLABLE = 42  # a factory reference that names something that is not callable
@@ -425,8 +426,8 @@ FACTORY_PATH = "model.tower.block.factory"
     ("factory", "match"),
     [
         ("no_such_module_for_dist_share:make", "cannot import module 'no_such_module_for_dist"),
-        ("test_user_towers:make_nothing", "has no attribute 'make_nothing'"),
-        ("test_user_towers:NOT_CALLABLE", "is not callable .it is a int"),
+        ("tests.test_user_towers:make_nothing", "has no attribute 'make_nothing'"),
+        ("tests.test_user_towers:NOT_CALLABLE", "is not callable .it is a int"),
         ("test_user_towers", "must be 'package.module:function'"),
     ],
     ids=["bad_module", "bad_attribute", "not_callable", "no_colon"],
@@ -438,18 +439,28 @@ def test_custom_factory_errors_name_the_key(factory: str, match: str) -> None:
 
 
 def test_custom_factory_wrong_return_type() -> None:
-    spec = validate_block_spec({"type": "custom", "factory": "test_user_towers:returns_a_dict"})
+    spec = validate_block_spec(
+        {"type": "custom", "factory": "tests.test_user_towers:returns_a_dict"}
+    )
     with pytest.raises(ConfigError, match="returned a dict, not a Keras layer") as err:
         SharedTower(spec, 2)
     assert err.value.path == FACTORY_PATH
-    bad_args = {"type": "custom", "factory": "test_user_towers:make_text_encoder", "args": {"x": 1}}
+    bad_args = {
+        "type": "custom",
+        "factory": "tests.test_user_towers:make_text_encoder",
+        "args": {"x": 1},
+    }
     with pytest.raises(ConfigError, match="raised TypeError") as err:
         build_block(bad_args)
     assert err.value.path == FACTORY_PATH
 
 
 def test_custom_factory_spec_builds_fresh_sets_and_round_trips(tmp_path) -> None:
-    spec = {"type": "custom", "factory": "test_user_towers:make_text_encoder", "args": {"dim": 8}}
+    spec = {
+        "type": "custom",
+        "factory": "tests.test_user_towers:make_text_encoder",
+        "args": {"dim": 8},
+    }
     tower = SharedTower(spec, 2, "grouped", groups=[[0], [1]], output_dim=4, name="tower")
     ids = keras.Input((6,), dtype="int32")
     docs = keras.Input((6,), dtype="int32")
@@ -467,8 +478,8 @@ def test_custom_factory_spec_builds_fresh_sets_and_round_trips(tmp_path) -> None
     "factory",
     [
         "no_such_module_for_dist_share:make",
-        "test_user_towers:make_nothing",
-        "test_user_towers:NOT_CALLABLE",
+        "tests.test_user_towers:make_nothing",
+        "tests.test_user_towers:NOT_CALLABLE",
     ],
     ids=["bad_module", "bad_attribute", "not_callable"],
 )
@@ -478,13 +489,13 @@ def test_yaml_factory_errors_name_the_key(factory: str) -> None:
         "model": {"family": "siamese", "tower": {"block": {"type": "custom", "factory": factory}}}
     }
     with pytest.raises(ConfigError) as err:
-        config.validate(raw)
+        validate(raw)
     assert err.value.path == FACTORY_PATH
 
 
 def test_yaml_factory_with_wrong_return_type_fails_the_build_by_key() -> None:
-    block = {"type": "custom", "factory": "test_user_towers:returns_a_dict"}
-    cfg = config.validate({"model": {"family": "siamese", "tower": {"block": block}}})
+    block = {"type": "custom", "factory": "tests.test_user_towers:returns_a_dict"}
+    cfg = validate({"model": {"family": "siamese", "tower": {"block": block}}})
     specs = {n: tf.TensorSpec((8, 8, 1), tf.float32) for n in ("left", "right")}
     with pytest.raises(ConfigError, match="returned a dict") as err:
         models.build_model(cfg.model, specs)
@@ -493,7 +504,7 @@ def test_yaml_factory_with_wrong_return_type_fails_the_build_by_key() -> None:
 
 def test_yaml_keras_application_too_small_names_the_stream() -> None:
     block = {"type": "keras_application", "name": "MobileNetV3Small"}
-    cfg = config.validate({"model": {"family": "siamese", "tower": {"block": block}}})
+    cfg = validate({"model": {"family": "siamese", "tower": {"block": block}}})
     specs = {n: tf.TensorSpec((8, 8, 1), tf.float32) for n in ("left", "right")}
     with pytest.raises(ConfigError, match="input_size") as err:
         models.build_model(cfg.model, specs)

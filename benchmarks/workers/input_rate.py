@@ -71,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
 
     from dist_share.cli import main as cli_main
-    from dist_share.data import records
+    from dist_share.data.records.source import RecordSource
 
     conversions = []
     for scale in [int(s) for s in args.convert.split(",") if s]:
@@ -89,7 +89,7 @@ def main() -> None:
              "examples_per_sec": n / seconds}
         )  # fmt: skip
 
-    source = records.RecordSource.open(args.shards / "x1", split="train")
+    source = RecordSource.open(args.shards / "x1", split="train")
     pipeline = pipeline_rate(source, args.batch, args.block, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         memory = train_rate(cli_main, Path(tmp) / "memory", args.steps, args.batch, [])

@@ -25,6 +25,7 @@ import collections
 import time
 
 from benchmarks.workers.wlib import bench_config, common_args, setup_threads, write_result
+from dist_share.run.inputs import input_specs, make_dataset_fn
 
 
 def main() -> None:
@@ -35,7 +36,6 @@ def main() -> None:
     import tensorflow as tf
 
     from dist_share.config.schema import StrategyConfig
-    from dist_share.data import pipeline as data
     from dist_share.data.pipeline import train_input
     from dist_share.distribute.gradients import comm_bytes
     from dist_share.distribute.strategies import get_strategy
@@ -44,8 +44,8 @@ def main() -> None:
 
     strategy = get_strategy(StrategyConfig(name="local"))
     cfg = bench_config(args.family, args.batch, 10**9, {"name": "local"}, args.set)
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
+    specs = input_specs(cfg.data)
+    dataset_fn = make_dataset_fn(cfg.data, "train", args.batch, cfg.training.seed)
 
     def build_spec():
         return build_model(cfg.model, specs)

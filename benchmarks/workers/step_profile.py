@@ -65,9 +65,10 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from dist_share.config.schema import StrategyConfig, load_config
+    from dist_share.config.schema import StrategyConfig
     from dist_share.distribute import gradients as G
     from dist_share.distribute.strategies import get_strategy
+    from dist_share.run.resolve import load_config
 
     strategy = get_strategy(StrategyConfig(name=args.strategy))
     per_worker = load_config(args.config).training.batch_size

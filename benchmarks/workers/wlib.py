@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dist_share.run.inputs import input_specs, make_dataset_fn
+
 
 def common_args(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
@@ -44,7 +46,8 @@ def bench_config(
     family: str, batch: int, steps: int, strategy: dict, overrides: Sequence[str] = ()
 ) -> dict:
     """A resolved dist_share config for the benchmark model (the project defaults otherwise)."""
-    from dist_share.config.schema import apply_overrides, validate
+    from dist_share.config.loading import apply_overrides
+    from dist_share.run.resolve import validate
 
     raw = {
         "model": {"family": family},
@@ -67,7 +70,8 @@ def make_timed_trainer(block: int, between: Callable[[], None] | None = None) ->
     hand-written loop. With ``training.steps_per_loop`` k, a window starts at the first call
     that begins at or after a multiple of `block` steps (make `block` a multiple of k).
     """
-    from dist_share.train.trainer import CustomLoop, Trainer
+    from dist_share.train.loops.custom import CustomLoop
+    from dist_share.train.trainer import Trainer
 
     class TimedLoop(CustomLoop):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -99,11 +103,10 @@ def make_timed_trainer(block: int, between: Callable[[], None] | None = None) ->
 def model_and_data(cfg: Any, batch: int) -> tuple[Callable[[], Any], Callable[..., Any]]:
     """The model builder and the training dataset function of `cfg` at global batch `batch`,
     as the Trainer takes them (a builder, so each loop of a worker gets its own weights)."""
-    from dist_share.data import pipeline as data
     from dist_share.families.build import build_model
 
-    specs = data.input_specs(cfg.data)
-    dataset_fn = data.make_dataset_fn(cfg.data, "train", batch, cfg.training.seed)
+    specs = input_specs(cfg.data)
+    dataset_fn = make_dataset_fn(cfg.data, "train", batch, cfg.training.seed)
 
     def build_spec() -> Any:
         return build_model(cfg.model, specs)

@@ -8,7 +8,7 @@ metrics are reduced, who is chief, how the initial state is made identical) is h
 (`gradient_op`, `logs_are_per_process`, ...), never a check of the strategy's name.
 
 Horovod is imported only when the ``horovod`` strategy is built. Finding the cluster a
-multi-worker job runs in (TF_CONFIG from MPI, Slurm or horovodrun) is `launching`'s job.
+multi-worker job runs in (TF_CONFIG from MPI, Slurm or horovodrun) is `cluster.py`'s job.
 """
 
 from __future__ import annotations
@@ -18,23 +18,18 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tensorflow as tf
 
-from dist_share.data.pipeline import DatasetFn
+from dist_share.config.schema import STRATEGIES, StrategyConfig
+from dist_share.data.types import DatasetFn
+from dist_share.distribute.cluster import discover_tf_config
 from dist_share.distribute.gradients import GradientOptions, reduce_gradients
 from dist_share.errors import ConfigError
-from dist_share.launch.launching import discover_tf_config
-
-if TYPE_CHECKING:
-    from dist_share.config.schema import StrategyConfig
-
-__all__ = ["STRATEGY_NAMES", "DatasetFn", "Strategy", "get_strategy"]
-STRATEGY_NAMES = ("local", "mirrored", "multiworker", "horovod")
 
 
-def _tf_variables(variables: list[Any]) -> list[tf.Variable]:
+def tf_variables(variables: list[Any]) -> list[tf.Variable]:
     """Keras 3 variables wrap a tf.Variable; Horovod's ops need the tf.Variable (``.value``)."""
     return [v if isinstance(v, tf.Variable) else getattr(v, "value", v) for v in variables]
 
@@ -312,13 +307,13 @@ class HorovodStrategy(Strategy):
         return {k: float(v) for k, v in zip(keys, total, strict=True)}
 
     def broadcast_variables(self, variables: list[Any]) -> None:
-        self.hvd.broadcast_variables(_tf_variables(variables), root_rank=0)
+        self.hvd.broadcast_variables(tf_variables(variables), root_rank=0)
 
     def barrier(self) -> None:
         self.hvd.allreduce(tf.constant(0.0), name="dist_share_barrier")
 
     def sync_non_trainable(self, variables: list[Any]) -> None:
-        floats = [v for v in _tf_variables(variables) if v.dtype.is_floating]
+        floats = [v for v in tf_variables(variables) if v.dtype.is_floating]
         if floats and self.world_size > 1:
             averaged = self.hvd.grouped_allreduce(
                 [tf.convert_to_tensor(v) for v in floats],
@@ -341,12 +336,10 @@ def get_strategy(cfg: StrategyConfig | None = None) -> Strategy:
             after TensorFlow initialised its devices.
     """
     if cfg is None:
-        from dist_share.config.schema import StrategyConfig
-
         cfg = StrategyConfig()
-    if cfg.name not in STRATEGY_NAMES:
+    if cfg.name not in STRATEGIES:
         raise ConfigError(
-            "strategy.name", f"got {cfg.name!r}, expected one of {', '.join(STRATEGY_NAMES)}"
+            "strategy.name", f"got {cfg.name!r}, expected one of {', '.join(STRATEGIES)}"
         )
     options = GradientOptions.from_config(cfg)
     if cfg.name == "mirrored":

@@ -3,7 +3,7 @@
 `build_model` checks the config against the data's input specs *before* creating any variable,
 so a wrong stream name or shape fails with a `ConfigError` naming the stream rather than with a
 shape error deep inside Keras. Everything that differs between families is asked of
-`dist_share.families`. Call it inside ``strategy.scope()``.
+the family. Call it inside ``strategy.scope()``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import keras
 
 from dist_share.config.schema import ModelConfig
 from dist_share.errors import ConfigError
-from dist_share.families.base import NAMES as MODEL_FAMILIES
 from dist_share.families.base import Family, TowerFamily
-from dist_share.model import losses
-from dist_share.model.blocks import check_block_input
-
-__all__ = ["MODEL_FAMILIES", "ModelSpec", "build_model"]
+from dist_share.families.registry import get_family
+from dist_share.model.blocks.spec import check_block_input
+from dist_share.model.losses import get_loss
 
 
 @dataclasses.dataclass
@@ -79,7 +77,7 @@ def _stream_names(family: Family, input_specs: Mapping[str, Any]) -> list[str]:
 
 def _check_inputs(model_cfg: ModelConfig, names: list[str], input_specs: Mapping) -> None:
     """Each stream can feed the block it goes through; streams sharing weights agree in shape."""
-    family = model_cfg.family_spec
+    family = get_family(model_cfg.family)
     shapes = {}
     for name in names:
         shape, dtype = _shape_dtype(input_specs[name])
@@ -111,21 +109,21 @@ def build_model(model_cfg: ModelConfig, input_specs: Mapping[str, Any]) -> Model
     """Build a family's functional model, per-example loss and metrics.
 
     Args:
-        model_cfg: the ``model`` section, from `config.validate` or `config.parse_model`.
-        input_specs: per-example ``tf.TensorSpec`` of every stream (`data.input_specs`).
+        model_cfg: the ``model`` section, from `run.resolve.validate` or `run.resolve.parse_model`.
+        input_specs: per-example ``tf.TensorSpec`` of every stream (`run.inputs.input_specs`).
 
     Raises:
         ConfigError: a stream is missing, extra, or of a shape/dtype its block cannot take
             (the path names the stream), or the tower groups do not partition the streams.
     """
-    family = model_cfg.family_spec
+    family = get_family(model_cfg.family)
     names = _stream_names(family, input_specs)
     _check_inputs(model_cfg, names, input_specs)
     inputs = {}
     for name in names:
         shape, dtype = _shape_dtype(input_specs[name])
         inputs[name] = keras.Input(shape=shape, dtype=dtype, name=name)
-    loss = losses.get_loss(model_cfg.loss, "model.loss")
+    loss = get_loss(model_cfg.loss, "model.loss")
     output, metrics = family.build_output(model_cfg, inputs, loss)
     model = keras.Model(inputs=inputs, outputs=output, name=f"{family.name}_model")
     return ModelSpec(model=model, loss=loss, metrics=metrics, stream_names=list(names))

@@ -1,1 +1,1 @@
-"""PLACEHOLDER"""
+"""The launcher side: command lines that start a distributed job and the processes that run it."""

@@ -28,7 +28,7 @@ from typing import Any
 
 from keras import ops
 
-from dist_share.model.blocks import MLPBlock
+from dist_share.model.blocks.dense import MLPBlock
 
 
 def can_batch(blocks: Sequence[Any], streams_per_set: Sequence[Sequence[int]]) -> bool:

@@ -20,7 +20,8 @@ UnitNormalization, RNNs and per-element Dropout all do. A few layers do not:
   whose input has a fixed batch size.
 
 The tower announces the fold with `fold_streams`; layers read it with `folded_streams`.
-`blocks.StreamBatchNormalization` reads it too, so a layer you write can use it and stay exact.
+`blocks.norm.StreamBatchNormalization` reads it too, so a layer you write can use it and stay
+exact.
 Code inside your own ``call`` that reduces over the batch axis cannot be seen from outside: use
 ``fold=False`` for such a tower.
 """
@@ -70,7 +71,7 @@ class FoldingError(ConfigError):
             path,
             f"layer {layer_path!r} {reason}, so folding the streams onto the batch axis would "
             "change what it computes. Build the tower with fold=False (YAML: model.tower.fold: "
-            "false) to run it once per stream, or replace the layer (dist_share.blocks."
+            "false) to run it once per stream, or replace the layer (dist_share.model.blocks.norm."
             "StreamBatchNormalization keeps batch statistics per stream under folding).",
         )
 

@@ -1,4 +1,4 @@
-"""Objectives and metrics that return one value per example (shape ``[batch]``).
+"""Objectives that return one value per example (shape ``[batch]``).
 
 Per-example values let the distributed trainer divide the sum by the *global* batch size, which
 is what makes the result independent of how the batch is split across replicas. Everything is
@@ -27,7 +27,7 @@ LOSS_TYPES = (
     "binary",
     "sparse_categorical_crossentropy",
 )
-_PKG = "dist_share"
+_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 
 
 def _f32(x: Any) -> Any:
@@ -82,7 +82,7 @@ class TripletLoss(PerExample):
         return {"margin": self.margin}
 
 
-def _pair_logits(y_pred: Any) -> Any:
+def pair_logits(y_pred: Any) -> Any:
     """Logits ``[B]`` from either a score ``[B]`` or a stacked (query, candidate) ``[B, 2, D]``."""
     p = _f32(y_pred)
     if len(p.shape) == 3:
@@ -96,7 +96,7 @@ class BinaryLoss(PerExample):
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         y = ops.reshape(_f32(y_true), (-1,))
-        return ops.binary_crossentropy(y, _pair_logits(y_pred), from_logits=True)
+        return ops.binary_crossentropy(y, pair_logits(y_pred), from_logits=True)
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -127,63 +127,6 @@ class SparseCrossEntropyLoss(PerExample):
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         y = ops.reshape(ops.cast(y_true, "int32"), (-1,))
         return ops.sparse_categorical_crossentropy(y, _f32(y_pred), from_logits=True)
-
-
-# -- metrics (per example, averaged over examples by the caller) ---------------------------------
-
-
-@keras.saving.register_keras_serializable(package=_PKG)
-class PairAccuracy(PerExample):
-    """Siamese: predicted 'same' when the distance is below ``threshold``."""
-
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = float(threshold)
-
-    def __call__(self, y_true: Any, y_pred: Any) -> Any:
-        y = ops.reshape(_f32(y_true), (-1,)) > 0.5
-        same = ops.reshape(_f32(y_pred), (-1,)) < self.threshold
-        return _f32(ops.equal(y, same))
-
-    def get_config(self) -> dict:
-        return {"threshold": self.threshold}
-
-
-@keras.saving.register_keras_serializable(package=_PKG)
-class TripletAccuracy(PerExample):
-    """1 where d(anchor, positive) < d(anchor, negative)."""
-
-    def __call__(self, y_true: Any, y_pred: Any) -> Any:
-        d = _f32(y_pred)
-        return _f32(d[:, 0] < d[:, 1])
-
-
-@keras.saving.register_keras_serializable(package=_PKG)
-class ClassAccuracy(PerExample):
-    """Multi-view classifier: argmax of the logits equals the label."""
-
-    def __call__(self, y_true: Any, y_pred: Any) -> Any:
-        y = ops.reshape(ops.cast(y_true, "int32"), (-1,))
-        return _f32(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y))
-
-
-@keras.saving.register_keras_serializable(package=_PKG)
-class BinaryAccuracy(PerExample):
-    """Two-tower: sigmoid(score) > 0.5 agrees with the 0/1 label."""
-
-    def __call__(self, y_true: Any, y_pred: Any) -> Any:
-        y = ops.reshape(_f32(y_true), (-1,)) > 0.5
-        return _f32(ops.equal(_pair_logits(y_pred) > 0.0, y))
-
-
-@keras.saving.register_keras_serializable(package=_PKG)
-class InBatchTop1(PerExample):
-    """Two-tower: row i's own candidate scores highest among the batch's candidates."""
-
-    def __call__(self, y_true: Any, y_pred: Any) -> Any:
-        p = _f32(y_pred)
-        logits = ops.matmul(p[:, 0], ops.transpose(p[:, 1]))
-        best = ops.cast(ops.argmax(logits, axis=-1), "int32")
-        return _f32(ops.equal(best, ops.arange(ops.shape(logits)[0], dtype="int32")))
 
 
 # The class of each loss type. Its options and their defaults are the class's constructor

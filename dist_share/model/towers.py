@@ -11,7 +11,7 @@ sharing        weight sets           stream i uses
 ``switchable`` 1 + N                 set 0 if ``use_shared`` else set 1 + i
 =============  ====================  ===========================================
 
-A weight set is either a built-in block made from plain data (`dist_share.blocks`) or a Keras
+A weight set is either a built-in block made from plain data (`dist_share.model.blocks`) or a Keras
 layer or model of your own: an instance (functional, Sequential or subclassed; it *is* set 0,
 and the other sets are fresh-weight clones of it), a zero-argument factory called once per set,
 or a list with one layer per set. `make_weight_sets` creates them; `SharedTower.call` applies
@@ -34,7 +34,9 @@ from keras import ops
 
 from dist_share.errors import ConfigError
 from dist_share.model import batched_sets
-from dist_share.model.blocks import BlockSpec, build_block, is_builtin_block, validate_block_spec
+from dist_share.model.blocks.build import build_block
+from dist_share.model.blocks.head import is_builtin_block
+from dist_share.model.blocks.spec import BlockSpec, validate_block_spec
 from dist_share.model.folding import fold_streams, prepare_for_folding
 
 SHARING_MODES = ("shared", "separate", "grouped", "switchable")
@@ -203,7 +205,7 @@ def make_weight_sets(
     """Create the weight sets of a tower from whatever `block` is.
 
     Args:
-        block: a plain-data block spec (`blocks.validate_block_spec`), a Keras layer or model
+        block: a plain-data block spec (`blocks.spec.validate_block_spec`), a Keras layer or model
             instance (set 0 is that instance; the others are `clone_with_fresh_weights` copies),
             a zero-argument factory returning a new layer (called once per set), or a list of
             layers, one per set.

@@ -24,7 +24,6 @@ never leaves the directory stuck; a second ``train`` is refused while the first 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import fcntl
@@ -37,10 +36,11 @@ from pathlib import Path
 
 import yaml
 
-from dist_share.config import schema as config_lib
+from dist_share.config.loading import apply_overrides, diff, dump, merge
 from dist_share.config.schema import Config
-from dist_share.errors import CheckpointWriteError, ConfigError, RunDirBusy
+from dist_share.errors import ConfigError, RunDirBusy
 from dist_share.files import atomic_write_text
+from dist_share.run.resolve import validate
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -131,64 +131,17 @@ def _has_results(run_dir: Path) -> bool:
     return any(p.name not in HIDDEN for p in run_dir.iterdir())
 
 
-def remove_partial_checkpoints(directory: str | os.PathLike) -> list[str]:
-    """Delete what an interrupted ``CheckpointManager.save`` leaves: ``ckpt-N_temp*/`` shard
-    directories and ``.tmp`` index files. Returns the names removed."""
-    directory = Path(directory)
-    removed = []
-    if not directory.is_dir():
-        return removed
-    for p in directory.iterdir():
-        if "_temp" in p.name or ".tmp" in p.name:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            removed.append(p.name)
-    return removed
-
-
-def save_checkpoint(manager, step: int) -> str:
-    """``manager.save(step)`` that fails cleanly: on an I/O error (full disk, read-only or
-    vanished directory) the partial files are removed and `CheckpointWriteError` says which
-    checkpoint is still the newest complete one, instead of TensorFlow's traceback.
-
-    Safe because CheckpointManager writes shards under temporary names and rewrites its index
-    (``checkpoint``) last: until then the previous checkpoint is the one a resume reads.
-    """
-    import tensorflow as tf
-
-    try:
-        return manager.save(checkpoint_number=step)
-    except (tf.errors.OpError, OSError) as e:
-        directory = Path(manager.directory)
-        remove_partial_checkpoints(directory)
-        reason = getattr(e, "message", None) or str(e)
-        reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
-        previous = tf.train.latest_checkpoint(str(directory))
-        kept = (
-            f"the previous checkpoint {Path(previous).name} is intact; rerun to resume from it"
-            if previous
-            else "no earlier checkpoint exists"
-        )
-        raise CheckpointWriteError(
-            f"could not write the checkpoint of step {step} to {directory}: {reason}. "
-            f"Partial files removed; {kept}."
-        ) from None
-
-
 def read_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
     """The resolved config saved in a run directory, validated again (the schema may have moved on)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ConfigError("RUN_DIR", f"{run_dir} is not a run directory: it has no {CONFIG_FILE}")
     raw = yaml.safe_load(path.read_text()) or {}
-    return config_lib.validate(config_lib.apply_overrides(raw, overrides))
+    return validate(apply_overrides(raw, overrides))
 
 
 def _strip(cfg: Mapping, keys: tuple[str, ...]) -> dict:
-    out = config_lib.merge({}, cfg)
+    out = merge({}, cfg)
     for dotted in keys:
         *parents, last = dotted.split(".")
         node = out
@@ -225,7 +178,7 @@ def check(run_dir: str | os.PathLike, cfg: Config, overwrite: bool = False) -> s
             "--run-dir",
             f"{saved_path} holds no config this version can read ({e}); pass --overwrite",
         ) from None
-    changes = config_lib.diff(_strip(saved, RESUMABLE_KEYS), _strip(cfg.to_dict(), RESUMABLE_KEYS))
+    changes = diff(_strip(saved, RESUMABLE_KEYS), _strip(cfg.to_dict(), RESUMABLE_KEYS))
     if changes:
         shown = "\n  ".join(changes[:10]) + ("\n  ..." if len(changes) > 10 else "")
         raise ConfigError(
@@ -248,7 +201,7 @@ def prepare(run_dir: str | os.PathLike, cfg: Config, mode: str) -> None:
                 elif target.exists():
                     target.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG_FILE, config_lib.dump(cfg))
+        atomic_write_text(run_dir / CONFIG_FILE, dump(cfg))
     except OSError as e:
         raise unwritable(run_dir, e) from None
 

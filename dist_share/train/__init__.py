@@ -1,1 +1,1 @@
-"""PLACEHOLDER"""
+"""Training: the state a run keeps, its logs, evaluation, checkpoints and the training loops."""

@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_share.launch import launching
-from dist_share.launch.launching import Host, free_port, kill_process_group
+from dist_share.launch.commands import horovodrun_command, mpirun_command, tf_config
+from dist_share.launch.hosts import Host, free_port
+from dist_share.launch.supervise import kill_process_group
 
 __all__ = [
     "JobResult",
@@ -102,7 +103,7 @@ def local_horovodrun_command(
     num_proc: int, argv: Sequence[str], transport: str = "gloo"
 ) -> list[str]:
     """`horovodrun -np N` on localhost with Gloo, or with MPI underneath (transport='mpi')."""
-    return launching.horovodrun_command([Host("localhost", num_proc)], argv, transport=transport)
+    return horovodrun_command([Host("localhost", num_proc)], argv, transport=transport)
 
 
 def local_mpirun_command(
@@ -113,7 +114,7 @@ def local_mpirun_command(
     ``yield_when_idle=False`` leaves out ``-mca mpi_yield_when_idle 1``: only the benchmark
     that measures what the flag is worth wants that.
     """
-    cmd = launching.mpirun_command(
+    cmd = mpirun_command(
         [Host("localhost", num_proc)],
         argv,
         network_interface="lo",
@@ -143,7 +144,7 @@ def run_local_multiworker(
     try:
         for i in range(num_workers):
             wenv = dict(env or {})
-            wenv["TF_CONFIG"] = launching.tf_config(workers, i)
+            wenv["TF_CONFIG"] = tf_config(workers, i)
             procs.append(_start(argv, wenv, cwd))
         results = []
         for p in procs:

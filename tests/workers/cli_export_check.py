@@ -14,15 +14,15 @@ import numpy as np
 import tensorflow as tf
 
 from dist_share.config.schema import StrategyConfig
-from dist_share.data import pipeline as data
 from dist_share.distribute.strategies import get_strategy
 from dist_share.families import build as models
 from dist_share.run import directory as rundir
+from dist_share.run.inputs import input_specs, make_dataset_fn
 from dist_share.train.trainer import Trainer
 
 run_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = rundir.read_config(run_dir)
-specs = data.input_specs(cfg.data)
+specs = input_specs(cfg.data)
 trainer = Trainer(
     lambda: models.build_model(cfg.model, specs),
     get_strategy(StrategyConfig(name="local")),
@@ -30,7 +30,7 @@ trainer = Trainer(
     run_dir,
 )
 step = trainer.restore()
-features, _ = next(iter(data.make_dataset_fn(cfg.data, "eval", 32, 0)(None)))
+features, _ = next(iter(make_dataset_fn(cfg.data, "eval", 32, 0)(None)))
 reference = np.asarray(trainer.model(features, training=False))
 loaded = tf.saved_model.load(str(run_dir / "export" / "saved_model"))
 served = np.asarray(loaded.serve(features))
@@ -38,7 +38,7 @@ reloaded = np.asarray(
     keras.models.load_model(str(run_dir / "export" / "model.keras"))(features, training=False)
 )
 untrained = np.asarray(
-    models.build_model(cfg.model, data.input_specs(cfg.data)).model(features, training=False)
+    models.build_model(cfg.model, input_specs(cfg.data)).model(features, training=False)
 )
 out.write_text(
     json.dumps(

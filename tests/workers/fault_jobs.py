@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from dist_share.launch import launching
+from dist_share.launch.hosts import free_port
 from dist_share.train.guards import watchdog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ class Job:
         if launcher == "horovodrun" or launcher == "mpirun":
             extra = ["--network-interface", "lo"]
         else:
-            extra = ["--base-port", str(launching.free_port(count=2))]
+            extra = ["--base-port", str(free_port(count=2))]
         train = [EXE, "train", CONFIG, "--strategy", STRATEGY[launcher], "--run-dir", str(run_dir)]
         self.argv = [EXE, "launch", "--launcher", launcher, *hosts, *extra, *launch_args, "--",
                      *train, *SMALL, *train_args]  # fmt: skip

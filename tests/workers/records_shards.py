@@ -20,7 +20,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from dist_share.data import records
+from dist_share.data.records.source import RecordSource
+from dist_share.data.records.writer import write_shards
 
 GLOBAL_TRAIN_BATCH, GLOBAL_EVAL_BATCH = 4, 4
 
@@ -70,13 +71,13 @@ def check(
             return ids
 
     counter = _CountFallback()
-    logger = logging.getLogger("dist_share.records")
+    logger = logging.getLogger("dist_share.data.records")
     logger.addHandler(counter)
     try:
         result: dict = {}
         for directory in shard_dirs:
-            train = records.RecordSource.open(directory, split="train")
-            evals = records.RecordSource.open(directory, split="eval")
+            train = RecordSource.open(directory, split="train")
+            evals = RecordSource.open(directory, split="eval")
             plan = train.plan(ctx)
             per_replica = ctx.get_per_replica_batch_size(GLOBAL_TRAIN_BATCH)
             # Synchronous steps: every worker takes as many as the longest epoch needs.
@@ -108,7 +109,7 @@ def write_shard_sets(root: str) -> list[str]:
     dirs = []
     for shards in (4, 3):
         directory = os.path.join(root, f"s{shards}")
-        records.write_shards(
+        write_shards(
             directory, {"train": id_split(99), "eval": id_split(41, seed=1)},
             {"train": shards, "eval": shards}, family="siamese", progress=False,
         )  # fmt: skip

@@ -11,8 +11,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_share.config.schema import parse_model
-from dist_share.families.build import MODEL_FAMILIES, build_model
+from dist_share.config.schema import FAMILIES
+from dist_share.families.build import build_model
+from dist_share.run.resolve import parse_model
 
 
 def _snapshot(weights) -> list:
@@ -27,7 +28,7 @@ def check(strategy: tf.distribute.Strategy) -> dict:
     from tests.test_models import CASES, _batch
 
     result: dict = {"num_replicas": strategy.num_replicas_in_sync}
-    for family in MODEL_FAMILIES:
+    for family in FAMILIES:
         cfg, specs = CASES[family]
         keras.utils.set_random_seed(0)
         with strategy.scope():

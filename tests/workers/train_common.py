@@ -31,7 +31,7 @@ IN_DIM = 4
 def run_config(**sections: dict):
     """A validated dist_share Config with these sections (the model section is unused: the
     tests' models are built by the functions below)."""
-    from dist_share.config.schema import validate
+    from dist_share.run.resolve import validate
 
     return validate({"model": {"family": "siamese"}, **sections})
 

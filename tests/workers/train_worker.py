@@ -134,7 +134,9 @@ def main() -> None:
     import numpy as np
     import train_common as tc
 
-    from dist_share.train.trainer import CustomLoop, Trainer
+    from dist_share.run.resolve import replace
+    from dist_share.train.loops.custom import CustomLoop
+    from dist_share.train.trainer import Trainer
 
     class SlowLoop(CustomLoop):
         """Lets the kill test catch the run between checkpoints."""
@@ -186,7 +188,7 @@ def main() -> None:
         run_dir = a.run_dir
         if name.endswith("_resume"):
             run_dir = os.path.join(os.path.dirname(os.path.abspath(a.out)), name)
-            first = config.replace("training.steps=3")
+            first = replace(config, "training.steps=3")
             trainer = Trainer(tc.BUILDERS[family], strategy, first, run_dir, loop=loop_cls)
             trainer.train(tc.make_dataset_fn(family, a.batch))
             trainer.close()

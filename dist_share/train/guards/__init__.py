@@ -1,1 +1,1 @@
-"""PLACEHOLDER"""
+"""Guards a training loop runs under: non-finite values, preemption (SIGTERM), stalled peers."""

@@ -1,28 +1,8 @@
-"""The non-finite guard (``training.on_nonfinite: stop | skip``).
+"""The non-finite guard (``training.on_nonfinite: stop | skip``), decided on the reduced gradient.
 
-A diverging run (learning rate far too high, a bad example, an fp16 overflow outside loss
-scaling) produces NaN/inf gradients; applied, they turn every variable into NaN, and the next
-checkpoints then push the good ones out of the kept set. The guard decides on the *reduced*
-gradient, which is identical on every replica, so all replicas take the same branch (no
-replica can apply an update the others skip, which would desynchronise them or deadlock a
-collective):
-
-* ``stop`` (default): the run ends at that step with `NonFiniteError` (exit 4) naming the
-  step and the first variable whose reduced gradient is not finite (or the loss, if only the
-  loss is), and nothing after it is saved. The update itself is applied in memory, as Keras's
-  ``TerminateOnNaN`` does: holding it back takes a ``tf.cond`` around the optimizer step,
-  whose Switch/Merge per variable and slot cost 5-9 % of the benchmark model's step on this
-  CPU (``python -m benchmarks.guard_ab``: ``skip`` against ``stop``), on every step of every
-  run, to protect weights that a stopping run throws away. What a run keeps is on disk, and
-  `TrainState.save` refuses NaN/inf;
-* ``skip``: the update is not applied on any replica (the ``tf.cond`` is paid: the run goes
-  on with these weights), and ``metrics.jsonl`` counts the skipped steps
-  (``nonfinite_skipped``, cumulative).
-
-Mixed precision: ``keras.optimizers.LossScaleOptimizer`` already skips steps whose *scaled*
-gradient overflowed and lowers the scale; that is normal, not divergence. With
-``training.mixed_precision`` the gradient check is therefore left to the loss-scale optimizer
-and the guard acts on a non-finite *loss* only.
+The reduced gradient is the same on every replica, so every replica takes the same branch. What
+``stop`` and ``skip`` do, and why mixed precision watches the loss only: docs/RELIABILITY.md,
+"Non-finite guard".
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """Preemption: SIGTERM makes every rank stop at the same step, the chief save, the job exit 75.
 
-Slurm, Kubernetes and cloud schedulers send SIGTERM some seconds before they kill a job. Dying
-at once loses every step since the last checkpoint; saving on the rank that got the signal is
-not enough (under MultiWorkerMirrored a save is a collective, under Horovod the other ranks
-would wait in their next allreduce forever). So the handler only sets a flag, and at step
-boundaries the ranks *agree*: the flag is summed over every process, and when any rank was told
-to stop, all of them stop after that same step. The trainer then writes a checkpoint and raises
-`Preempted` (exit code 75, EX_TEMPFAIL: "rerun to resume").
-
-How the flag is summed: the custom loop passes `PreemptionGuard.requested` into its compiled
-step, where it rides the reduction of the logged sums that every step does anyway (no extra
-collective); the Keras fit path, which has no such reduction of ours, calls `agree` (one small
-collective per step).
+The handler only sets a flag; at step boundaries the ranks agree on it (summed over every
+process), so all of them stop after the same step. Details: docs/RELIABILITY.md, "Preemption".
 """
 
 from __future__ import annotations
@@ -40,8 +30,9 @@ class PreemptionGuard:
         signals: the signals that mean "save and stop" (default SIGTERM).
 
     Use as a context manager around the loop (or `install` / `uninstall`); read `requested`
-    at the same steps on every rank and sum it over the ranks (see the module docstring), and
-    call `stop` on every rank once the sum is positive.
+    at the same steps on every rank and sum it over the ranks (the custom loop in its compiled
+    step's reduction of the logs, Keras fit with `agree`), and call `stop` on every rank once
+    the sum is positive.
     """
 
     def __init__(self, strategy: Any, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:

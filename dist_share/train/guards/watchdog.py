@@ -1,25 +1,6 @@
 """Per-rank heartbeats: a rank that freezes or dies ends the whole job within a bounded time.
 
-Why a watchdog of our own: when one rank of a collective stops (SIGSTOP, a hung driver, a node
-that drops off the network) the others wait in the collective. Nothing in the stack bounds that
-wait the same way under every launcher: MultiWorkerMirrored's CPU ring collectives wait forever,
-Gloo gives up after its 30 s receive timeout only inside Horovod ops, Open MPI waits forever.
-A thread in every process does not block with the main thread, so it can tell "my peer is
-frozen" from "my peer is slow":
-
-* every ``interval`` seconds each rank rewrites ``RUN_DIR/.heartbeats/rank-R.json`` with a
-  counter, its pid, host and last finished step (the thread keeps beating while the main
-  thread waits in a collective or writes a checkpoint; it stops only if the process stops);
-* each rank watches the others' files; when a peer's counter has not moved for
-  ``stall_timeout`` seconds (measured on the watcher's own monotonic clock, so clock skew
-  between hosts does not matter), the watcher prints which rank stopped answering and exits
-  with code 3 (`errors.EXIT_PEER_LOST`); the launcher then ends the rest of the job.
-
-A peer is only judged once this rank has seen its beat move, so slow start-up (TensorFlow
-import, a joining worker) is never a stall, a file left behind by a killed earlier launch is
-ignored, and a rank that finished removes its file.
-``RUN_DIR`` must be visible to every rank (the same rule as for checkpoints). The job ends at
-most ``stall_timeout + 2 * interval`` seconds after the freeze plus the launcher's tear-down.
+Why a watchdog of our own, and what to set: docs/RELIABILITY.md, "Heartbeats".
 """
 
 from __future__ import annotations
@@ -45,7 +26,16 @@ def _exit_process(code: int) -> None:  # replaced in unit tests of the decision 
 
 
 class Heartbeat:
-    """Beat for this rank and watch the others; see the module docstring.
+    """Beat for this rank and watch the others.
+
+    A thread rewrites ``RUN_DIR/.heartbeats/rank-R.json`` (a counter, pid, host, last step)
+    every ``interval`` seconds, also while the main thread waits in a collective, and watches
+    the other ranks' files. A peer whose beat has not moved for ``stall_timeout`` seconds (on
+    this rank's monotonic clock: no clock skew) is named and this process exits 3
+    (`errors.EXIT_PEER_LOST`). A peer is judged only once its beat was seen to move, so slow
+    start-up or a file left by a killed earlier launch is never a stall; a finished rank
+    removes its file. ``RUN_DIR`` must be visible to every rank. The job ends at most
+    ``stall_timeout + 2 * interval`` seconds after a freeze, plus the launcher's tear-down.
 
     Args:
         run_dir: the job's run directory (shared by all ranks).

@@ -1,48 +1,26 @@
 """Elastic Horovod for Keras 3: a training state Horovod can commit, roll back and hand to
-joiners, and the trainer's loop built on it (``strategy.horovod.elastic: true``).
+joiners, and `ElasticLoop`, the custom loop run inside Horovod's elastic retry loop.
 
-Horovod's elastic mode (``horovodrun --min-np --max-np --host-discovery-script``) keeps a job
-running while workers come and go: the training function is wrapped in Horovod's elastic
-``run``; the state is committed every few steps; when a worker dies the survivors get a
-``HorovodInternalError`` in their next collective, roll back to the last commit and carry on
-with fewer workers; when the discovery script lists a new host, every worker gets a
-``HostsUpdatedInterrupt`` at its next commit, the new worker is started, and the state is
-broadcast from rank 0 so it joins where the others are.
-
-Why not Horovod's own ``hvd.elastic.TensorFlowKerasState`` (0.28.1): it was written for Keras 2.
-With Keras 3 (TF 2.16+)
-
-* it reads ``optimizer.variables()`` as a method (Keras 3: a list property) and
-  ``model.get_weights()`` covers no optimizer slots, so a rollback would keep the Adam moments
-  of the lost steps;
-* its ``sync`` calls ``hvd.broadcast_variables(model.variables)``: Keras 3 variables are not
-  ``tf.Variable`` s, and Horovod's broadcast needs the underlying ``tf.Variable`` (``v.value``).
-
-Why not ``horovod.tensorflow.elastic.run`` either: its wrapper turns a TensorFlow
-``UnknownError`` into ``HorovodInternalError`` only when the message names a Horovod op, and
-otherwise *returns None* (no re-raise), so any other ``UnknownError`` (a grouped allreduce named
-by the caller, a failing ``py_function`` in the input pipeline) would end training silently as
-if it had finished. `run` uses Horovod's generic ``run_fn`` with its own error translation.
-
-`make_state` builds an ``hvd.elastic.ObjectState`` (so plain Python attributes are committed and
-broadcast by Horovod's own code) that snapshots and restores every model and optimizer variable
-itself and broadcasts the ``tf.Variable`` s underneath. `ElasticLoop` is `training.CustomLoop`
-run inside `run`. Everything else (driver, discovery, blacklisting, rendezvous, Gloo) is
-Horovod's, unchanged.
+What is committed and rebuilt: docs/DISTRIBUTED.md; why not Horovod's own
+``TensorFlowKerasState`` and ``horovod.tensorflow.elastic.run``: docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from dist_share.distribute.strategies import DatasetFn
+from dist_share.data.types import DatasetFn
 from dist_share.errors import ConfigError, JobError
-from dist_share.train.trainer import CustomLoop, Evaluator, MetricsLogger, TrainState
+from dist_share.train.evaluation import Evaluator
+from dist_share.train.logs import MetricsLogger
+from dist_share.train.loops.custom import CustomLoop
+from dist_share.train.state import TrainState
 
 # What a TensorFlow error says when a Horovod collective failed because the job lost a worker
 # (Gloo's connection to it broke, or Horovod's background loop shut down after that).
@@ -70,10 +48,18 @@ def is_collective_failure(error: BaseException) -> bool:
     return bool(_COLLECTIVE_FAILURE.search(str(getattr(error, "message", "") or error)))
 
 
-def _internal_error(error: BaseException) -> Exception:
-    from horovod.common.exceptions import HorovodInternalError
+@contextlib.contextmanager
+def _rollback_on_collective_failure() -> Iterator[None]:
+    """Raise a collective failure as ``HorovodInternalError``, Horovod's rollback signal;
+    every other error propagates unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if not is_collective_failure(e):
+            raise
+        from horovod.common.exceptions import HorovodInternalError
 
-    return HorovodInternalError(error)
+        raise HorovodInternalError(e) from e
 
 
 def variables_checksum(variables: Sequence[Any]) -> float:
@@ -149,14 +135,10 @@ def make_state(
 
         def sync(self) -> None:
             # A worker lost during the sync is a failure like any other: roll back and re-form.
-            try:
+            with _rollback_on_collective_failure():
                 hvd.broadcast_variables(_tf_variables(self.variables()), root_rank=0)
                 self._save_variables()
                 super().sync()
-            except Exception as e:
-                if is_collective_failure(e):
-                    raise _internal_error(e) from e
-                raise
 
     return KerasTrainState()
 
@@ -179,18 +161,14 @@ def run(train: Callable[..., Any], state: Any, *args: Any, **kwargs: Any) -> Any
         hvd.init()
 
     def translated(state: Any, *a: Any, **kw: Any) -> Any:
-        try:
+        with _rollback_on_collective_failure():
             return train(state, *a, **kw)
-        except Exception as e:
-            if is_collective_failure(e):
-                raise _internal_error(e) from e
-            raise
 
     return run_fn(translated, reset)(state, *args, **kwargs)
 
 
 class ElasticLoop(CustomLoop):
-    """`training.CustomLoop` under elastic Horovod: the step loop runs inside `run`.
+    """`CustomLoop` under elastic Horovod: the step loop runs inside `run`.
 
     * Committed (host copies, the rollback point): every model and optimizer variable, the
       global step, and the count of skipped non-finite steps; every

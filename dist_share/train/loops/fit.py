@@ -1,15 +1,7 @@
 """Keras 3 `model.fit` as a training loop, under every strategy, Horovod included.
 
-A peer of `training.CustomLoop`: the same `TrainState` (model, optimizer, step, checkpoints),
-`MetricsLogger` and `Evaluator`, driven by ``fit`` instead of a hand-written loop.
-
-Horovod's own ``horovod.tensorflow.keras.DistributedOptimizer`` does not work with Keras 3 (it
-calls ``.ref()`` on Keras 3 variables, which are not tf.Variables). Keras 3's TF optimizer
-passes every gradient through one reduction hook in replica context before the update;
-`distribute_optimizer` points it at `Strategy.reduce_gradients`, so fit gets the same dedup /
-dense switch / compression / Horovod allreduce as the custom loop. Initial state is broadcast
-from rank 0 once the optimizer has its slots; logs are averaged over processes where Keras
-keeps them per process; only the chief writes checkpoints, metrics.jsonl and TensorBoard.
+A peer of `CustomLoop` on the same `TrainState`, `MetricsLogger` and `Evaluator`; why it reduces
+gradients through the optimizer's hook: docs/DISTRIBUTED.md, "Custom loop vs model.fit".
 """
 
 from __future__ import annotations
@@ -21,15 +13,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dist_share.data.pipeline import DatasetFn, train_input
+from dist_share.data.pipeline import train_input
+from dist_share.data.types import DatasetFn
 from dist_share.distribute.gradients import set_optimizer_reduction
+from dist_share.distribute.strategies import Strategy
 from dist_share.errors import ConfigError
+from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import nonfinite, preemption
+from dist_share.train.logs import MetricsLogger
+from dist_share.train.state import TrainState
 
 if TYPE_CHECKING:
     from dist_share.config.schema import Config
-    from dist_share.distribute.strategies import Strategy
-    from dist_share.train.trainer import Evaluator, MetricsLogger, TrainState
 
 
 def distribute_optimizer(optimizer: keras.optimizers.Optimizer, strategy: Strategy) -> Any:

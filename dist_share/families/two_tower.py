@@ -1,0 +1,154 @@
+"""The two-tower family: query and candidate towers over embedding tables they may share."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from dist_share.config.schema import DataConfig, ModelConfig
+from dist_share.data.checks import check_binary_labels
+from dist_share.data.synthetic import synthetic_interactions
+from dist_share.data.types import Arrays
+from dist_share.errors import ConfigError, hint
+from dist_share.families.base import Family
+
+
+class TwoTowerFamily(Family):
+    """A query tower and a candidate tower over embedding tables that they may share."""
+
+    name = "two_tower"
+    losses = ("binary", "in_batch_softmax")
+    sources = ("two_tower_synthetic", "npz", "random", "tfrecord")
+    fixed_streams = ("query_user", "query_history", "candidate_item")
+    SIDES = ("query", "candidate")
+
+    def stream_dtype(self, stream: str) -> str:
+        return "int32"
+
+    def check_labels(self, labels: np.ndarray, where: str) -> None:
+        check_binary_labels(labels, where, self.name)
+
+    def model_defaults(self) -> dict:
+        return {
+            **super().model_defaults(),
+            "tables": {"users": {"vocab_size": 500}, "items": {"vocab_size": 2000}},
+            "query": {"features": {"query_user": "users", "query_history": "items"}},
+            "candidate": {"features": {"candidate_item": "items"}},
+        }
+
+    def check_model(self, model: ModelConfig, num_views: int | None) -> ModelConfig:
+        """Also checks each side's block once and keeps the checked `BlockSpec`."""
+        from dist_share.model.blocks.spec import validate_block_spec
+
+        model = super().check_model(model, num_views)
+        tables = model.tables
+        if not tables:
+            raise ConfigError(
+                "model.tables", "is required for family two_tower, e.g. {users: {vocab_size: 500}}"
+            )
+        fed: dict[str, str] = {}
+        checked: dict[str, Any] = {}
+        streams = list(self.fixed_streams)
+        for side in self.SIDES:
+            scfg = getattr(model, side)
+            path = f"model.{side}"
+            if not scfg.features:
+                raise ConfigError(
+                    f"{path}.features", "is required: a mapping {stream_name: table_name}"
+                )
+            block = validate_block_spec(scfg.block, f"{path}.block")
+            if block["type"] != "mlp":
+                raise ConfigError(f"{path}.block.type", "a two_tower tower block must be an mlp")
+            checked[side] = dataclasses.replace(scfg, block=block)
+            dims = set()
+            for stream, table in scfg.features.items():
+                where = f"{path}.features.{stream}"
+                if stream not in streams:
+                    raise ConfigError(
+                        where, "is not a two_tower stream" + hint(stream, streams, "streams")
+                    )
+                if table not in tables:
+                    raise ConfigError(
+                        where, f"unknown table {table!r}; expected one of {', '.join(tables)}"
+                    )
+                if stream in fed:
+                    raise ConfigError(where, f"already feeds model.{fed[stream]}")
+                fed[stream] = side
+                dims.add(tables[table].dim or model.embedding_dim)
+            if len(dims) > 1:
+                raise ConfigError(
+                    f"{path}.features",
+                    f"tables of one tower must have one dim to be combined, got {sorted(dims)}",
+                )
+        missing = [s for s in streams if s not in fed]
+        if missing:
+            raise ConfigError(
+                "model.query.features", f"streams {missing} of the data are not fed to either tower"
+            )
+        return dataclasses.replace(model, **checked)
+
+    def table_of(self, model: ModelConfig, stream: str) -> str:
+        for side in self.SIDES:
+            features = getattr(model, side).features
+            if stream in features:
+                return features[stream]
+        raise KeyError(stream)
+
+    def check_data(self, data: DataConfig, model: ModelConfig) -> None:
+        super().check_data(data, model)
+        syn = data.synthetic
+        if data.source in ("two_tower_synthetic", "random"):
+            if syn.preferred_clusters >= syn.num_clusters:
+                raise ConfigError(
+                    "data.synthetic.preferred_clusters",
+                    f"is {syn.preferred_clusters}, expected fewer than "
+                    f"data.synthetic.num_clusters ({syn.num_clusters})",
+                )
+            for stream, count_key in (
+                ("query_user", "num_users"),
+                ("candidate_item", "num_items"),
+                ("query_history", "num_items"),
+            ):
+                table = self.table_of(model, stream)
+                vocab = model.tables[table].vocab_size
+                if vocab < getattr(syn, count_key):
+                    raise ConfigError(
+                        f"model.tables.{table}.vocab_size",
+                        f"is {vocab} but data.synthetic.{count_key} is "
+                        f"{getattr(syn, count_key)} (stream {stream})",
+                    )
+
+    def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
+
+        return synthetic_interactions(data, split, n)
+
+    def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
+
+        import keras
+
+        from dist_share.model.blocks.build import build_block
+        from dist_share.model.blocks.embedding import CombineFields
+        from dist_share.model.heads import StackPair
+        from dist_share.model.metrics import BinaryAccuracy, InBatchTop1
+
+        tables = {
+            name: keras.layers.Embedding(
+                t.vocab_size, t.dim or model.embedding_dim, name=f"table_{name}"
+            )
+            for name, t in model.tables.items()
+        }
+        embeddings = []
+        for side in self.SIDES:
+            scfg = getattr(model, side)
+            looked_up = [tables[t](inputs[s]) for s, t in scfg.features.items()]
+            pooled = CombineFields(scfg.combiner, name=f"{side}_combine")(looked_up)
+            embeddings.append(
+                build_block(scfg.block, model.embedding_dim, name=f"{side}_tower")(pooled)
+            )
+        metrics = {
+            "binary_accuracy": BinaryAccuracy(),
+            "in_batch_top1": InBatchTop1(),
+        }
+        return StackPair(name="pair")(embeddings), metrics

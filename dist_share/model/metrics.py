@@ -1,0 +1,73 @@
+"""Metrics that return one value per example (shape ``[batch]``), averaged by the caller.
+
+Each is a registered `losses.PerExample` callable, computed in float32 like the losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from dist_share.model.losses import PerExample, pair_logits
+
+_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
+
+
+def _f32(x: Any) -> Any:
+    return ops.cast(x, "float32")
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class PairAccuracy(PerExample):
+    """Siamese: predicted 'same' when the distance is below ``threshold``."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = float(threshold)
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(_f32(y_true), (-1,)) > 0.5
+        same = ops.reshape(_f32(y_pred), (-1,)) < self.threshold
+        return _f32(ops.equal(y, same))
+
+    def get_config(self) -> dict:
+        return {"threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class TripletAccuracy(PerExample):
+    """1 where d(anchor, positive) < d(anchor, negative)."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        d = _f32(y_pred)
+        return _f32(d[:, 0] < d[:, 1])
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class ClassAccuracy(PerExample):
+    """Multi-view classifier: argmax of the logits equals the label."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        return _f32(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y))
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class BinaryAccuracy(PerExample):
+    """Two-tower: sigmoid(score) > 0.5 agrees with the 0/1 label."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        y = ops.reshape(_f32(y_true), (-1,)) > 0.5
+        return _f32(ops.equal(pair_logits(y_pred) > 0.0, y))
+
+
+@keras.saving.register_keras_serializable(package=_PKG)
+class InBatchTop1(PerExample):
+    """Two-tower: row i's own candidate scores highest among the batch's candidates."""
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        p = _f32(y_pred)
+        logits = ops.matmul(p[:, 0], ops.transpose(p[:, 1]))
+        best = ops.cast(ops.argmax(logits, axis=-1), "int32")
+        return _f32(ops.equal(best, ops.arange(ops.shape(logits)[0], dtype="int32")))

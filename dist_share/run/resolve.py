@@ -1,0 +1,143 @@
+"""A config resolved: raw YAML data checked into a `Config`, with each family's defaults and checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dist_share.config.fields import parse_section, type_hints
+from dist_share.config.loading import apply_overrides, load_yaml, merge
+from dist_share.config.schema import (
+    FAMILIES,
+    SECTIONS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    SideConfig,
+    TableConfig,
+    TowerConfig,
+)
+from dist_share.errors import ConfigError, hint
+from dist_share.families.base import Family
+from dist_share.families.registry import get_family
+
+_WHOLE_VALUES = (
+    ("loss",),
+    ("tower", "block"),
+    ("query", "block"),
+    ("candidate", "block"),
+    ("tables",),
+    ("query", "features"),
+    ("candidate", "features"),
+)
+
+
+def _model_with_defaults(raw: Mapping, family: Family) -> dict:
+    """Merge the defaults under ``raw``. A block or loss of another ``type`` replaces the default
+    one and so does a tables/features mapping with names the default lacks; otherwise keys merge,
+    so ``--set model.tower.block.filters=[8]`` edits the default block."""
+    defaults = merge(
+        {
+            "tower": {"block": TowerConfig().block},
+            "query": {"block": SideConfig().block},
+            "candidate": {"block": SideConfig().block},
+        },
+        family.model_defaults(),
+    )
+    defaults = {k: v for k, v in defaults.items() if k in family.model_keys}
+    for whole in _WHOLE_VALUES:
+        node, dnode = raw, defaults
+        for key in whole[:-1]:
+            node = node.get(key) if isinstance(node, Mapping) else None
+            dnode = dnode.get(key, {})
+        given = node.get(whole[-1]) if isinstance(node, Mapping) else None
+        default = dnode.get(whole[-1])
+        if not isinstance(given, Mapping) or not isinstance(default, Mapping):
+            continue
+        if "type" in default:
+            replace = given.get("type", default["type"]) != default["type"]
+        else:
+            replace = not set(given) <= set(default)
+        if replace:
+            dnode.pop(whole[-1])
+    return merge(defaults, raw)
+
+
+def parse_model(raw: Any, num_views: int | None = None) -> ModelConfig:
+    """The ``model`` section alone: family defaults filled, every key and spec checked.
+
+    Checks that need the data (stream names and counts) run with ``num_views`` if given, and
+    otherwise when the model is built against the real input specs (`dist_share.families.build.build_model`).
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            "model",
+            "is required (a mapping with at least 'family')"
+            if raw is None
+            else f"got {raw!r}, expected a mapping",
+        )
+    if "family" not in raw:
+        raise ConfigError("model.family", "is required (one of " + ", ".join(FAMILIES) + ")")
+    family = get_family(raw["family"], path="model.family")
+    model = parse_section(
+        ModelConfig, _model_with_defaults(raw, family), "model", family.model_keys
+    )
+    if isinstance(model.tables, Mapping):
+        tables = {
+            name: parse_section(TableConfig, table, f"model.tables.{name}")
+            for name, table in model.tables.items()
+        }
+        model = dataclasses.replace(model, tables=tables)
+    return family.check_model(model, num_views)
+
+
+def validate(raw: Any) -> Config:
+    """Fill defaults and check every key of raw config data; returns the `Config`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"a config is a mapping of sections, got {type(raw).__name__}")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(str(key), "unknown key" + hint(key, SECTIONS))
+    # The sections that do not depend on the model first: checking the model's blocks imports
+    # Keras (and TensorFlow, seconds of start-up), which a typo in `training:` need not wait for.
+    rest = {
+        name: parse_section(type_hints(Config)[name], raw.get(name), name) for name in SECTIONS[2:]
+    }
+    model_raw = raw.get("model")
+    data_raw = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
+    views = data_raw.get("num_views", DataConfig.num_views)
+    model = parse_model(model_raw, views if isinstance(views, int) else None)
+    family = get_family(model.family)
+    data_given = raw.get("data")
+    if data_given is None or isinstance(data_given, Mapping):
+        data_given = merge(family.data_defaults(), data_given or {})
+    data = parse_section(DataConfig, data_given, "data")
+    if data.family is not None and data.family != model.family:
+        raise ConfigError("data.family", f"is {data.family!r} but model.family is {model.family!r}")
+    data = dataclasses.replace(data, family=model.family)
+    family.check_data(data, model)
+    cfg = Config(model=model, data=data, **rest)
+    tr = cfg.training
+    if tr.batch_size % tr.grad_accum_steps:
+        raise ConfigError(
+            "training.grad_accum_steps",
+            f"{tr.grad_accum_steps} does not divide training.batch_size {tr.batch_size}",
+        )
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read, merge ``base:``, apply ``--set`` overrides, fill defaults and validate."""
+    return validate(apply_overrides(load_yaml(path), overrides))
+
+
+def defaults(family: str = "siamese", *overrides: str) -> Config:
+    """The default config of a family, with optional overrides (for code, tests and notebooks)."""
+    return validate(apply_overrides({"model": {"family": family}}, overrides))
+
+
+def replace(cfg: Config, *overrides: str) -> Config:
+    """A new config with ``--set``-style overrides (``"training.steps=5"``), validated again."""
+    return validate(apply_overrides(cfg.to_dict(), overrides))
