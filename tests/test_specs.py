@@ -65,6 +65,7 @@ def test_loss_spec_defaults_come_from_the_loss_classes() -> None:
     assert losses.validate_loss_spec({"type": "in_batch_softmax", "temperature": 0.5}) == {
         "type": "in_batch_softmax",
         "temperature": 0.5,
+        "negatives": "global",
     }
     assert losses.loss_options("triplet") == {"margin": 1.0}
     assert losses.get_loss({"type": "triplet", "margin": 2}).margin == 2.0

@@ -27,6 +27,7 @@ from dist_share.data.types import DatasetFn
 from dist_share.distribute.cluster import discover_tf_config
 from dist_share.distribute.gradients import GradientOptions, reduce_gradients
 from dist_share.errors import ConfigError
+from dist_share.model.cross_replica import CollectiveGroup, set_process_group
 
 
 def tf_variables(variables: list[Any]) -> list[tf.Variable]:
@@ -256,6 +257,23 @@ class MultiWorkerStrategy(TFDistributeStrategy):
             shutil.rmtree(directory, ignore_errors=True)
 
 
+class HorovodGroup(CollectiveGroup):
+    """Every process of a Horovod job, one replica each."""
+
+    def __init__(self, hvd: Any) -> None:
+        self.hvd = hvd
+        self.num_replicas = int(hvd.size())
+
+    def _gather(self, x: tf.Tensor) -> tf.Tensor:
+        return self.hvd.allgather(x)
+
+    def _sum(self, x: tf.Tensor) -> tf.Tensor:
+        return self.hvd.allreduce(x, op=self.hvd.Sum)
+
+    def _index(self) -> tf.Tensor:
+        return tf.constant(self.hvd.rank(), tf.int32)
+
+
 class HorovodStrategy(Strategy):
     """One replica per process; Horovod collectives instead of tf.distribute's."""
 
@@ -274,6 +292,7 @@ class HorovodStrategy(Strategy):
                 tf.config.experimental.set_memory_growth(gpu, True)
             tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
         self.hvd = hvd
+        set_process_group(HorovodGroup(hvd))
         super().__init__(options)
 
     @property

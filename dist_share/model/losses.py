@@ -19,6 +19,7 @@ import keras
 from keras import ops
 
 from dist_share.errors import ConfigError, hint
+from dist_share.model.cross_replica import ReplicaGroup, current_group
 
 LOSS_TYPES = (
     "contrastive",
@@ -28,6 +29,8 @@ LOSS_TYPES = (
     "sparse_categorical_crossentropy",
 )
 _PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
+# Where an in-batch loss takes its negatives: the whole global batch, or each replica's rows.
+NEGATIVES = ("global", "local")
 
 
 def _f32(x: Any) -> Any:
@@ -35,7 +38,15 @@ def _f32(x: Any) -> Any:
 
 
 class PerExample:
-    """Base: ``__call__(y_true, y_pred) -> [batch]`` float32, with a serialisable config."""
+    """Base: ``__call__(y_true, y_pred) -> [batch]`` float32, with a serialisable config.
+
+    ``couples_rows``: a row's value depends on other rows of the global batch (it gathers them
+    across replicas), so micro-batches must be recombined before it is computed.
+    ``CHOICES``: the options that take a name, and the names they take (others are numbers).
+    """
+
+    couples_rows = False
+    CHOICES: dict[str, tuple[str, ...]] = {}
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         raise NotImplementedError
@@ -101,23 +112,34 @@ class BinaryLoss(PerExample):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class InBatchSoftmaxLoss(PerExample):
-    """Softmax over the batch's candidates: row i's positive is candidate i.
+    """Softmax over the global batch's candidates: row i's positive is candidate i.
 
-    ``y_pred`` is ``[B, 2, D]`` (query, candidate). Labels are not used: every row is treated as
-    a positive pair and the other rows' candidates as negatives (within one replica's batch).
+    ``y_pred`` is ``[B, 2, D]`` (query, candidate). Labels are not used: every row is a positive
+    pair and every other row's candidate a negative. With ``negatives: global`` (the default)
+    the candidates of every replica are gathered (`cross_replica.current_group`), so a query
+    sees the same negatives however the global batch is split; ``local`` keeps each replica's
+    own rows only (per-replica negatives, which change with the number of replicas).
     """
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    couples_rows = True
+    CHOICES = {"negatives": NEGATIVES}
+
+    def __init__(self, temperature: float = 0.1, negatives: str = "global") -> None:
         self.temperature = float(temperature)
+        self.negatives = str(negatives)
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         p = _f32(y_pred)
-        logits = ops.matmul(p[:, 0], ops.transpose(p[:, 1])) / self.temperature
-        labels = ops.arange(ops.shape(logits)[0])
+        queries, candidates = p[:, 0], p[:, 1]
+        group = current_group() if self.negatives == "global" else ReplicaGroup()
+        everyone = group.all_gather(candidates)
+        logits = ops.matmul(queries, ops.transpose(everyone)) / self.temperature
+        rows = ops.shape(logits)[0]
+        labels = group.row_offset(rows) + ops.arange(rows, dtype="int32")
         return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
     def get_config(self) -> dict:
-        return {"temperature": self.temperature}
+        return {"temperature": self.temperature, "negatives": self.negatives}
 
 
 @keras.saving.register_keras_serializable(package=_PKG)
@@ -140,7 +162,7 @@ _LOSS_CLASSES: dict[str, type[PerExample]] = {
 }
 
 
-def loss_options(kind: str) -> dict[str, float]:
+def loss_options(kind: str) -> dict[str, Any]:
     """The options of loss type `kind` with their defaults, e.g. ``{"margin": 1.0}``."""
     params = inspect.signature(_LOSS_CLASSES[kind].__init__).parameters
     return {
@@ -183,19 +205,32 @@ def validate_loss_spec(
             f"loss {kind!r} does not fit this model; expected one of {', '.join(allowed)}",
         )
     options = loss_options(kind)
+    choices = _LOSS_CLASSES[kind].CHOICES
     out: dict[str, Any] = {"type": kind}
     for key, value in spec.items():
         if key == "type":
             continue
+        if key == "negatives" and key not in options:
+            raise ConfigError(
+                f"{path}.{key}",
+                f"loss {kind!r} compares no rows of the batch, so it has no negatives to take "
+                "(only in_batch_softmax has)",
+            )
         if key not in options:
             raise ConfigError(
                 f"{path}.{key}",
                 f"unknown option for loss {kind!r}" + hint(key, ("type", *options), "allowed"),
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if key in choices:
+            if value not in choices[key]:
+                raise ConfigError(
+                    f"{path}.{key}", f"got {value!r}, expected one of {', '.join(choices[key])}"
+                )
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{path}.{key}", f"must be a number > 0, got {value!r}")
     for key, default in options.items():
-        out[key] = float(spec.get(key, default))
+        value = spec.get(key, default)
+        out[key] = value if key in choices else float(value)
     return out
 
 

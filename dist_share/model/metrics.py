@@ -10,6 +10,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from dist_share.model.cross_replica import current_group
 from dist_share.model.losses import PerExample, pair_logits
 
 _PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
@@ -64,10 +65,20 @@ class BinaryAccuracy(PerExample):
 
 @keras.saving.register_keras_serializable(package=_PKG)
 class InBatchTop1(PerExample):
-    """Two-tower: row i's own candidate scores highest among the batch's candidates."""
+    """Two-tower: row i's own candidate scores highest among the global batch's candidates.
+
+    The candidates of every replica are gathered (`cross_replica.current_group`), so the value
+    of a checkpoint does not depend on how the evaluation batch is split.
+    """
+
+    couples_rows = True
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         p = _f32(y_pred)
-        logits = ops.matmul(p[:, 0], ops.transpose(p[:, 1]))
+        group = current_group()
+        everyone = group.all_gather(p[:, 1])
+        logits = ops.matmul(p[:, 0], ops.transpose(everyone))
+        rows = ops.shape(logits)[0]
         best = ops.cast(ops.argmax(logits, axis=-1), "int32")
-        return _f32(ops.equal(best, ops.arange(ops.shape(logits)[0], dtype="int32")))
+        own = group.row_offset(rows) + ops.arange(rows, dtype="int32")
+        return _f32(ops.equal(best, own))

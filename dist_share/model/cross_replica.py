@@ -1,0 +1,138 @@
+"""The replicas that share a step, as a batch-coupled layer, loss or metric sees them.
+
+A loss that compares rows (in-batch negatives), a batch normalisation or a batch metric must
+see the *global* batch to give the same result however the batch is split across replicas and
+processes. `current_group` returns the group of replicas computing the present step; its
+`ReplicaGroup.all_gather` and `ReplicaGroup.all_sum` are exact and differentiable: the gradient
+of a row flows back to the replica that made it, summed over every replica whose result used it
+(docs/DISTRIBUTED.md, "What is exact across replicas").
+
+Which group applies is found, not passed: inside a tf.distribute replica function it is that
+strategy's replicas; in a Horovod job it is every process (`set_process_group`, called by the
+Horovod strategy); otherwise one replica, for which both operations are the identity.
+`local_only` makes code inside it see its own replica's rows only (``negatives: local``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow as tf
+
+_state = threading.local()
+_process_group: ReplicaGroup | None = None
+
+
+class ReplicaGroup:
+    """One replica: gathering and summing are the identity. Subclasses talk to the others."""
+
+    num_replicas: int = 1
+
+    def all_gather(self, x: tf.Tensor) -> tf.Tensor:
+        """Every replica's ``x`` concatenated along axis 0, in replica order (sizes may differ)."""
+        return x
+
+    def all_sum(self, x: tf.Tensor) -> tf.Tensor:
+        """The elementwise sum of ``x`` over the replicas."""
+        return x
+
+    def row_offset(self, num_rows: Any) -> tf.Tensor:
+        """Where this replica's first row sits in `all_gather`'s result."""
+        return tf.constant(0, tf.int32)
+
+
+class CollectiveGroup(ReplicaGroup):
+    """A group whose gather and sum carry their exact gradients (sum over replicas).
+
+    Subclasses give the raw collectives; the gradients are defined here once, because the
+    built-in gradients differ between backends (tf.distribute sums, Horovod's allgather
+    averages) and neither knows the row offset of a replica whose batch size differs.
+    """
+
+    def _gather(self, x: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def _sum(self, x: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def row_offset(self, num_rows: Any) -> tf.Tensor:
+        sizes = self._gather(tf.reshape(tf.cast(num_rows, tf.int32), [1]))
+        return tf.reduce_sum(sizes[: self._index()])
+
+    def _index(self) -> tf.Tensor:
+        raise NotImplementedError
+
+    def all_gather(self, x: tf.Tensor) -> tf.Tensor:
+        group = self
+
+        @tf.custom_gradient
+        def gather(value: tf.Tensor) -> Any:
+            rows = tf.shape(value)[0]
+
+            def grad(upstream: tf.Tensor) -> tf.Tensor:
+                total = group._sum(upstream)
+                start = group.row_offset(rows)
+                return total[start : start + rows]
+
+            return group._gather(value), grad
+
+        return gather(x)
+
+    def all_sum(self, x: tf.Tensor) -> tf.Tensor:
+        group = self
+
+        @tf.custom_gradient
+        def total(value: tf.Tensor) -> Any:
+            return group._sum(value), lambda upstream: group._sum(upstream)
+
+        return total(x)
+
+
+class TFDistributeGroup(CollectiveGroup):
+    """The replicas of a tf.distribute strategy (MirroredStrategy, MultiWorkerMirrored)."""
+
+    def __init__(self, context: tf.distribute.ReplicaContext) -> None:
+        self.context = context
+        self.num_replicas = int(context.num_replicas_in_sync)
+
+    def _gather(self, x: tf.Tensor) -> tf.Tensor:
+        return self.context.all_gather(x, axis=0)
+
+    def _sum(self, x: tf.Tensor) -> tf.Tensor:
+        return self.context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+
+    def _index(self) -> tf.Tensor:
+        return tf.cast(self.context.replica_id_in_sync_group, tf.int32)
+
+
+def set_process_group(group: ReplicaGroup | None) -> None:
+    """Make ``group`` the replicas of this process's job outside tf.distribute (Horovod)."""
+    global _process_group
+    _process_group = group
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Inside, `current_group` is this replica alone (per-replica negatives, for comparison)."""
+    depth = getattr(_state, "local_depth", 0)
+    _state.local_depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.local_depth = depth
+
+
+def current_group() -> ReplicaGroup:
+    """The replicas computing the present step (one, outside any distribution)."""
+    if getattr(_state, "local_depth", 0):
+        return ReplicaGroup()
+    if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            return TFDistributeGroup(context)
+    if _process_group is not None and _process_group.num_replicas > 1:
+        return _process_group
+    return ReplicaGroup()
