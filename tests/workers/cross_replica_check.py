@@ -2,7 +2,8 @@
 
 Run as ``python tests/workers/cross_replica_check.py --strategy mirrored --num-cpu-devices 2
 --out F`` or under ``horovodrun -np 2 ... --strategy horovod``; writes ``F.rank{R}.json`` with,
-per case, the largest difference from the single-replica reference (loss, gradients, metric).
+per case, the largest difference from the single-replica reference (loss, gradients, metric),
+and the loss with per-replica negatives (which must differ: the comparison can fail).
 """
 
 from __future__ import annotations
@@ -10,6 +11,61 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Any
+
+
+def compare(strategy: Any, pairs: Any, sizes: list[int], negatives: str) -> dict:
+    """Largest differences between the split computation and the single-replica one."""
+    import numpy as np
+    import tensorflow as tf
+
+    from dist_share.model.cross_replica import local_only
+    from dist_share.model.losses import InBatchSoftmaxLoss
+    from dist_share.model.metrics import InBatchTop1
+
+    total = sum(sizes)
+    starts = np.cumsum([0, *sizes])
+    loss_fn = InBatchSoftmaxLoss(temperature=0.5, negatives=negatives)
+    top1 = InBatchTop1()
+
+    def objective(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.reduce_sum(loss_fn(None, x)) / total, top1(None, x)
+
+    with local_only():
+        x = tf.constant(pairs)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            ref_loss, ref_top1 = objective(x)
+        ref_grad = tape.gradient(ref_loss, x).numpy()
+
+    def replica_fn(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            tape.watch(rows)
+            loss, hit = objective(rows)
+        return loss, hit, tape.gradient(loss, rows)
+
+    def rows_of(replica: int) -> tf.Tensor:
+        return tf.constant(pairs[starts[replica] : starts[replica + 1]])
+
+    if strategy.name == "horovod":
+        outs, ids = [tf.function(replica_fn)(rows_of(strategy.rank))], [strategy.rank]
+    else:
+        tf_strategy = strategy.tf_strategy
+        values = tf_strategy.experimental_distribute_values_from_function(
+            lambda ctx: rows_of(ctx.replica_id_in_sync_group)
+        )
+        per_replica = tf_strategy.run(tf.function(replica_fn), args=(values,))
+        outs = list(zip(*[strategy.local_results(v) for v in per_replica], strict=True))
+        ids = list(range(len(outs)))
+    local_sum = sum(float(o[0]) for o in outs)
+    loss = strategy.allreduce_host_sum({"loss": local_sum})["loss"]
+    diffs = {"loss": abs(loss - float(ref_loss)), "grad": 0.0, "top1": 0.0}
+    for rid, (_, hit, grad) in zip(ids, outs, strict=True):
+        rows = slice(starts[rid], starts[rid + 1])
+        diffs["grad"] = max(diffs["grad"], float(np.max(np.abs(grad.numpy() - ref_grad[rows]))))
+        top1_diff = np.max(np.abs(hit.numpy() - ref_top1.numpy()[rows]))
+        diffs["top1"] = max(diffs["top1"], float(top1_diff))
+    return diffs
 
 
 def main() -> None:
@@ -25,71 +81,20 @@ def main() -> None:
     strategy = get_strategy(StrategyConfig(name=a.strategy, num_cpu_devices=a.num_cpu_devices))
 
     import numpy as np
-    import tensorflow as tf
-
-    from dist_share.model.cross_replica import local_only
-    from dist_share.model.losses import InBatchSoftmaxLoss
-    from dist_share.model.metrics import InBatchTop1
 
     replicas = strategy.num_replicas
     rng = np.random.default_rng(0)
     result: dict = {"num_replicas": replicas, "cases": {}}
-    # Uneven split (eval's last batch): replica r holds sizes[r] rows.
-    for case, sizes in (("even", [4] * replicas), ("uneven", [3, 1] + [2] * (replicas - 2))):
-        total = sum(sizes)
-        pairs = rng.normal(size=(total, 2, 5)).astype(np.float32)
+    cases = {
+        "even": ([4] * replicas, "global"),
+        # eval's last batch: replica r holds sizes[r] rows
+        "uneven": ([3, 1] + [2] * (replicas - 2), "global"),
+        "even_local_negatives": ([4] * replicas, "local"),
+    }
+    for case, (sizes, negatives) in cases.items():
+        pairs = rng.normal(size=(sum(sizes), 2, 5)).astype(np.float32)
         pairs /= np.linalg.norm(pairs, axis=-1, keepdims=True)
-        loss_fn = InBatchSoftmaxLoss(temperature=0.5)
-        top1 = InBatchTop1()
-
-        def objective(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            per_example = loss_fn(None, x)
-            return tf.reduce_sum(per_example) / total, top1(None, x)
-
-        with local_only():
-            x = tf.constant(pairs)
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                ref_loss, ref_top1 = objective(x)
-            ref_grad = tape.gradient(ref_loss, x).numpy()
-
-        starts = np.cumsum([0, *sizes])
-
-        def replica_fn(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            with tf.GradientTape() as tape:
-                tape.watch(rows)
-                loss, hit = objective(rows)
-            return loss, hit, tape.gradient(loss, rows)
-
-        if a.strategy == "horovod":
-            r = strategy.rank
-            outs = [replica_fn(tf.constant(pairs[starts[r] : starts[r + 1]]))]
-            ids = [r]
-        else:
-            tf_strategy = strategy.tf_strategy
-            values = tf_strategy.experimental_distribute_values_from_function(
-                lambda ctx: tf.constant(
-                    pairs[
-                        starts[ctx.replica_id_in_sync_group] : starts[
-                            ctx.replica_id_in_sync_group + 1
-                        ]
-                    ]
-                )
-            )
-            per_replica = tf_strategy.run(tf.function(replica_fn), args=(values,))
-            outs = list(zip(*[strategy.local_results(v) for v in per_replica], strict=True))
-            ids = list(range(len(outs)))
-        loss_parts = [float(o[0]) for o in outs]
-        loss_total = float(strategy.allreduce_host_sum({"loss": sum(loss_parts)})["loss"])
-        diffs = {"loss": abs(loss_total - float(ref_loss))}
-        grad_diff = top1_diff = 0.0
-        for rid, (_, hit, grad) in zip(ids, outs, strict=True):
-            rows = slice(starts[rid], starts[rid + 1])
-            grad_diff = max(grad_diff, float(np.max(np.abs(grad.numpy() - ref_grad[rows]))))
-            top1_diff = max(top1_diff, float(np.max(np.abs(hit.numpy() - ref_top1.numpy()[rows]))))
-        diffs.update(grad=grad_diff, top1=top1_diff, ref_loss=float(ref_loss))
-        # The same loss with per-replica negatives differs: the check can fail.
-        result["cases"][case] = diffs
+        result["cases"][case] = compare(strategy, pairs, sizes, negatives)
 
     out = f"{a.out}.rank{strategy.rank}.json"
     with open(out + ".tmp", "w") as f:
