@@ -5,6 +5,7 @@ single-replica values, gradients included, also when the replicas hold different
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,3 +39,8 @@ def test_global_negatives_and_metric_equal_one_replica(launcher: str, tmp_path: 
         # Per-replica negatives are a different objective: the comparison above can fail.
         local = result["cases"]["even_local_negatives"]
         assert local["loss"] > 1e-2 and local["grad"] > 1e-2, local
+        # Step 0 on random unit embeddings at temperature 1: each query sees the whole global
+        # batch's candidates (log 64), not its replica's (log 32).
+        random = result["random_loss"]
+        assert abs(random["global"] - math.log(random["global_batch"])) < 0.05, random
+        assert abs(random["local"] - math.log(random["replica_batch"])) < 0.05, random

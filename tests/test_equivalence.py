@@ -2,8 +2,11 @@
 
 5 SGD steps with global batch 8 (deterministic ops) under `local`, `mirrored` (2 CPU devices),
 `horovod` (2 processes, horovodrun --gloo and plain mpirun) and `multiworker` (2 processes),
-for a shared-tower model (one Dense used by 3 streams) and a two-tower model (one Embedding
-table read by 3 id streams, IndexedSlices gradients).
+for a shared-tower model (one Dense used by 3 streams), a two-tower model (one Embedding
+table read by 3 id streams, IndexedSlices gradients), and the models whose rows are coupled
+across the batch: the default Siamese config as shipped (batch norm), the two-tower config
+with in-batch softmax (global negatives), the multi-view config with batch norm, and a user's
+Keras tower with BatchNormalization, folded.
 """
 
 from __future__ import annotations
@@ -71,10 +74,52 @@ def test_user_tower_same_variables_as_local(launcher: str) -> None:
         assert max_diff(run["variables"], ref["variables"]) < TOL, f"rank {rank} of {launcher}"
 
 
+# tests/workers/train_common.py CONFIG_MODELS and build_user_bn
+COUPLED = ["siamese_cfg", "two_tower_ibs", "multiview_bn", "user_bn"]
+
+
+def _same_run(ref: dict, run: dict, where: str) -> None:
+    assert run["step"] == 5, where
+    assert max_diff(run["initial"], ref["initial"]) < TOL, f"{where} started elsewhere"
+    assert max_diff(run["variables"], ref["variables"]) < TOL, where
+    for name, value in ref["eval"].items():
+        assert abs(run["eval"][name] - value) < TOL, f"{where}: eval {name}"
+
+
+@pytest.mark.parametrize("model", COUPLED)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_batch_coupled_models_same_variables_as_local(launcher: str, model: str) -> None:
+    """Batch norm takes its moments over the global batch and in-batch softmax its negatives
+    from it, so 2 replicas of batch 4 train what one of batch 8 does; the eval metrics (with a
+    partial last batch, split unevenly) agree too."""
+    ref = train_jobs.run("local")[0]["runs"][model]
+    assert max_diff(ref["variables"], ref["initial"]) > 100 * TOL
+    for rank, result in train_jobs.run(launcher).items():
+        _same_run(ref, result["runs"][model], f"rank {rank} of {launcher}, {model}")
+
+
+@pytest.mark.parametrize("model", COUPLED)
+def test_batch_coupled_models_under_horovod_sum(model: str) -> None:
+    """Horovod's ``op: sum`` (loss over the global batch, gradients summed) ends where the
+    default average does and where one process does."""
+    ref = train_jobs.run("local")[0]["runs"][model]
+    for rank, result in train_jobs.run("horovod_gloo").items():
+        _same_run(ref, result["runs"][f"{model}_sum"], f"rank {rank}, {model}, op sum")
+
+
+@pytest.mark.parametrize("model", ["siamese_cfg", "two_tower_ibs"])
+@pytest.mark.parametrize("launcher", ["mirrored", "horovod_gloo", "multiworker"])
+def test_batch_coupled_models_under_keras_fit(launcher: str, model: str) -> None:
+    ref = train_jobs.run("local")[0]["runs"][f"{model}_fit"]
+    assert max_diff(ref["variables"], ref["initial"]) > 100 * TOL
+    for rank, result in train_jobs.run(launcher).items():
+        _same_run(ref, result["runs"][f"{model}_fit"], f"rank {rank} of {launcher}, {model} fit")
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_replicas_hold_identical_variables(launcher: str) -> None:
     results = train_jobs.run(launcher)
-    for family in ("shared", "two_tower"):
+    for family in ("shared", "two_tower", *COUPLED):
         copies = [c for r in results.values() for c in r["runs"][family]["replica_checksums"]]
         assert len(copies) == 2, "two replicas expected (2 devices or 2 processes)"
         for c in copies[1:]:

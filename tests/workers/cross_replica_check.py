@@ -68,6 +68,40 @@ def compare(strategy: Any, pairs: Any, sizes: list[int], negatives: str) -> dict
     return diffs
 
 
+def random_embedding_loss(strategy: Any, rows: int = 32, dim: int = 512) -> dict:
+    """The in-batch loss at temperature 1 on random unit vectors (nearly orthogonal, so every
+    candidate scores about the same): about log(number of candidates a query sees)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from dist_share.model.losses import InBatchSoftmaxLoss
+
+    def mean_loss(negatives: str) -> float:
+        rng = np.random.default_rng(strategy.rank)
+        losses = []
+        for _ in range(strategy.num_replicas if strategy.name != "horovod" else 1):
+            x = rng.normal(size=(rows, 2, dim)).astype(np.float32)
+            losses.append(x / np.linalg.norm(x, axis=-1, keepdims=True))
+        fn = InBatchSoftmaxLoss(temperature=1.0, negatives=negatives)
+        step = tf.function(lambda x: tf.reduce_mean(fn(None, x)))
+        if strategy.name == "horovod":
+            local = [float(step(tf.constant(losses[0])))]
+        else:
+            values = strategy.tf_strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.constant(losses[ctx.replica_id_in_sync_group])
+            )
+            local = [float(v) for v in strategy.local_results(strategy.run(step, (values,)))]
+        total = strategy.allreduce_host_sum({"loss": sum(local)})["loss"]
+        return total / strategy.num_replicas
+
+    return {
+        "global": mean_loss("global"),
+        "local": mean_loss("local"),
+        "global_batch": rows * strategy.num_replicas,
+        "replica_batch": rows,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", required=True)
@@ -95,6 +129,8 @@ def main() -> None:
         pairs = rng.normal(size=(sum(sizes), 2, 5)).astype(np.float32)
         pairs /= np.linalg.norm(pairs, axis=-1, keepdims=True)
         result["cases"][case] = compare(strategy, pairs, sizes, negatives)
+
+    result["random_loss"] = random_embedding_loss(strategy)
 
     out = f"{a.out}.rank{strategy.rank}.json"
     with open(out + ".tmp", "w") as f:

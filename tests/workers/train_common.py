@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -21,8 +22,23 @@ STREAMS = {
     "shared": ["a", "b", "c"],
     "shared_bn": ["a", "b", "c"],
     "user_tower": ["a", "b", "c"],
+    "user_bn": ["a", "b", "c"],
     "two_tower": ["user", "history", "item"],
 }
+# Models that couple the rows of a batch, built from the shipped configs as a user runs them:
+# {name: (config file, overrides)}. Their data is the config's own source, made small.
+CONFIG_MODELS = {
+    # the default config as shipped: a conv tower with batch norm, shared by two streams
+    "siamese_cfg": ("configs/siamese_digits.yaml", ()),
+    # in-batch softmax: every query against the global batch's candidates
+    "two_tower_ibs": (
+        "configs/two_tower_synthetic.yaml",
+        ("model.loss.type=in_batch_softmax", "data.synthetic.positive_fraction=1.0"),
+    ),
+    # three views through one conv tower with batch norm
+    "multiview_bn": ("configs/multiview_digits.yaml", ("model.tower.block.norm=batch",)),
+}
+CONFIG_EXAMPLES = {"data.train_examples=64", "data.eval_examples=36"}
 NUM_EXAMPLES = 64
 VOCAB = 200
 IN_DIM = 4
@@ -116,17 +132,68 @@ def build_user_tower() -> Spec:
     return Spec(model, squared_error, {}, list(names))
 
 
+def make_user_encoder_bn() -> keras.Model:
+    """A user's own Keras encoder with BatchNormalization: batch statistics that must be taken
+    per stream (folding) and over the global batch (replicas)."""
+    x = keras.Input((IN_DIM,))
+    h = keras.layers.Dense(6, name="enc_dense")(x)
+    h = keras.layers.BatchNormalization(momentum=0.5, name="enc_bn")(h)
+    h = keras.layers.Activation("tanh")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="enc_out")(h), name="user_encoder_bn")
+
+
+def build_user_bn() -> Spec:
+    """The user's BatchNormalization encoder shared by three streams through SharedTower, folded."""
+    from dist_share.model.towers import SharedTower
+
+    names = STREAMS["user_bn"]
+    inputs = {s: keras.Input((IN_DIM,), name=s) for s in names}
+    tower = SharedTower(make_user_encoder_bn(), num_streams=3, name="tower")
+    merged = keras.layers.Concatenate(name="concat")(tower([inputs[s] for s in names]))
+    out = keras.layers.Dense(1, name="head")(merged)
+    model = keras.Model(inputs, out, name="user_bn")
+    return Spec(model, squared_error, {}, list(names))
+
+
+def config_of(name: str):
+    """The shipped config of a CONFIG_MODELS entry, with small data."""
+    from pathlib import Path
+
+    from dist_share.run.resolve import load_config
+
+    path, overrides = CONFIG_MODELS[name]
+    root = Path(__file__).resolve().parents[2]
+    return load_config(root / path, [*overrides, *sorted(CONFIG_EXAMPLES)])
+
+
+def _config_builder(name: str) -> Callable[[], Any]:
+    def build() -> Any:
+        from dist_share.families.build import build_model
+        from dist_share.run.inputs import input_specs
+
+        cfg = config_of(name)
+        return build_model(cfg.model, input_specs(cfg.data))
+
+    return build
+
+
 BUILDERS = {
     "shared": build_shared,
     "two_tower": build_two_tower,
     "shared_bn": build_shared_bn,
     "user_tower": build_user_tower,
+    "user_bn": build_user_bn,
+    **{name: _config_builder(name) for name in CONFIG_MODELS},
 }
 
 
 def arrays(family: str, n: int = NUM_EXAMPLES, seed: int = 1) -> tuple[dict, np.ndarray]:
+    if family in CONFIG_MODELS:
+        from dist_share.run.inputs import load_arrays
+
+        return load_arrays(config_of(family).data, "train")
     rng = np.random.default_rng(seed)
-    if family in ("shared", "shared_bn", "user_tower"):
+    if family in ("shared", "shared_bn", "user_tower", "user_bn"):
         feats = {s: rng.normal(size=(n, IN_DIM)).astype("float32") for s in STREAMS["shared"]}
         labels = rng.normal(size=(n,)).astype("float32")
     else:

@@ -57,6 +57,17 @@ RUNS = {
     "shared_k3_resume": ("shared", "custom", {}, K3),
     # The uninterrupted run the SIGKILL test's resumed run must end at (test_training.py).
     "shared_12": ("shared", "custom", {}, {"steps": 12}),
+    # Batch-coupled models (batch norm, in-batch negatives), train_common.CONFIG_MODELS: the
+    # same result on every launcher, with Horovod's average and sum reductions, and under fit.
+    **{
+        f"{model}{suffix}": (model, loop, overrides)
+        for model in ("siamese_cfg", "two_tower_ibs", "multiview_bn", "user_bn")
+        for suffix, loop, overrides in (
+            ("", "custom", {}),
+            ("_fit", "keras_fit", {}),
+            ("_sum", "custom", {"horovod": {"op": "sum"}}),
+        )
+    },
 }
 
 
