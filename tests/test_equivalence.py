@@ -74,7 +74,7 @@ def test_user_tower_same_variables_as_local(launcher: str) -> None:
         assert max_diff(run["variables"], ref["variables"]) < TOL, f"rank {rank} of {launcher}"
 
 
-# tests/workers/train_common.py CONFIG_MODELS and build_user_bn
+# tests/workers/train_common.py: CONFIG_MODELS, and build_user_tower("batch")
 COUPLED = ["siamese_cfg", "two_tower_ibs", "multiview_bn", "user_bn"]
 
 

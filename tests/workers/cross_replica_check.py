@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
+
+from dist_share.files import atomic_write_text
 
 
 def compare(strategy: Any, pairs: Any, sizes: list[int], negatives: str) -> dict:
@@ -132,10 +133,7 @@ def main() -> None:
 
     result["random_loss"] = random_embedding_loss(strategy)
 
-    out = f"{a.out}.rank{strategy.rank}.json"
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out + ".tmp", out)
+    atomic_write_text(f"{a.out}.rank{strategy.rank}.json", json.dumps(result))
 
 
 if __name__ == "__main__":

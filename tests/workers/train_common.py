@@ -24,6 +24,7 @@ STREAMS = {
     "user_tower": ["a", "b", "c"],
     "user_bn": ["a", "b", "c"],
     "two_tower": ["user", "history", "item"],
+    "two_tower_softmax": ["user", "history", "item"],
 }
 # Models that couple the rows of a batch, built from the shipped configs as a user runs them:
 # {name: (config file, overrides)}. Their data is the config's own source, made small.
@@ -96,6 +97,29 @@ def build_two_tower() -> Spec:
     return Spec(model, logistic_loss, {}, list(STREAMS["two_tower"]))
 
 
+def build_two_tower_softmax() -> Spec:
+    """Two towers over one Embedding table giving (query, candidate) pairs ``[B, 2, 4]``, trained
+    with the in-batch softmax (negatives from the global batch) and scored by in-batch top-1:
+    a loss and a metric that couple the rows of the batch."""
+    from dist_share.model.heads import StackPair
+    from dist_share.model.losses import InBatchSoftmaxLoss
+    from dist_share.model.metrics import InBatchTop1
+
+    user = keras.Input((), dtype="int32", name="user")
+    history = keras.Input((3,), dtype="int32", name="history")
+    item = keras.Input((), dtype="int32", name="item")
+    init = keras.initializers.RandomNormal(stddev=0.5)
+    table = keras.layers.Embedding(VOCAB, 4, embeddings_initializer=init, name="table")
+    hist = keras.layers.GlobalAveragePooling1D(name="hist_mean")(table(history))
+    query = keras.layers.Concatenate(name="q_concat")([table(user), hist])
+    query = keras.layers.Dense(4, activation="tanh", name="query_proj")(query)
+    candidate = keras.layers.Dense(4, activation="tanh", name="cand_proj")(table(item))
+    pair = StackPair(name="pair")([query, candidate])
+    model = keras.Model({"user": user, "history": history, "item": item}, pair, name="softmax")
+    loss = InBatchSoftmaxLoss(temperature=0.5)
+    return Spec(model, loss, {"in_batch_top1": InBatchTop1()}, list(STREAMS["two_tower"]))
+
+
 def build_shared_bn() -> Spec:
     """Shared Dense + BatchNormalization: moving statistics that each replica updates locally."""
     inputs = {s: keras.Input((IN_DIM,), name=s) for s in STREAMS["shared"]}
@@ -109,49 +133,34 @@ def build_shared_bn() -> Spec:
     return Spec(model, squared_error, {}, list(STREAMS["shared"]))
 
 
-def make_user_encoder() -> keras.Model:
-    """A user's own Keras encoder (functional; per-example LayerNormalization, so a replica's
-    shard computes what the same examples do in one process: no batch statistics)."""
+def make_user_encoder(norm: str = "layer") -> keras.Model:
+    """A user's own Keras encoder (functional). With LayerNormalization (per example) a
+    replica's shard computes what the same examples do in one process; with BatchNormalization
+    the statistics must be taken per stream (folding) and over the global batch (replicas)."""
     x = keras.Input((IN_DIM,))
     h = keras.layers.Dense(6, name="enc_dense")(x)
-    h = keras.layers.LayerNormalization(name="enc_norm")(h)
+    if norm == "batch":
+        h = keras.layers.BatchNormalization(momentum=0.5, name="enc_bn")(h)
+    else:
+        h = keras.layers.LayerNormalization(name="enc_norm")(h)
     h = keras.layers.Activation("tanh")(h)
-    return keras.Model(x, keras.layers.Dense(3, name="enc_out")(h), name="user_encoder")
+    return keras.Model(
+        x,
+        keras.layers.Dense(3, name="enc_out")(h),
+        name="user_encoder_bn" if norm == "batch" else "user_encoder",
+    )
 
 
-def build_user_tower() -> Spec:
+def build_user_tower(norm: str = "layer") -> Spec:
     """The user's encoder shared by the three streams through SharedTower (folded)."""
     from dist_share.model.towers import SharedTower
 
     names = STREAMS["user_tower"]
     inputs = {s: keras.Input((IN_DIM,), name=s) for s in names}
-    tower = SharedTower(make_user_encoder(), num_streams=3, name="tower")
+    tower = SharedTower(make_user_encoder(norm), num_streams=3, name="tower")
     merged = keras.layers.Concatenate(name="concat")(tower([inputs[s] for s in names]))
     out = keras.layers.Dense(1, name="head")(merged)
-    model = keras.Model(inputs, out, name="user_tower")
-    return Spec(model, squared_error, {}, list(names))
-
-
-def make_user_encoder_bn() -> keras.Model:
-    """A user's own Keras encoder with BatchNormalization: batch statistics that must be taken
-    per stream (folding) and over the global batch (replicas)."""
-    x = keras.Input((IN_DIM,))
-    h = keras.layers.Dense(6, name="enc_dense")(x)
-    h = keras.layers.BatchNormalization(momentum=0.5, name="enc_bn")(h)
-    h = keras.layers.Activation("tanh")(h)
-    return keras.Model(x, keras.layers.Dense(3, name="enc_out")(h), name="user_encoder_bn")
-
-
-def build_user_bn() -> Spec:
-    """The user's BatchNormalization encoder shared by three streams through SharedTower, folded."""
-    from dist_share.model.towers import SharedTower
-
-    names = STREAMS["user_bn"]
-    inputs = {s: keras.Input((IN_DIM,), name=s) for s in names}
-    tower = SharedTower(make_user_encoder_bn(), num_streams=3, name="tower")
-    merged = keras.layers.Concatenate(name="concat")(tower([inputs[s] for s in names]))
-    out = keras.layers.Dense(1, name="head")(merged)
-    model = keras.Model(inputs, out, name="user_bn")
+    model = keras.Model(inputs, out, name="user_bn" if norm == "batch" else "user_tower")
     return Spec(model, squared_error, {}, list(names))
 
 
@@ -180,9 +189,10 @@ def _config_builder(name: str) -> Callable[[], Any]:
 BUILDERS = {
     "shared": build_shared,
     "two_tower": build_two_tower,
+    "two_tower_softmax": build_two_tower_softmax,
     "shared_bn": build_shared_bn,
     "user_tower": build_user_tower,
-    "user_bn": build_user_bn,
+    "user_bn": lambda: build_user_tower("batch"),
     **{name: _config_builder(name) for name in CONFIG_MODELS},
 }
 

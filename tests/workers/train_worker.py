@@ -21,6 +21,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from dist_share.files import atomic_write_text
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (family, loop, strategy overrides[, training overrides])
@@ -45,6 +47,9 @@ RUNS = {
         {"horovod": {"op": "sum", "grouped_allreduce": False}},
     ),
     "two_tower_fp16": ("two_tower", "custom", {"horovod": {"compression": "fp16"}}),
+    # In-batch softmax over the global batch; _accum: 2 micro-batches per replica (GradCache).
+    "two_tower_softmax": ("two_tower_softmax", "custom", {}),
+    "two_tower_softmax_accum": ("two_tower_softmax", "custom", {}),
     "shared_fit": ("shared", "keras_fit", {}),
     "shared_bn": ("shared_bn", "custom", {}),
     "user_tower": ("user_tower", "custom", {}),
@@ -241,10 +246,7 @@ def main() -> None:
             result["checks"][name] = {"error": traceback.format_exc()}
             print(f"check {name} failed:\n{result['checks'][name]['error']}", file=sys.stderr)
 
-    out = f"{a.out}.rank{strategy.rank}.json"
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out + ".tmp", out)
+    atomic_write_text(f"{a.out}.rank{strategy.rank}.json", json.dumps(result))
 
 
 if __name__ == "__main__":
