@@ -4,7 +4,7 @@ set after another.
 A ``separate`` tower of N MLP blocks (units [256, 256], a 128 projection, batch 64 per stream,
 128 input features per stream) trains one step (forward, backward, SGD apply) in a
 ``tf.function``, once with ``batch_sets=True`` (one batched ``matmul`` over the stacked ``[N, in, out]``
-kernels per layer, `dist_share.batched_sets`) and once with ``batch_sets=False`` (N matmuls per
+kernels per layer, `dist_share.model.batched_sets`) and once with ``batch_sets=False`` (N matmuls per
 layer), same weights. Timed in interleaved blocks in one process (benchmarks.bench_folding's
 ``time_variants``), median; speedup = median over rounds of unbatched / batched wall time
 (adjacent in time), and the same ratio of process CPU time.

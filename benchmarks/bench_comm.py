@@ -1,7 +1,7 @@
 """Communication vs streams: the bytes one replica hands to the collective per step.
 
 Two questions, both answered with the framework's own gradient preparation and byte counting
-(`dist_share.gradients.prepare_gradient` / `comm_bytes`), on gradients from real models:
+(`dist_share.distribute.gradients.prepare_gradient` / `comm_bytes`), on gradients from real models:
 
 1. Towers. A shared tower's gradient is the *sum* over streams, so its all-reduce payload is
    the tower's parameter bytes whatever the number of streams N; separate towers send N times
@@ -13,7 +13,7 @@ Two questions, both answered with the framework's own gradient preparation and b
    dist_share actually sends with its default options (`reduce_gradients`: dedup, then the
    measured dense switch on the distinct rows); "static" is the earlier rule (dense when the
    static bound lookups / rows reaches 50 %), kept as the fallback.
-3. The same choice at W workers (the cost model of `dist_share.gradients`, every worker assumed
+3. The same choice at W workers (the cost model of `dist_share.distribute.gradients`, every worker assumed
    to send as many distinct rows as measured here): bytes through one worker's link per step
    for all-gathering the deduplicated rows, for ring-all-reducing the dense table, and for what
    the framework's rule picks.
@@ -217,7 +217,7 @@ def run(quick: bool = False) -> dict:
     return {
         "name": NAME,
         "description": (
-            "Bytes one replica hands to the gradient collective per step (dist_share.gradients."
+            "Bytes one replica hands to the gradient collective per step (dist_share.distribute.gradients."
             "comm_bytes after prepare_gradient). Tower: conv2d block on [8, 8, 1] streams, "
             "'relative' = bytes / bytes(shared, N=1). Embedding: one [vocab, dim] float32 table "
             f"(vocab={vocab}, dim={dim}) looked up by N streams of `batch` Zipf(a={zipf_a}) ids "
@@ -239,7 +239,7 @@ def run(quick: bool = False) -> dict:
         "extra_tables": {
             "Targets": summary,
             "Bytes through one worker's link per step at W workers (cost model of "
-            "dist_share.gradients; every worker sends the distinct rows measured above; "
+            "dist_share.distribute.gradients; every worker sends the distinct rows measured above; "
             "16 streams)": link_rows(embeddings, max(streams)),
         },
         "plot": {

@@ -1,7 +1,7 @@
 """Scaling on this machine: 1 vs 2 replicas under every launcher dist_share supports.
 
 Weak scaling (the per-replica batch is fixed, so 2 replicas train a global batch twice as big),
-dist_share's Trainer in every case, started through dist_share.processes with a timeout.
+dist_share's Trainer in every case, started through tests/helpers/processes.py with a timeout.
 
 Threads, on a 2-core machine: a 2-process job gets 1 intra-op + 1 inter-op thread per process
 (one core each; more would just oversubscribe the cores and make the processes fight; the

@@ -13,7 +13,7 @@ Horovod's Gloo/MPI back ends and NCCL approach:
 * all-gather of p bytes per worker: log2(W) a + (W-1) p / B;
 * per step: one fused all-reduce of the dense gradients, one small all-reduce of the summed
   metrics, and per shared table the count all-reduce plus whichever of all-gather(rows) or
-  all-reduce(table) the framework's dense switch picks (`dist_share.gradients.dense_wins`);
+  all-reduce(table) the framework's dense switch picks (`dist_share.distribute.gradients.dense_wins`);
 * no overlap of communication with computation: dist_share reduces after the backward pass
   (one fused collective), so step(W) = compute + communication, and weak-scaling efficiency
   is compute / step(W); throughput = W x batch per worker / step(W).

@@ -107,7 +107,7 @@ def run_worker(
     """Run ``python -m benchmarks.workers.<module> OUT_DIR *args`` and return every JSON it wrote.
 
     `launch` picks how: one process, ``horovodrun -np N`` (Gloo), Open MPI ``mpirun -np N``, or
-    N local multi-worker processes with TF_CONFIG (all through dist_share.processes, which kills
+    N local multi-worker processes with TF_CONFIG (all through tests/helpers/processes.py, which kills
     the whole process group on timeout). Workers write one JSON per rank into OUT_DIR; they come
     back in file-name (rank) order. ``mpi_yield=False`` runs ``mpirun`` without
     ``mpi_yield_when_idle`` (which the framework's mpirun lines always pass), to measure it.

@@ -2,7 +2,7 @@
 guard cost? ``python -m benchmarks.guard_ab [--rounds 30]``.
 
 The Trainer's compiled step checks the reduced gradients for NaN/inf every step
-(``dist_share/nonfinite.py``). Under ``on_nonfinite: stop`` (the default) it applies the update
+(``dist_share/train/guards/nonfinite.py``). Under ``on_nonfinite: stop`` (the default) it applies the update
 and the host stops the run; under ``skip`` it applies the update inside a ``tf.cond``; mixed
 precision leaves both to the loss-scale optimizer. This times, in one process with interleaved
 blocks (the local strategy, the benchmark model at batch 64): the step under ``stop``, under

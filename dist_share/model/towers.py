@@ -20,7 +20,7 @@ them.
 Streams that share a set are *folded* (stacked on the batch axis and run through the set once)
 unless ``fold=False``; the result is the same, but one large matmul/conv is much cheaper than N
 small ones. Layers that mix the examples of a batch are converted or refused when folded (see
-`dist_share.folding` and docs/TOWERS.md).
+`dist_share.model.folding` and docs/TOWERS.md).
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ class SharedTower(keras.layers.Layer):
         use_shared: for ``switchable``: the initial value of the flag.
         batch_sets: ``separate`` and ``grouped`` towers of MLP blocks run all their weight
             sets as one batched matmul per layer instead of one set after another, with the
-            same per-set variables (see `dist_share.batched_sets` for what qualifies). Off by
+            same per-set variables (see `dist_share.model.batched_sets` for what qualifies). Off by
             default: on CPU, TensorFlow's batched matmul and its gradient were slower than N
             matmuls (0.3-0.9x, benchmarks/bench_batched_sets.py); it is for accelerators,
             where N small kernels cost N launches.

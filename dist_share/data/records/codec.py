@@ -20,7 +20,7 @@ LABEL_KEY = "label"
 SHAPE_SUFFIX = "/shape"
 # Marks messages of the in-graph checks, so shape_check_failure() can find them inside a
 # TensorFlow error.
-_MARK = "dist_share.records: "
+_MARK = "dist_share shard check: "
 _MARK_END = " :end"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dist_share.data.types import DatasetFn
+from dist_share.distribute.strategies import tf_variables
 from dist_share.errors import ConfigError, JobError
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.logs import MetricsLogger
@@ -29,14 +30,6 @@ _COLLECTIVE_FAILURE = re.compile(
     r"Horovod\w*(?:Allreduce|Allgather|Broadcast|Alltoall|Reducescatter)",
     re.IGNORECASE,
 )
-
-
-def _tf_variables(variables: Sequence[Any]) -> list[Any]:
-    """The ``tf.Variable`` under each Keras 3 variable (Horovod's ops take only those); a
-    ``tf.Variable`` stays itself (its ``value`` is a method, not a variable)."""
-    import tensorflow as tf
-
-    return [v if isinstance(v, tf.Variable) else getattr(v, "value", v) for v in variables]
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -136,7 +129,7 @@ def make_state(
         def sync(self) -> None:
             # A worker lost during the sync is a failure like any other: roll back and re-form.
             with _rollback_on_collective_failure():
-                hvd.broadcast_variables(_tf_variables(self.variables()), root_rank=0)
+                hvd.broadcast_variables(tf_variables(self.variables()), root_rank=0)
                 self._save_variables()
                 super().sync()
 
