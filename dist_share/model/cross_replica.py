@@ -3,7 +3,7 @@
 A loss that compares rows (in-batch negatives), a batch normalisation or a batch metric must
 see the *global* batch to give the same result however the batch is split across replicas and
 processes. `current_group` returns the group of replicas computing the present step; its
-`ReplicaGroup.all_gather` and `ReplicaGroup.all_sum` are exact and differentiable: the gradient
+`ReplicaGroup.gather_rows` and `ReplicaGroup.all_sum` are exact and differentiable: the gradient
 of a row flows back to the replica that made it, summed over every replica whose result used it
 (docs/DISTRIBUTED.md, "What is exact across replicas").
 
@@ -31,17 +31,18 @@ class ReplicaGroup:
 
     num_replicas: int = 1
 
+    def gather_rows(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(every replica's ``x`` concatenated along axis 0 in replica order, where this
+        replica's first row sits in it). Replicas may hold different numbers of rows."""
+        return x, tf.constant(0, tf.int32)
+
     def all_gather(self, x: tf.Tensor) -> tf.Tensor:
-        """Every replica's ``x`` concatenated along axis 0, in replica order (sizes may differ)."""
-        return x
+        """Every replica's ``x`` concatenated along axis 0 (see `gather_rows`)."""
+        return self.gather_rows(x)[0]
 
     def all_sum(self, x: tf.Tensor) -> tf.Tensor:
         """The elementwise sum of ``x`` over the replicas."""
         return x
-
-    def row_offset(self, num_rows: Any) -> tf.Tensor:
-        """Where this replica's first row sits in `all_gather`'s result."""
-        return tf.constant(0, tf.int32)
 
 
 class CollectiveGroup(ReplicaGroup):
@@ -50,6 +51,7 @@ class CollectiveGroup(ReplicaGroup):
     Subclasses give the raw collectives; the gradients are defined here once, because the
     built-in gradients differ between backends (tf.distribute sums, Horovod's allgather
     averages) and neither knows the row offset of a replica whose batch size differs.
+    A gather costs two collectives (the row counts, then the rows) and its gradient one (a sum).
     """
 
     def _gather(self, x: tf.Tensor) -> tf.Tensor:
@@ -58,28 +60,23 @@ class CollectiveGroup(ReplicaGroup):
     def _sum(self, x: tf.Tensor) -> tf.Tensor:
         raise NotImplementedError
 
-    def row_offset(self, num_rows: Any) -> tf.Tensor:
-        sizes = self._gather(tf.reshape(tf.cast(num_rows, tf.int32), [1]))
-        return tf.reduce_sum(sizes[: self._index()])
-
     def _index(self) -> tf.Tensor:
         raise NotImplementedError
 
-    def all_gather(self, x: tf.Tensor) -> tf.Tensor:
+    def gather_rows(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        rows = tf.shape(x)[0]
+        counts = self._gather(tf.reshape(rows, [1]))
+        start = tf.reduce_sum(counts[: self._index()])
         group = self
 
         @tf.custom_gradient
         def gather(value: tf.Tensor) -> Any:
-            rows = tf.shape(value)[0]
-
             def grad(upstream: tf.Tensor) -> tf.Tensor:
-                total = group._sum(upstream)
-                start = group.row_offset(rows)
-                return total[start : start + rows]
+                return group._sum(upstream)[start : start + rows]
 
             return group._gather(value), grad
 
-        return gather(x)
+        return gather(x), start
 
     def all_sum(self, x: tf.Tensor) -> tf.Tensor:
         group = self

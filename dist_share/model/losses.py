@@ -132,10 +132,9 @@ class InBatchSoftmaxLoss(PerExample):
         p = _f32(y_pred)
         queries, candidates = p[:, 0], p[:, 1]
         group = current_group() if self.negatives == "global" else ReplicaGroup()
-        everyone = group.all_gather(candidates)
+        everyone, start = group.gather_rows(candidates)
         logits = ops.matmul(queries, ops.transpose(everyone)) / self.temperature
-        rows = ops.shape(logits)[0]
-        labels = group.row_offset(rows) + ops.arange(rows, dtype="int32")
+        labels = start + ops.arange(ops.shape(logits)[0], dtype="int32")
         return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
     def get_config(self) -> dict:
