@@ -140,6 +140,17 @@ BAD_CONFIGS = {
         "training.batch_size",
     ),
     "unparsable": ("model: {family: siamese\n", [], "not valid YAML"),
+    # a per-example loss compares no rows: it has no negatives to take from anywhere
+    "negatives_on_a_per_example_loss": (
+        "model: {family: siamese, loss: {type: contrastive, negatives: global}}\n",
+        [],
+        "model.loss.negatives: loss 'contrastive' compares no rows",
+    ),
+    "negatives_of_another_kind": (
+        "model: {family: two_tower, loss: {type: in_batch_softmax, negatives: nearby}}\n",
+        [],
+        "model.loss.negatives: got 'nearby', expected one of global, local",
+    ),
     "stream_count": (
         "model: {family: multiview}\ndata: {source: npz, train_path: views.npz, num_views: 3}\n",
         [],
@@ -162,6 +173,7 @@ def test_bad_configs_exit_2_name_the_key_and_leave_no_run_dir(tmp_path: Path, ca
     out = dist_share("train", "bad.yaml", "--run-dir", "run", *extra, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line, nothing buried
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "runs").exists()
