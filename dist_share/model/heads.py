@@ -13,9 +13,9 @@ import keras
 from keras import ops
 
 from dist_share.errors import ConfigError
+from dist_share.model.serialization import register
 
 COMBINE_MODES = ("concat", "sum", "mean")
-_PKG = "dist_share"
 
 
 def _as_list(inputs: Any) -> list:
@@ -25,7 +25,7 @@ def _as_list(inputs: Any) -> list:
     return [inputs[:, i] for i in range(inputs.shape[1])]
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class Combine(keras.layers.Layer):
     """Concat / sum / mean of N stream outputs ``[B, D]`` (or a stacked ``[B, N, D]``).
 
@@ -87,7 +87,7 @@ class _PairHead(keras.layers.Layer):
         return (first[0],)
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class L2Distance(_PairHead):
     """Euclidean distance ``[B]`` of two stream outputs, in float32.
 
@@ -111,7 +111,7 @@ class L2Distance(_PairHead):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class CosineSimilarity(_PairHead):
     """Cosine similarity ``[B]`` of two stream outputs, in float32.
 
@@ -140,7 +140,7 @@ class CosineSimilarity(_PairHead):
         return {**super().get_config(), "as_distance": self.as_distance, "epsilon": self.epsilon}
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class DotProduct(_PairHead):
     """Dot product score ``[B]`` of a query and a candidate embedding (two-tower logits).
 
@@ -153,7 +153,7 @@ class DotProduct(_PairHead):
         return ops.sum(a * b, axis=-1)
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class TripletDistances(_PairHead):
     """``[B, 2]`` = (d(anchor, positive), d(anchor, negative)), Euclidean, float32.
 
@@ -188,7 +188,7 @@ class TripletDistances(_PairHead):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class StackPair(_PairHead):
     """``[B, 2, D]`` float32 (query, candidate), so losses can use in-batch negatives.
 

@@ -15,11 +15,11 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import keras
 from keras import ops
 
 from dist_share.errors import ConfigError, hint
 from dist_share.model.cross_replica import ReplicaGroup, current_group
+from dist_share.model.serialization import register
 
 LOSS_TYPES = (
     "contrastive",
@@ -28,7 +28,6 @@ LOSS_TYPES = (
     "binary",
     "sparse_categorical_crossentropy",
 )
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 # Where an in-batch loss takes its negatives: the whole global batch, or each replica's rows.
 NEGATIVES = ("global", "local")
 
@@ -63,7 +62,7 @@ class PerExample:
         return type(self).__name__
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class ContrastiveLoss(PerExample):
     """``y * d^2 + (1 - y) * max(margin - d, 0)^2`` on a distance ``d``; y=1 means same."""
 
@@ -78,7 +77,7 @@ class ContrastiveLoss(PerExample):
         return {"margin": self.margin}
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class TripletLoss(PerExample):
     """``max(d_ap - d_an + margin, 0)`` on ``y_pred = [B, 2]`` (d_ap, d_an); labels unused."""
 
@@ -101,7 +100,7 @@ def pair_logits(y_pred: Any) -> Any:
     return ops.reshape(p, (-1,))
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class BinaryLoss(PerExample):
     """Sigmoid cross-entropy on logits (a score, or the dot product of a stacked pair)."""
 
@@ -110,7 +109,7 @@ class BinaryLoss(PerExample):
         return ops.binary_crossentropy(y, pair_logits(y_pred), from_logits=True)
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class InBatchSoftmaxLoss(PerExample):
     """Softmax over the global batch's candidates: row i's positive is candidate i.
 
@@ -141,7 +140,7 @@ class InBatchSoftmaxLoss(PerExample):
         return {"temperature": self.temperature, "negatives": self.negatives}
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class SparseCrossEntropyLoss(PerExample):
     """Sparse categorical cross-entropy on logits ``[B, C]`` with integer labels ``[B]``."""
 

@@ -7,20 +7,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
 from keras import ops
 
 from dist_share.model.cross_replica import current_group
 from dist_share.model.losses import PerExample, pair_logits
-
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
+from dist_share.model.serialization import register
 
 
 def _f32(x: Any) -> Any:
     return ops.cast(x, "float32")
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class PairAccuracy(PerExample):
     """Siamese: predicted 'same' when the distance is below ``threshold``."""
 
@@ -36,7 +34,7 @@ class PairAccuracy(PerExample):
         return {"threshold": self.threshold}
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class TripletAccuracy(PerExample):
     """1 where d(anchor, positive) < d(anchor, negative)."""
 
@@ -45,7 +43,7 @@ class TripletAccuracy(PerExample):
         return _f32(d[:, 0] < d[:, 1])
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class ClassAccuracy(PerExample):
     """Multi-view classifier: argmax of the logits equals the label."""
 
@@ -54,7 +52,7 @@ class ClassAccuracy(PerExample):
         return _f32(ops.equal(ops.cast(ops.argmax(y_pred, axis=-1), "int32"), y))
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class BinaryAccuracy(PerExample):
     """Two-tower: sigmoid(score) > 0.5 agrees with the 0/1 label."""
 
@@ -63,7 +61,7 @@ class BinaryAccuracy(PerExample):
         return _f32(ops.equal(pair_logits(y_pred) > 0.0, y))
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class InBatchTop1(PerExample):
     """Two-tower: row i's own candidate scores highest among the global batch's candidates.
 

@@ -37,7 +37,8 @@ from dist_share.model import batched_sets
 from dist_share.model.blocks.build import build_block
 from dist_share.model.blocks.head import is_builtin_block
 from dist_share.model.blocks.spec import BlockSpec, validate_block_spec
-from dist_share.model.folding import fold_streams, prepare_for_folding
+from dist_share.model.folding import convert_batch_norm, fold_streams, prepare_for_folding
+from dist_share.model.serialization import register
 
 SHARING_MODES = ("shared", "separate", "grouped", "switchable")
 
@@ -257,7 +258,7 @@ def make_weight_sets(
     return None, sets
 
 
-@keras.saving.register_keras_serializable(package="dist_share")
+@register
 class SharedTower(keras.layers.Layer):
     """Apply one block to N streams with shared, separate, grouped or switchable weights.
 
@@ -282,7 +283,9 @@ class SharedTower(keras.layers.Layer):
         groups: for ``grouped``: a partition of ``range(num_streams)``.
         fold: run each weight set once on its streams stacked on the batch axis. User layers
             are made exact for it first (`folding.prepare_for_folding`: BatchNormalization is
-            converted in place, layers that mix the batch otherwise are refused).
+            converted in place, layers that mix the batch otherwise are refused). Sets that are
+            not folded get their BatchNormalization converted too (`folding.convert_batch_norm`:
+            global batch statistics), and nothing refused.
         use_shared: for ``switchable``: the initial value of the flag.
         batch_sets: ``separate`` and ``grouped`` towers of MLP blocks run all their weight
             sets as one batched matmul per layer instead of one set after another, with the
@@ -337,7 +340,8 @@ class SharedTower(keras.layers.Layer):
             if self.user_blocks and self.output_dim
             else []
         )
-        self.folded_layers: list[str] = []  # user layers converted for folding, by path
+        # user BatchNormalization layers converted to FoldedBatchNormalization, by path
+        self.folded_layers: list[str] = []
         self.use_shared = None
 
     # -- weight sets -------------------------------------------------------------------------
@@ -395,6 +399,9 @@ class SharedTower(keras.layers.Layer):
                 block.build(shapes[streams[0]])
             if self.user_blocks and self.fold and len(streams) > 1:
                 self.folded_layers += prepare_for_folding(block)
+            elif self.user_blocks:
+                # Not folded, but batch statistics still span every replica's rows.
+                self.folded_layers += convert_batch_norm(block)
         for i, projection in enumerate(self.projections):
             out = self._user_output_shape(i, shapes[self._set_streams(i)[0]])
             projection.build(out)

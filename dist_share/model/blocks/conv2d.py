@@ -11,11 +11,10 @@ from keras import ops
 
 from dist_share.model.blocks.head import BuiltinBlock, as_list
 from dist_share.model.blocks.norm import apply_norm, make_norm
+from dist_share.model.serialization import register
 
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 
-
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class Conv2DBlock(BuiltinBlock):
     """Conv (+norm) + activation + max-pool per entry of ``filters``, then flatten and dense.
 
@@ -24,6 +23,8 @@ class Conv2DBlock(BuiltinBlock):
         kernel_size: square kernel size of every convolution.
         pool_size: max-pool after each convolution (None: no pooling).
         norm: ``None``, ``"batch"`` (`StreamBatchNormalization`) or ``"layer"``.
+        norm_sync: batch statistics over the global batch (every replica's rows); False: per
+            replica. Only ``norm="batch"`` has any.
         activation: after each convolution (and its norm) and each dense layer.
         dense: widths of dense layers after flattening.
         output_dim: width of a final linear projection (None: none).
@@ -39,6 +40,7 @@ class Conv2DBlock(BuiltinBlock):
         activation: str = "relu",
         dense: Sequence[int] = (),
         output_dim: int | None = None,
+        norm_sync: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -46,6 +48,7 @@ class Conv2DBlock(BuiltinBlock):
         self.kernel_size = int(kernel_size)
         self.pool_size = int(pool_size) if pool_size else None
         self.norm = norm
+        self.norm_sync = bool(norm_sync)
         self.activation = activation
         self.dense = [int(u) for u in as_list(dense)]
         self.output_dim = int(output_dim) if output_dim else None
@@ -58,7 +61,7 @@ class Conv2DBlock(BuiltinBlock):
         self.conv_norms = [
             n
             for n in (
-                make_norm(norm, f"conv_norm_{i}", self.dtype_policy)
+                make_norm(norm, f"conv_norm_{i}", self.dtype_policy, self.norm_sync)
                 for i in range(len(self.filters))
             )
             if n
@@ -69,7 +72,7 @@ class Conv2DBlock(BuiltinBlock):
             else None
         )
         self.act = keras.layers.Activation(activation, dtype=self.dtype_policy)
-        self._make_head(self.dense, activation, norm, self.output_dim)
+        self._make_head(self.dense, activation, norm, self.output_dim, self.norm_sync)
 
     def _conv_shape(self, shape: tuple) -> tuple:
         b, h, w, _ = shape
@@ -115,6 +118,7 @@ class Conv2DBlock(BuiltinBlock):
             kernel_size=self.kernel_size,
             pool_size=self.pool_size,
             norm=self.norm,
+            norm_sync=self.norm_sync,
             activation=self.activation,
             dense=self.dense,
             output_dim=self.output_dim,

@@ -6,15 +6,13 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 from keras import ops
 
 from dist_share.model.blocks.head import BuiltinBlock, as_list
+from dist_share.model.serialization import register
 
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 
-
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class MLPBlock(BuiltinBlock):
     """Dense layers (+ optional norm) on the flattened per-example input.
 
@@ -22,6 +20,8 @@ class MLPBlock(BuiltinBlock):
         units: width of each dense layer.
         activation: after each dense layer (and its norm).
         norm: ``None``, ``"batch"`` (`StreamBatchNormalization`) or ``"layer"``.
+        norm_sync: batch statistics over the global batch (every replica's rows); False: per
+            replica. Only ``norm="batch"`` has any.
         output_dim: width of a final linear projection (None: none).
         **kwargs: `keras.layers.Layer` arguments.
     """
@@ -32,14 +32,16 @@ class MLPBlock(BuiltinBlock):
         activation: str = "relu",
         norm: str | None = None,
         output_dim: int | None = None,
+        norm_sync: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.units = [int(u) for u in as_list(units)]
         self.activation = activation
         self.norm = norm
+        self.norm_sync = bool(norm_sync)
         self.output_dim = int(output_dim) if output_dim else None
-        self._make_head(self.units, activation, norm, self.output_dim)
+        self._make_head(self.units, activation, norm, self.output_dim, self.norm_sync)
 
     def build(self, input_shape: Any) -> None:
         flat = math.prod(int(d) for d in input_shape[1:])
@@ -60,6 +62,10 @@ class MLPBlock(BuiltinBlock):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
-            units=self.units, activation=self.activation, norm=self.norm, output_dim=self.output_dim
+            units=self.units,
+            activation=self.activation,
+            norm=self.norm,
+            norm_sync=self.norm_sync,
+            output_dim=self.output_dim,
         )
         return config

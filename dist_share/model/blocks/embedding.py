@@ -9,13 +9,13 @@ import keras
 from keras import ops
 
 from dist_share.model.blocks.head import BuiltinBlock, as_list
+from dist_share.model.serialization import register
 
 COMBINERS = ("sum", "mean")
 
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class CombineFields(keras.layers.Layer):
     """Pool each field's embeddings over its length axis, then combine the fields.
 
@@ -57,7 +57,7 @@ class CombineFields(keras.layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class EmbeddingBlock(BuiltinBlock):
     """Embedding lookup for a categorical stream: ids ``[B]`` or ``[B, F]`` (F fields, one table).
 

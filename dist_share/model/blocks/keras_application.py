@@ -8,11 +8,10 @@ from typing import Any
 import keras
 
 from dist_share.errors import ConfigError
+from dist_share.model.serialization import register
 
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 
-
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class KerasApplicationBlock(keras.layers.Layer):
     """A ``keras.applications`` model as a tower block, created when the input shape is known.
 

@@ -8,11 +8,10 @@ import keras
 from keras import ops
 
 from dist_share.model.blocks.head import BuiltinBlock
+from dist_share.model.serialization import register
 
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 
-
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class SequenceBlock(BuiltinBlock):
     """A sequence ``[B, T, F]`` encoded to one vector: a GRU, or one small transformer layer.
 
