@@ -111,6 +111,49 @@ def test_stream_batch_norm_statistics_are_per_stream() -> None:
     np.testing.assert_allclose(y_inf, expected, atol=1e-5)
 
 
+def _previous_stream_batch_norm(x, k, stream_major, mm, mv, momentum, epsilon):
+    """StreamBatchNormalization's training arithmetic before it synchronised replicas: per-stream
+    ``ops.moments`` over the folded layout, then the k-update moving averages."""
+    rest = tuple(x.shape[1:])
+    if stream_major:
+        xs, axes = x.reshape((k, -1) + rest), [1, *range(2, len(rest) + 1)]
+    else:
+        xs, axes = x.reshape((-1, k) + rest), [0, *range(2, len(rest) + 1)]
+    mean, var = keras.ops.moments(xs, axes=axes, keepdims=True)
+    y = keras.ops.reshape((xs - mean) * keras.ops.rsqrt(var + epsilon), x.shape)
+    w = np.array([(1 - momentum) * momentum ** (k - 1 - i) for i in range(k)], "float32")[:, None]
+    mean_k = keras.ops.reshape(mean, (k, -1)).numpy()
+    var_k = keras.ops.reshape(var, (k, -1)).numpy()
+    decay = momentum**k
+    return y.numpy(), mm * decay + (mean_k * w).sum(0), mv * decay + (var_k * w).sum(0)
+
+
+@pytest.mark.parametrize("stream_major", [True, False])
+@pytest.mark.parametrize("shape", [(8, 3), (4, 5, 5, 2)], ids=["dense", "conv"])
+def test_stream_batch_norm_equals_its_per_replica_arithmetic(shape: tuple, stream_major) -> None:
+    """One replica: the global-batch statistics give what the layer computed before it
+    synchronised replicas, outputs and moving statistics, over three training calls."""
+    k, momentum, epsilon = 3, 0.8, 1e-3
+    layer = StreamBatchNormalization(momentum=momentum)
+    layer.build((None, *shape[1:]))
+    mm, mv = np.zeros(shape[-1], np.float32), np.ones(shape[-1], np.float32)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        streams = [rng.normal(3 * i, 1 + i, shape).astype("float32") for i in range(k)]
+        x = (
+            np.concatenate(streams)
+            if stream_major
+            else np.stack(streams, 1).reshape(-1, *shape[1:])
+        )
+        y = layer(x, training=True, num_streams=k, stream_major=stream_major).numpy()
+        expected, mm, mv = _previous_stream_batch_norm(
+            x, k, stream_major, mm, mv, momentum, epsilon
+        )
+        np.testing.assert_allclose(y, expected, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), mm, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), mv, rtol=0, atol=1e-6)
+
+
 def test_combine_fields() -> None:
     a = tf.ones((2, 4))
     b = tf.reshape(tf.range(24, dtype=tf.float32), (2, 3, 4))

@@ -292,10 +292,15 @@ def test_batch_norm_is_converted_in_place() -> None:
     assert tower.folded_layers == ["user_encoder/batch_normalization"] or tower.folded_layers[
         0
     ].endswith(bn.name)
-    # Not folded (separate, or fold=False): nothing is touched.
+    # Not folded (separate, or fold=False): converted too, for statistics over every replica's
+    # rows; a separate set is converted in the same way.
     other = make_functional()
-    SharedTower(other, 2, fold=False)([tf.zeros((B, 10))] * 2)
-    assert type(other.layers[2]) is keras.layers.BatchNormalization
+    unfolded = SharedTower(other, 2, fold=False)
+    unfolded([tf.zeros((B, 10))] * 2)
+    assert type(other.layers[2]) is FoldedBatchNormalization and unfolded.folded_layers
+    separate = SharedTower(make_functional, 2, "separate")
+    separate([tf.zeros((B, 10))] * 2)
+    assert all(type(b.layers[2]) is FoldedBatchNormalization for b in separate.blocks)
     # Outside a tower the converted layer is plain BatchNormalization.
     plain = keras.layers.BatchNormalization(momentum=0.8)
     x = tf.random.normal((B, 16))

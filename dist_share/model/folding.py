@@ -1,29 +1,7 @@
-"""Folding streams onto the batch axis, exactly: what a layer may do there, and the fix for BN.
+"""Folding streams onto the batch axis exactly: announcing the fold, converting BN, refusing.
 
-A `SharedTower` *folds* the N streams that share a weight set: it stacks them on the batch axis
-and calls the weight set once. That is the same function as N per-stream calls only when every
-layer inside treats the examples of a batch independently. Dense, convolutions, attention,
-embeddings, pooling over space or time, LayerNormalization, GroupNormalization,
-UnitNormalization, RNNs and per-element Dropout all do. A few layers do not:
-
-* ``keras.layers.BatchNormalization`` takes its statistics over the batch axis in training, so
-  on a folded batch it would normalise every stream with a mixture of all streams' statistics.
-  `prepare_for_folding` converts it *in place* to `FoldedBatchNormalization`, a subclass that
-  runs ``BatchNormalization.call`` once per stream when folded (so the outputs, the gradients
-  and the moving statistics are exactly those of N per-stream calls) and is plain
-  ``BatchNormalization`` otherwise. The layer object, its variables, its statistics, its name
-  and its config stay the same.
-* Layers that cannot be converted are refused with a `FoldingError` naming the layer: a
-  subclass of ``BatchNormalization`` (its own ``call`` may compute anything), a dropout layer
-  whose ``noise_shape`` draws one mask for the whole batch, a stateful RNN, a layer or
-  operation that works along axis 0 (the batch axis) or reduces over every axis, and a model
-  whose input has a fixed batch size.
-
-The tower announces the fold with `fold_streams`; layers read it with `folded_streams`.
-`blocks.norm.StreamBatchNormalization` reads it too, so a layer you write can use it and stay
-exact.
-Code inside your own ``call`` that reduces over the batch axis cannot be seen from outside: use
-``fold=False`` for such a tower.
+`prepare_for_folding` converts ``keras.layers.BatchNormalization`` to `FoldedBatchNormalization`
+and refuses layers that mix the batch otherwise (docs/TOWERS.md, "Folding your layer exactly").
 """
 
 from __future__ import annotations
@@ -34,11 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from dist_share.errors import ConfigError
+from dist_share.model.serialization import register
+from dist_share.model.stream_moments import after_updates, stream_moments
 
-_PKG = "dist_share"
 _state = threading.local()
 
 # Keras operations (functional-graph nodes that are not layers) whose `axis=None` means "reduce
@@ -103,30 +83,99 @@ def folded_streams() -> int:
     return stack[-1] if stack else 1
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class FoldedBatchNormalization(keras.layers.BatchNormalization):
-    """``BatchNormalization`` that keeps its batch statistics per stream when streams are folded.
+    """``BatchNormalization`` with batch statistics per stream and over the global batch.
 
-    Outside a fold (`folded_streams` is 1), in inference, or when frozen it is exactly
-    ``keras.layers.BatchNormalization``. Inside a fold of k streams in training it splits the
-    batch into the k stream-major parts and runs ``BatchNormalization.call`` on each in stream
-    order: each stream is normalised with its own mean and variance, and the moving statistics
-    (and renorm state, and the synchronized cross-replica moments) receive the k updates that k
-    per-stream calls would make, in the same order. It takes every argument
-    ``BatchNormalization`` takes; `prepare_for_folding` converts existing layers to it in place.
+    In training, inside a fold of k streams (`folded_streams`; 1 outside a fold), each stream is
+    normalised with its own mean and variance, taken over the rows of every replica of the step
+    for all streams in one op and one all-reduce (`stream_moments.stream_moments`), and the
+    moving mean/variance get the k updates that k per-stream calls would make, in stream order.
+    So neither folding nor the split of the batch across replicas or processes changes the
+    result. In inference, or when frozen, it is exactly ``keras.layers.BatchNormalization``.
+    With ``renorm=True`` it runs ``BatchNormalization.call`` once per stream (renorm's state
+    is updated between streams), each with the global moments: exact too, one all-reduce per
+    stream. Keras's own ``synchronized`` is not consulted: ``sync`` decides.
+
+    It takes every argument ``BatchNormalization`` takes; `prepare_for_folding` and
+    `convert_batch_norm` convert existing layers to it in place.
+
+    Args:
+        sync: take the moments over the global batch; False: over this replica's rows only.
+        **kwargs: ``keras.layers.BatchNormalization`` arguments.
     """
 
+    sync = True  # layers converted in place keep their __dict__: the default comes from here
+
+    def __init__(self, sync: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sync = bool(sync)
+
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
-        k = folded_streams()
-        if k == 1 or not (training and self.trainable):
+        if not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
-        parts = ops.split(inputs, k, axis=0)
-        masks = ops.split(mask, k, axis=0) if mask is not None else [None] * k
-        outs = [
-            super(FoldedBatchNormalization, self).call(x, training=training, mask=m)
-            for x, m in zip(parts, masks, strict=True)
-        ]
-        return ops.concatenate(outs, axis=0)
+        k = folded_streams()
+        if self.renorm:
+            if k == 1:
+                return super().call(inputs, training=training, mask=mask)
+            parts = ops.split(inputs, k, axis=0)
+            masks = ops.split(mask, k, axis=0) if mask is not None else [None] * k
+            outs = [
+                super(FoldedBatchNormalization, self).call(x, training=training, mask=m)
+                for x, m in zip(parts, masks, strict=True)
+            ]
+            return ops.concatenate(outs, axis=0)
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask provided should be one dimension less than the inputs. Received: "
+                f"mask.shape={mask.shape}, inputs.shape={inputs.shape}"
+            )
+        dtype = keras.backend.result_type(inputs.dtype, "float32")
+        x = tf.cast(inputs, dtype)
+        axis = self.axis % len(x.shape)
+        # [k * B, ...] stream-major -> [k, B, ...]; inner sizes may be unknown (a sequence).
+        folded = [k, -1] + [tf.shape(x)[i] if d is None else d for i, d in enumerate(x.shape)][1:]
+        xs = tf.reshape(x, folded)
+        weights = None
+        if mask is not None:
+            weights = tf.broadcast_to(tf.cast(tf.expand_dims(mask, -1), dtype), tf.shape(x))
+            weights = tf.reshape(weights, folded)
+        moving_mean = tf.cast(self.moving_mean, dtype)
+        mean, variance = stream_moments(xs, 0, axis + 1, moving_mean, self.sync, weights)
+        self.moving_mean.assign(after_updates(moving_mean, mean, self.momentum))
+        self.moving_variance.assign(
+            after_updates(tf.cast(self.moving_variance, dtype), variance, self.momentum)
+        )
+        # What tf.nn.batch_normalization computes, with [k, C] statistics.
+        inv = tf.math.rsqrt(variance + self.epsilon)
+        if self.scale:
+            inv = inv * tf.cast(self.gamma, dtype)
+        offset = -mean * inv if not self.center else tf.cast(self.beta, dtype) - mean * inv
+        shape = [1] * len(xs.shape)
+        shape[0], shape[axis + 1] = k, -1
+        y = xs * tf.reshape(inv, shape) + tf.reshape(offset, shape)
+        return tf.cast(tf.reshape(y, tf.shape(x)), self.compute_dtype)
+
+    def _moments(self, inputs: Any, mask: Any) -> tuple[Any, Any]:
+        """The global moments of one stream (the renorm path's ``BatchNormalization.call``)."""
+        weights = None
+        if mask is not None:
+            weights = tf.broadcast_to(
+                tf.expand_dims(tf.cast(mask, inputs.dtype), -1), tf.shape(inputs)
+            )
+            weights = weights[None]
+        axis = self.axis % len(inputs.shape)
+        mean, variance = stream_moments(
+            inputs[None], 0, axis + 1, tf.cast(self.moving_mean, inputs.dtype), self.sync, weights
+        )
+        return mean[0], variance[0]
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        # Only when off: a converted layer's config stays the one its author wrote.
+        if not self.sync:
+            config["sync"] = False
+        return config
 
 
 def _children(layer: Any) -> list:
@@ -191,13 +240,31 @@ def _refusal(obj: Any) -> str | None:
     return None
 
 
+def convert_batch_norm(layer: keras.layers.Layer) -> list[str]:
+    """Convert every ``keras.layers.BatchNormalization`` nested in `layer` in place.
+
+    Each becomes a `FoldedBatchNormalization`: same object, same variables and statistics, same
+    name and config, with statistics per stream and over the global batch. Subclasses of
+    ``BatchNormalization`` are left as they are (their own ``call`` may compute anything).
+
+    Returns:
+        The paths of the layers converted.
+    """
+    converted = []
+    for layer_path, obj in walk(layer):
+        if type(obj) is keras.layers.BatchNormalization:
+            obj.__class__ = FoldedBatchNormalization
+            converted.append(layer_path)
+    return converted
+
+
 def prepare_for_folding(layer: keras.layers.Layer, path: str = "model.tower.block") -> list[str]:
     """Make `layer` exact under folding: convert what can be converted, refuse the rest.
 
     Every ``keras.layers.BatchNormalization`` nested in `layer` (in a functional or Sequential
     model, or as an attribute of a subclassed layer) becomes a `FoldedBatchNormalization` in
-    place: same object, same variables and statistics, same config. Call it after `layer` is
-    built, so that sub-layers created in ``build`` are seen.
+    place (`convert_batch_norm`). Call it after `layer` is built, so that sub-layers created in
+    ``build`` are seen.
 
     Args:
         layer: a weight set that will be called on folded streams.
@@ -208,7 +275,7 @@ def prepare_for_folding(layer: keras.layers.Layer, path: str = "model.tower.bloc
 
     Raises:
         FoldingError: a nested layer or operation mixes the examples of a batch and cannot be
-            converted (see the module docstring for the list).
+            converted (docs/TOWERS.md has the list).
     """
     problems = []
     for layer_path, obj in walk(layer):
@@ -217,9 +284,4 @@ def prepare_for_folding(layer: keras.layers.Layer, path: str = "model.tower.bloc
             problems.append((layer_path, reason))
     if problems:
         raise FoldingError(path, *problems[0])
-    converted = []
-    for layer_path, obj in walk(layer):
-        if type(obj) is keras.layers.BatchNormalization:
-            obj.__class__ = FoldedBatchNormalization
-            converted.append(layer_path)
-    return converted
+    return convert_batch_norm(layer)

@@ -28,7 +28,12 @@ class BuiltinBlock(keras.layers.Layer):
     """Shared plumbing: an optional dense head after the block's own body."""
 
     def _make_head(
-        self, dense: Sequence[int], activation: str, norm: str | None, output_dim: int | None
+        self,
+        dense: Sequence[int],
+        activation: str,
+        norm: str | None,
+        output_dim: int | None,
+        norm_sync: bool = True,
     ) -> None:
         self.head_dense = [
             keras.layers.Dense(u, name=f"dense_{i}", dtype=self.dtype_policy)
@@ -37,7 +42,8 @@ class BuiltinBlock(keras.layers.Layer):
         self.head_norms = [
             n
             for n in (
-                make_norm(norm, f"dense_norm_{i}", self.dtype_policy) for i in range(len(dense))
+                make_norm(norm, f"dense_norm_{i}", self.dtype_policy, norm_sync)
+                for i in range(len(dense))
             )
             if n
         ]

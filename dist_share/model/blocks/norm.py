@@ -1,7 +1,7 @@
 """Normalisation inside blocks: `StreamBatchNormalization` and the ``norm:`` choice.
 
-Batch statistics stay per stream when a tower folds N streams onto the batch axis, so folding
-changes nothing numerically (see docs/TOWERS.md).
+Batch statistics are per stream and over the global batch, so neither folding N streams onto
+the batch axis nor splitting the batch across replicas changes them (see docs/TOWERS.md).
 """
 
 from __future__ import annotations
@@ -13,23 +13,26 @@ import keras
 from keras import ops
 
 from dist_share.model.folding import folded_streams
+from dist_share.model.serialization import register
+from dist_share.model.stream_moments import after_updates, stream_moments
 
 NORMS = (None, "none", "batch", "layer")
 
-_PKG = "dist_share"  # registered names are "dist_share>Class": saved models depend on them
 
 
-@keras.saving.register_keras_serializable(package=_PKG)
+@register
 class StreamBatchNormalization(keras.layers.Layer):
-    """Batch normalisation whose statistics are computed per stream when streams are folded.
+    """Batch normalisation whose statistics are per stream and over the global batch.
 
     Folding N streams onto the batch axis would otherwise mix their batch statistics, so the
     folded tower would compute something different from the same tower applied stream by
     stream. Here the batch is viewed as ``[N, B, ...]`` (``stream_major``) or ``[B, N, ...]``
-    and the moments are taken per stream. The moving statistics get the update that N
-    consecutive per-stream calls would have made (``m <- m*mom^N + sum_i (1-mom) mom^(N-1-i) mu_i``),
-    so they match the per-stream application exactly too. One gamma/beta and one set of moving
-    statistics serve every stream, as a shared layer would.
+    and the moments are taken per stream, for all streams in one op, over the rows of every
+    replica of the step (`stream_moments.stream_moments`: one all-reduce per call). The moving
+    statistics get the update that N consecutive per-stream calls would have made
+    (``m <- m*mom^N + sum_i (1-mom) mom^(N-1-i) mu_i``), so they match the per-stream
+    application exactly too. One gamma/beta and one set of moving statistics serve every
+    stream, as a shared layer would.
 
     Built-in blocks pass ``num_streams``/``stream_major`` explicitly; in a layer of your own,
     leave them out and the layer reads the tower's fold (`folding.folded_streams`, stream-major).
@@ -39,6 +42,8 @@ class StreamBatchNormalization(keras.layers.Layer):
         epsilon: added to the variance.
         center: learn a ``beta`` offset.
         scale: learn a ``gamma`` scale.
+        sync: take the moments over the global batch (every replica's rows); False: over this
+            replica's rows only. With one replica both are the same.
         **kwargs: `keras.layers.Layer` arguments.
     """
 
@@ -48,6 +53,7 @@ class StreamBatchNormalization(keras.layers.Layer):
         epsilon: float = 1e-3,
         center: bool = True,
         scale: bool = True,
+        sync: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -55,6 +61,7 @@ class StreamBatchNormalization(keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
+        self.sync = bool(sync)
 
     def build(self, input_shape: Sequence[int | None]) -> None:
         channels = input_shape[-1]
@@ -90,31 +97,21 @@ class StreamBatchNormalization(keras.layers.Layer):
         channels = x.shape[-1]
         if training and self.trainable:  # frozen BN runs in inference mode, as in Keras
             k = int(num_streams)
-            rest = tuple(x.shape[1:])
-            if k == 1:
-                xs = x
-                axes = list(range(len(x.shape) - 1))
-            elif stream_major:
-                xs = ops.reshape(x, (k, -1) + rest)
-                axes = [1] + list(range(2, len(rest) + 1))
-            else:
-                xs = ops.reshape(x, (-1, k) + rest)
-                axes = [0] + list(range(2, len(rest) + 1))
-            mean, var = ops.moments(xs, axes=axes, keepdims=True)
-            y = (xs - mean) * ops.rsqrt(var + self.epsilon)
-            y = ops.reshape(y, ops.shape(x))
-            mean_k = ops.reshape(mean, (k, channels))
-            var_k = ops.reshape(var, (k, channels))
-            # Later streams weigh more, exactly as N sequential EMA updates would.
-            mom = self.momentum
-            w = [(1.0 - mom) * mom ** (k - 1 - i) for i in range(k)]
-            w = ops.reshape(ops.convert_to_tensor(w, "float32"), (k, 1))
-            decay = mom**k
+            rest = tuple(ops.shape(x)[1:])
+            xs = ops.reshape(x, ((k, -1) if stream_major else (-1, k)) + rest)
+            stream_axis = 0 if stream_major else 1
             # Under mixed precision reads are autocast to float16: cast back explicitly.
             mm = ops.cast(self.moving_mean, "float32")
             mv = ops.cast(self.moving_variance, "float32")
-            self.moving_mean.assign(mm * decay + ops.sum(ops.stop_gradient(mean_k) * w, axis=0))
-            self.moving_variance.assign(mv * decay + ops.sum(ops.stop_gradient(var_k) * w, axis=0))
+            mean_k, var_k = stream_moments(xs, stream_axis, len(rest) + 1, mm, sync=self.sync)
+            shape = [1] * len(xs.shape)
+            shape[stream_axis], shape[-1] = k, channels
+            inv = ops.rsqrt(ops.reshape(var_k, shape) + self.epsilon)
+            y = (xs - ops.reshape(mean_k, shape)) * inv
+            y = ops.reshape(y, ops.shape(x))
+            # Later streams weigh more, exactly as N sequential EMA updates would.
+            self.moving_mean.assign(after_updates(mm, mean_k, self.momentum))
+            self.moving_variance.assign(after_updates(mv, var_k, self.momentum))
         else:
             mm = ops.cast(self.moving_mean, "float32")
             mv = ops.cast(self.moving_variance, "float32")
@@ -131,17 +128,24 @@ class StreamBatchNormalization(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
-            momentum=self.momentum, epsilon=self.epsilon, center=self.center, scale=self.scale
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            center=self.center,
+            scale=self.scale,
+            sync=self.sync,
         )
         return config
 
 
-def make_norm(norm: str | None, name: str, dtype: Any = None) -> keras.layers.Layer | None:
-    """The normalisation layer that ``norm`` names (None for ``None``/``"none"``)."""
+def make_norm(
+    norm: str | None, name: str, dtype: Any = None, sync: bool = True
+) -> keras.layers.Layer | None:
+    """The normalisation layer that ``norm`` names (None for ``None``/``"none"``); `sync` is
+    `StreamBatchNormalization`'s (the block key ``norm_sync``)."""
     if norm in (None, "none"):
         return None
     if norm == "batch":
-        return StreamBatchNormalization(name=name, dtype=dtype)
+        return StreamBatchNormalization(name=name, dtype=dtype, sync=sync)
     if norm == "layer":
         return keras.layers.LayerNormalization(name=name, dtype=dtype)
     raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")

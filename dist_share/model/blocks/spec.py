@@ -79,10 +79,10 @@ class BlockSpec(Mapping):
 # The class each built-in type builds, and the keys of its YAML spec (besides `type`). The
 # defaults of the keys are the class's constructor defaults: one place.
 BUILTIN_BLOCKS: dict[str, tuple[type, tuple[str, ...]]] = {
-    "mlp": (MLPBlock, ("units", "activation", "norm")),
+    "mlp": (MLPBlock, ("units", "activation", "norm", "norm_sync")),
     "conv2d": (
         Conv2DBlock,
-        ("filters", "kernel_size", "pool_size", "norm", "activation", "dense"),
+        ("filters", "kernel_size", "pool_size", "norm", "norm_sync", "activation", "dense"),
     ),
     "embedding": (
         EmbeddingBlock,
@@ -125,12 +125,13 @@ def validate_block_spec(spec: Any, path: str = "model.tower.block") -> BlockSpec
 
     Returns:
         A `BlockSpec`. Built-in types get all their keys (the block class's defaults for the
-        missing ones); ``custom`` gets ``args: {}``; ``keras_application`` gets ``args: {}``
-        and ``input_size: null``.
+        missing ones; ``norm_sync`` only with ``norm: batch``); ``custom`` gets ``args: {}``;
+        ``keras_application`` gets ``args: {}`` and ``input_size: null``.
 
     Raises:
         ConfigError: not a mapping, an unknown type or key, a bad value (``norm``, sizes that
-            must be positive integers, an embedding without ``vocab_size``, ...), a ``custom``
+            must be positive integers, an embedding without ``vocab_size``, ``norm_sync`` on a
+            block whose ``norm`` is not ``batch``, ...), a ``custom``
             factory that does not import, is missing or is not callable (path
             ``<path>.factory``), an unknown Keras application (``<path>.name``).
     """
@@ -156,6 +157,8 @@ def validate_block_spec(spec: Any, path: str = "model.tower.block") -> BlockSpec
         raise ConfigError(
             f"{path}.norm", f"unknown norm {out.get('norm')!r}; expected one of {NORMS}"
         )
+    if "norm_sync" in out:
+        _check_norm_sync(out, "norm_sync" in spec, f"{path}.norm_sync")
     if kind == "embedding":
         if "vocab_size" not in spec:
             raise ConfigError(
@@ -184,6 +187,20 @@ def validate_block_spec(spec: Any, path: str = "model.tower.block") -> BlockSpec
         if out["pool_size"] is not None:
             _positive_int(out["pool_size"], f"{path}.pool_size")
     return BlockSpec(out)
+
+
+def _check_norm_sync(out: dict, given: bool, path: str) -> None:
+    """``norm_sync`` is a bool, and only a block with ``norm: batch`` has it (filled in there)."""
+    if out["norm"] != "batch":
+        if given:
+            norm = "none" if out["norm"] in (None, "none") else repr(out["norm"])
+            raise ConfigError(
+                path,
+                f"only norm: batch has batch statistics to synchronise (norm is {norm})",
+            )
+        del out["norm_sync"]
+    elif not isinstance(out["norm_sync"], bool):
+        raise ConfigError(path, f"must be true or false, got {out['norm_sync']!r}")
 
 
 def _validate_user_spec(kind: str, spec: Mapping[str, Any], path: str) -> BlockSpec:
