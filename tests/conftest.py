@@ -32,9 +32,9 @@ ROOT = Path(__file__).parents[1]
 DIST_SHARE = str(Path(sys.executable).parent / "dist-share")
 CONFIG = "configs/siamese_digits.yaml"
 # The default config, short and exactly reproducible across launchers: deterministic ops, SGD,
-# no batch norm (its batch statistics are per replica by design, so N replicas of batch B/N
-# normalise differently from one replica of batch B). Every cluster job trains with these
-# options and must end with the variables of the local run below.
+# no batch norm (its steep first steps at this learning rate would amplify float32's summation
+# order; batch norm's exactness across launchers is tests/test_equivalence.py's). Every cluster
+# job trains with these options and must end with the variables of the local run below.
 CLUSTER_TRAIN_ARGS = [
     *("--set", "training.steps=6"),
     *("--set", "training.batch_size=16"),
