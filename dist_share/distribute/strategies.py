@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -110,13 +110,20 @@ class Strategy:
         return [per_replica]
 
     def eval_sum(self, per_replica: Any) -> Any:
-        """Sum inside an eval step. Processes that may run different numbers of eval steps sum
-        locally and reduce once in `allreduce_host_sum`; tf.distribute syncs every step."""
+        """Sum inside an eval step. Horovod sums locally and reduces once per pass in
+        `allreduce_host_sum`; tf.distribute syncs every step."""
         return per_replica
 
     def allreduce_host_sum(self, values: Mapping[str, float]) -> dict[str, float]:
         """Sum host-side numbers over processes (eval totals after uneven loops)."""
         return dict(values)
+
+    def in_lockstep(self, batches: Any) -> Iterator[Any]:
+        """The batches of a one-pass (eval) data set, so that every process runs the same number
+        of steps: an eval step may hold a collective (a metric over the global batch), and a
+        process that left the loop early would leave the others waiting in it. tf.distribute's
+        iterators already agree, handing a replica without data an empty batch."""
+        return iter(batches)
 
     def reduce_gradients(
         self, grads: list[Any], options: GradientOptions | None = None
@@ -262,7 +269,10 @@ class HorovodGroup(CollectiveGroup):
 
     def __init__(self, hvd: Any) -> None:
         self.hvd = hvd
-        self.num_replicas = int(hvd.size())
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        return int(self.hvd.size())  # elastic jobs grow and shrink
 
     def _gather(self, x: tf.Tensor) -> tf.Tensor:
         return self.hvd.allgather(x)
@@ -325,6 +335,18 @@ class HorovodStrategy(Strategy):
         total = self.hvd.allreduce(vec, op=self.hvd.Sum, name="dist_share_host_sum").numpy()
         return {k: float(v) for k, v in zip(keys, total, strict=True)}
 
+    def in_lockstep(self, batches: Any) -> Iterator[Any]:
+        # Each step first asks whether any process still has a batch (one scalar allreduce);
+        # a process that has none takes part with zero rows.
+        empty = tf.nest.map_structure(_empty_batch, batches.element_spec)
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None)
+            have = tf.constant(0.0 if batch is None else 1.0)
+            if float(self.hvd.allreduce(have, op=self.hvd.Sum, name="dist_share_more")) == 0:
+                return
+            yield empty if batch is None else batch
+
     def broadcast_variables(self, variables: list[Any]) -> None:
         self.hvd.broadcast_variables(tf_variables(variables), root_rank=0)
 
@@ -341,6 +363,11 @@ class HorovodStrategy(Strategy):
             )
             for v, a in zip(floats, averaged, strict=True):
                 v.assign(a)
+
+
+def _empty_batch(spec: tf.TensorSpec) -> tf.Tensor:
+    """A batch of zero rows with the element's structure (inner sizes unknown: 0)."""
+    return tf.zeros([0, *(d if d is not None else 0 for d in spec.shape[1:])], spec.dtype)
 
 
 # -- construction ---------------------------------------------------------------------------

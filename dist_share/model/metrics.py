@@ -66,7 +66,9 @@ class InBatchTop1(PerExample):
     """Two-tower: row i's own candidate scores highest among the global batch's candidates.
 
     The candidates of every replica are gathered (`cross_replica.current_group`), so the value
-    of a checkpoint does not depend on how the evaluation batch is split.
+    of a checkpoint does not depend on how the evaluation batch is split. A tie with the best
+    counts as a hit (several rows may hold the same item): the first of tied candidates would
+    depend on the order in which the replicas' rows are gathered.
     """
 
     couples_rows = True
@@ -76,6 +78,6 @@ class InBatchTop1(PerExample):
         group = current_group()
         everyone, start = group.gather_rows(p[:, 1])
         logits = ops.matmul(p[:, 0], ops.transpose(everyone))
-        best = ops.cast(ops.argmax(logits, axis=-1), "int32")
         own = start + ops.arange(ops.shape(logits)[0], dtype="int32")
-        return _f32(ops.equal(best, own))
+        mine = ops.take_along_axis(logits, ops.expand_dims(own, 1), axis=1)[:, 0]
+        return _f32(mine >= ops.max(logits, axis=-1))

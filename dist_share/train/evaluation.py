@@ -1,4 +1,4 @@
-"""`Evaluator`: one pass over the eval split, reduced over every replica; `forward`: one batch."""
+"""`Evaluator`: one pass over the eval split, reduced over every replica; `score`: one batch."""
 
 from __future__ import annotations
 
@@ -32,7 +32,14 @@ class Evaluator:
         self._eval_fn = None
 
     def _replica_eval_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-        return forward(self.state.spec, features, labels, training=False)[1]
+        # A replica past the end of the split gets zero rows (and still takes part in the step's
+        # collectives). TensorFlow's oneDNN convolution returns the wrong shape for an empty
+        # batch, so the model sees one row of zeros instead, and its output is cut to none.
+        rows = tf.shape(tf.nest.flatten(features)[0])[0]
+        inputs = tf.nest.map_structure(lambda t: _one_row_if_empty(t, rows), features)
+        preds = self.state.spec.model(inputs, training=False)
+        preds = tf.nest.map_structure(lambda p: p[:rows], preds)
+        return score(self.state.spec, labels, preds)[1]
 
     def eval_begin(self) -> dict[str, float]:
         if self._eval_fn is None:
@@ -68,15 +75,27 @@ class Evaluator:
 
         self.strategy.sync_non_trainable(self.state.model.non_trainable_variables)
         state = self.eval_begin()
-        for batch in self.strategy.distribute_dataset(fn):
+        for batch in self.strategy.in_lockstep(self.strategy.distribute_dataset(fn)):
             state = self.eval_step(batch, state)
         return self.eval_end(state)
 
 
-def forward(spec: ModelSpec, features: Any, labels: tf.Tensor, training: bool) -> tuple:
-    """(per-example loss, {loss, metrics and count summed over the batch}) of one batch."""
-    preds = spec.model(features, training=training)
-    per_example = tf.cast(spec.loss(labels, preds), tf.float32)
+def _one_row_if_empty(t: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+    inner = t.shape[1:]  # static where known, so the model sees the shapes it was built for
+    shape = [1, *inner] if inner.is_fully_defined() else tf.concat([[1], tf.shape(t)[1:]], 0)
+    zeros = tf.zeros(shape, t.dtype)
+    return tf.cond(rows > 0, lambda: t, lambda: zeros)
+
+
+def score(spec: ModelSpec, labels: tf.Tensor, preds: Any, per_example: Any = None) -> tuple:
+    """(per-example loss, {loss, metrics and count summed}) of a batch's predictions.
+
+    ``per_example``: the loss values if already computed (a loss that gathers across replicas
+    must not run twice: each run is a collective).
+    """
+    if per_example is None:
+        per_example = spec.loss(labels, preds)
+    per_example = tf.cast(per_example, tf.float32)
     sums = {"loss": tf.reduce_sum(per_example)}
     for name, fn in spec.metrics.items():
         sums[name] = tf.reduce_sum(tf.cast(fn(labels, preds), tf.float32))

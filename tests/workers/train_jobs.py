@@ -33,18 +33,18 @@ COUPLED_SUM = "siamese_cfg_sum,two_tower_ibs_sum,multiview_bn_sum,user_bn_sum"
 LAUNCHES = {
     "local": (
         "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit,shared_k3,"
-        f"shared_k3_resume,user_tower,shared_12,{COUPLED},{COUPLED_FIT}",
+        f"shared_k3_resume,user_tower,shared_12,{COUPLED},{COUPLED_FIT},two_tower_ibs_accum",
         "",
     ),
     "mirrored": (
         "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3,user_tower,"
-        f"{COUPLED},{COUPLED_FIT}",
+        f"{COUPLED},{COUPLED_FIT},two_tower_ibs_accum",
         "tf_all_reduce,dense_switch,model_families",
     ),
     "horovod_gloo": (
         "shared,two_tower,two_tower_sum,two_tower_fp16,two_tower_naive,shared_fit,two_tower_fit,"
         f"shared_resume,shared_bn,shared_k3,shared_k3_resume,user_tower,{COUPLED},{COUPLED_FIT},"
-        f"{COUPLED_SUM}",
+        f"{COUPLED_SUM},two_tower_ibs_accum",
         "horovod_collectives,dense_switch,records",
     ),
     "horovod_mpirun": (f"shared,two_tower,{COUPLED}", "horovod_collectives"),

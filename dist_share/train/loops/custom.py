@@ -13,35 +13,14 @@ import tensorflow as tf
 from dist_share.data.pipeline import train_input
 from dist_share.data.types import DatasetFn
 from dist_share.distribute.gradients import take_over_reduction
-from dist_share.train.evaluation import Evaluator, forward
+from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import nonfinite, preemption
 from dist_share.train.logs import MetricsLogger
+from dist_share.train.loops import accumulate
 from dist_share.train.state import TrainState
 
 if TYPE_CHECKING:
     from dist_share.config.schema import Config
-
-
-def _add_grads(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0), a.dense_shape
-        )
-    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
-
-
-def _grad_tensors(grads: list[Any]) -> list[tf.Tensor]:
-    out = []
-    for g in grads:
-        if isinstance(g, tf.IndexedSlices):
-            out.extend([g.values, g.indices])
-        elif g is not None:
-            out.append(g)
-    return out
 
 
 class CustomLoop:
@@ -54,6 +33,10 @@ class CustomLoop:
 
     Override a hook in a subclass to change one piece: ``train_loop_begin``, ``train_step``,
     ``train_loop_end``.
+
+    Raises:
+        ConfigError: ``grad_accum_steps`` > 1 with a loss that couples rows and a model whose
+            training forward has batch statistics or random draws (`accumulate.check_replayable`).
     """
 
     def __init__(
@@ -72,6 +55,8 @@ class CustomLoop:
         self.steps = tc.steps
         self.global_batch = tc.batch_size
         self.grad_accum = tc.grad_accum_steps
+        if self.grad_accum > 1 and accumulate.couples_rows(state.spec.loss):
+            accumulate.check_replayable(state.model)
         self.steps_per_loop = tc.steps_per_loop
         take_over_reduction(state.optimizer)
         # Loss denominator: Horovod with op=average averages, everything else sums.
@@ -100,26 +85,13 @@ class CustomLoop:
     def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
         model, optimizer = self.state.model, self.state.optimizer
         tvars = model.trainable_variables
-        k = self.grad_accum
-        if k == 1:
-            micro = [(features, labels)]
-        else:
-            parts = [tf.split(t, k, axis=0) for t in tf.nest.flatten(features)]
-            ys = tf.split(labels, k, axis=0)
-            micro = [
-                (tf.nest.pack_sequence_as(features, [p[i] for p in parts]), ys[i]) for i in range(k)
-            ]
-        grads: list[Any] = [None] * len(tvars)
-        totals: dict[str, tf.Tensor] = {}
-        for f, y in micro:
-            # Micro-batch i+1 starts after i's gradients exist, so only one is live at a time.
-            with tf.control_dependencies(_grad_tensors(grads)), tf.GradientTape() as tape:
-                per_example, sums = forward(self.state.spec, f, y, training=True)
-                loss = tf.reduce_sum(per_example) / self._loss_denominator
-                loss = optimizer.scale_loss(loss)
-            step_grads = tape.gradient(loss, tvars)
-            grads = [_add_grads(a, b) for a, b in zip(grads, step_grads, strict=True)]
-            totals = {n: totals.get(n, 0.0) + v for n, v in sums.items()}
+
+        def loss_of(per_example: tf.Tensor) -> tf.Tensor:
+            return optimizer.scale_loss(tf.reduce_sum(per_example) / self._loss_denominator)
+
+        grads, totals = accumulate.gradients(
+            self.state.spec, features, labels, self.grad_accum, tvars, loss_of
+        )
         reduced, nbytes = self.strategy.reduce_gradients(grads)
         # The reduced gradient is the same on every replica, so every replica decides alike.
         bad = (
