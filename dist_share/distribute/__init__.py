@@ -1,1 +1,1 @@
-"""PLACEHOLDER"""
+"""Where replicas live (strategies), what they send (gradients) and the cluster a job runs in."""

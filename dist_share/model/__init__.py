@@ -1,1 +1,1 @@
-"""PLACEHOLDER"""
+"""Layers and objectives: blocks, shared towers, folding, heads, losses, metrics, and the replicas of a step."""
