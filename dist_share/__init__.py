@@ -34,6 +34,7 @@ _PUBLIC = {
     "ModelSpec": "dist_share.families.build",
     "build_model": "dist_share.families.build",
     # where replicas live
+    "StrategyConfig": "dist_share.config.schema",
     "Strategy": "dist_share.distribute.strategies",
     "get_strategy": "dist_share.distribute.strategies",
     # training

@@ -13,29 +13,23 @@ from pathlib import Path
 
 import keras
 
-from dist_share.config.schema import StrategyConfig
-from dist_share.distribute.strategies import get_strategy
-from dist_share.families.build import ModelSpec
+import dist_share as ds
 from dist_share.model.heads import L2Distance
 from dist_share.model.losses import ContrastiveLoss
 from dist_share.model.metrics import PairAccuracy
-from dist_share.model.towers import SharedTower
-from dist_share.run.inputs import make_dataset_fn
-from dist_share.run.resolve import load_config
-from dist_share.train.trainer import Trainer
 
 # 1. The strategy comes first: it may create devices or initialise Horovod before TF runs.
-strategy = get_strategy(StrategyConfig(name=sys.argv[1] if len(sys.argv) > 1 else "local"))
+strategy = ds.get_strategy(ds.StrategyConfig(name=sys.argv[1] if len(sys.argv) > 1 else "local"))
 
 # 2. The default Siamese config (typed, validated) gives data, optimizer and training settings.
 default_config = Path(__file__).resolve().parents[1] / "configs" / "siamese_digits.yaml"
-cfg = load_config(default_config, ["training.steps=300", "training.eval_every=300"])
+cfg = ds.load_config(default_config, ["training.steps=300", "training.eval_every=300"])
 
 
-def build_spec() -> ModelSpec:
+def build_spec() -> ds.ModelSpec:
     """Called by the Trainer inside strategy.scope(), so variables are replicated."""
     left, right = keras.Input((8, 8, 1), name="left"), keras.Input((8, 8, 1), name="right")
-    tower = SharedTower(
+    tower = ds.SharedTower(
         block={"type": "mlp", "units": [128, 64], "activation": "relu"},
         num_streams=2,
         sharing="shared",  # gradients from both streams add up in one weight set
@@ -43,15 +37,14 @@ def build_spec() -> ModelSpec:
     emb_left, emb_right = tower([keras.layers.Flatten()(left), keras.layers.Flatten()(right)])
     distance = L2Distance()([emb_left, emb_right])
     model = keras.Model({"left": left, "right": right}, distance)
-    return ModelSpec(
+    return ds.ModelSpec(
         model, ContrastiveLoss(margin=1.0), {"pair_accuracy": PairAccuracy(0.5)}, ["left", "right"]
     )
 
 
 # 3. Global batch 64: each replica gets 64 / num_replicas; data is sharded per worker.
-train_fn = make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
-eval_fn = make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
-trainer = Trainer(build_spec, strategy, cfg, run_dir=None)
-result = trainer.train(train_fn, eval_fn)
+inputs = ds.RunInputs(cfg.data, cfg.training.batch_size, seed=0)  # the data, opened once
+trainer = ds.Trainer(build_spec, strategy, cfg, run_dir=None)
+result = trainer.train(inputs.train_fn, inputs.eval_fn)
 if strategy.is_chief:  # only rank 0 prints
     print({k: round(v, 4) for k, v in result.items()})

@@ -17,23 +17,17 @@ from pathlib import Path
 
 import keras
 
-from dist_share.config.schema import StrategyConfig
-from dist_share.distribute.strategies import get_strategy
-from dist_share.families.build import ModelSpec
+import dist_share as ds
 from dist_share.model.heads import TripletDistances
 from dist_share.model.losses import TripletLoss
 from dist_share.model.metrics import TripletAccuracy
-from dist_share.model.towers import SharedTower
-from dist_share.run.inputs import make_dataset_fn
-from dist_share.run.resolve import load_config
-from dist_share.train.trainer import Trainer
 
 # The strategy comes first: it may create devices or initialise Horovod before TF runs.
 name = sys.argv[1] if len(sys.argv) > 1 else "local"
 cpus = int(sys.argv[2]) if len(sys.argv) > 2 else None
-strategy = get_strategy(StrategyConfig(name=name, num_cpu_devices=cpus))
+strategy = ds.get_strategy(ds.StrategyConfig(name=name, num_cpu_devices=cpus))
 default_config = Path(__file__).resolve().parents[1] / "configs" / "triplet_digits.yaml"
-cfg = load_config(default_config, ["training.steps=300", "training.eval_every=300"])
+cfg = ds.load_config(default_config, ["training.steps=300", "training.eval_every=300"])
 STREAMS = ["anchor", "positive", "negative"]
 
 
@@ -52,20 +46,19 @@ def make_encoder() -> keras.Model:
     return keras.Model(image, keras.layers.Dense(32)(x), name="my_encoder")
 
 
-def build_spec() -> ModelSpec:
+def build_spec() -> ds.ModelSpec:
     """Called by the Trainer inside strategy.scope(), so the variables are replicated."""
     inputs = {name: keras.Input((8, 8, 1), name=name) for name in STREAMS}
-    tower = SharedTower(make_encoder(), num_streams=3)  # one weight set for the three streams
+    tower = ds.SharedTower(make_encoder(), num_streams=3)  # one weight set for the three streams
     embeddings = tower([inputs[name] for name in STREAMS])
     distances = TripletDistances()(embeddings)  # [B, 2]: d(anchor, positive), d(anchor, negative)
     model = keras.Model(inputs, distances)
-    return ModelSpec(
+    return ds.ModelSpec(
         model, TripletLoss(margin=1.0), {"triplet_accuracy": TripletAccuracy()}, STREAMS
     )
 
 
-train_fn = make_dataset_fn(cfg.data, "train", cfg.training.batch_size, seed=0)
-eval_fn = make_dataset_fn(cfg.data, "eval", cfg.training.batch_size, seed=0)
-result = Trainer(build_spec, strategy, cfg, run_dir=None).train(train_fn, eval_fn)
+inputs = ds.RunInputs(cfg.data, cfg.training.batch_size, seed=0)  # the data, opened once
+result = ds.Trainer(build_spec, strategy, cfg, run_dir=None).train(inputs.train_fn, inputs.eval_fn)
 if strategy.is_chief:  # only rank 0 prints
     print({k: round(v, 4) for k, v in result.items()})
