@@ -13,7 +13,7 @@ variants alike). Variants:
 
 ``--towers keras_application`` (with ``--streams 2,4,8``) times a user tower instead: a
 ``keras.applications.MobileNetV3Small`` (weights=None, minimalistic, alpha 0.75, 32x32x3, 8
-images per stream, the application of the README's example and tests/test_user_towers.py;
+images per stream, the application of the README's example and tests/model/test_user_towers.py;
 its 34 BatchNormalization layers run per stream under folding, see docs/TOWERS.md), beside the
 built-in conv tower measured in the same run (``--towers conv,keras_application``). What costs
 time there is tracing: every variant's step is traced once per N, and its graph holds N copies

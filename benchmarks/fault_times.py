@@ -6,7 +6,7 @@
     python -m benchmarks.fault_times --preempt            # SIGTERM: where it stops, time to save
 
 Each case starts a real 2-process ``dist-share launch`` job of the small siamese config
-(tests/workers/fault_jobs.py), waits until step 6 is logged, sends the signal to one rank (found
+(tests/helpers/fault_jobs.py), waits until step 6 is logged, sends the signal to one rank (found
 through its heartbeat file) and times, with the monotonic clock of this process, how long the
 launcher takes to exit. Times include the launcher's tear-down. The machine's load changes them;
 the point is the bound (``training.stall_timeout`` plus tear-down), not the decimals.
@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "workers"))
-
-import fault_jobs  # noqa: E402
+from tests.helpers import fault_jobs
 
 
 def kill_case(launcher: str, fault: str, rank: int, stall_timeout: float) -> dict[str, Any]:

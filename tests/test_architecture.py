@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).parents[1] / "dist_share"
+from tests.helpers.paths import ROOT
+
+PACKAGE = ROOT / "dist_share"
 
 # Each room of the package and its floor. A module may import from lower floors and from its own
 # room; rooms on one floor are independent of each other.

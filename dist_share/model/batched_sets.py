@@ -12,7 +12,7 @@ The variables stay exactly what they are (one Dense kernel and bias per set, sam
 shapes): they are stacked *in the call*, so checkpoints written with or without batching are
 interchangeable, and each set's gradient is the slice of the stacked gradient that belongs to
 it (`tf.stack`'s gradient is an unstack). Outputs and gradients equal the one-set-after-another
-computation up to float rounding (tests/test_batched_sets.py).
+computation up to float rounding (tests/model/test_batched_sets.py).
 
 What can be batched: MLP blocks without normalisation (batch norm keeps per-set statistics
 and moving averages; layer norm would be batchable but is not done yet), every set seeing the

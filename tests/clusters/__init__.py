@@ -1,0 +1,1 @@
+"""Real Slurm and podman clusters for the cluster tests."""

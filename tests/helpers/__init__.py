@@ -1,0 +1,1 @@
+"""What the tests share in their own process: paths, job runners, background jobs."""

@@ -7,6 +7,7 @@ combined output is kept so that a failure shows what the workers printed.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,13 +19,16 @@ from pathlib import Path
 from dist_share.launch.commands import horovodrun_command, mpirun_command, tf_config
 from dist_share.launch.hosts import Host, free_port
 from dist_share.launch.supervise import kill_process_group
+from tests.helpers.paths import EXE, ROOT
 
 __all__ = [
     "JobResult",
+    "dist_share_launch",
     "local_horovodrun_command",
     "local_mpirun_command",
     "run_job",
     "run_local_multiworker",
+    "run_on_two_replicas",
     "worker_env",
 ]
 
@@ -45,8 +49,11 @@ class JobResult:
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for local workers: quiet TF, one thread pool per process, root allowed for Open MPI."""
+    """Environment for local workers: quiet TF, one thread pool per process, root allowed for
+    Open MPI, and the repository root on PYTHONPATH (the scripts in tests/workers import
+    ``tests.workers`` modules)."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("PYTHONUNBUFFERED", "1")
     # Open MPI refuses to run as root unless told; our machines and containers run as root.
@@ -97,6 +104,14 @@ def run_job(
         if proc.poll() is None:
             kill_process_group(proc)
     return JobResult(proc.returncode, out, list(command))
+
+
+def dist_share_launch(
+    launcher: str, argv: Sequence[str], *options: str, hosts: str | None = "localhost:2"
+) -> list[str]:
+    """``dist-share launch --launcher LAUNCHER [--hosts HOSTS] OPTIONS... -- ARGV``."""
+    where = ["--hosts", hosts] if hosts else []
+    return [EXE, "launch", "--launcher", launcher, *where, *options, "--", *argv]
 
 
 def local_horovodrun_command(
@@ -163,3 +178,20 @@ def run_local_multiworker(
         for p in procs:
             if p.poll() is None:
                 kill_process_group(p)
+
+
+def run_on_two_replicas(script: Path, launcher: str, out: Path, timeout: float) -> list[dict]:
+    """Run a check script of tests/workers (tests/workers/replicas.py) on 2 replicas,
+    MirroredStrategy on 2 logical CPUs in one process or ``horovodrun -np 2``, and return what
+    each process wrote to ``OUT.rank{R}.json``, in rank order (each saw 2 replicas)."""
+    argv = [sys.executable, str(script), "--out", str(out)]
+    if launcher == "mirrored":
+        command = [*argv, "--strategy", "mirrored", "--num-cpu-devices", "2"]
+    else:
+        command = local_horovodrun_command(2, [*argv, "--strategy", "horovod"])
+    run_job(command, timeout=timeout).check()
+    files = sorted(out.parent.glob(f"{out.name}.rank*.json"))
+    assert len(files) == (1 if launcher == "mirrored" else 2)
+    results = [json.loads(path.read_text()) for path in files]
+    assert all(result["num_replicas"] == 2 for result in results), results
+    return results

@@ -8,11 +8,9 @@ and the loss with per-replica negatives (which must differ: the comparison can f
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
-from dist_share.files import atomic_write_text
+from tests.workers.replicas import strategy_from_argv, write_result
 
 
 def compare(strategy: Any, pairs: Any, sizes: list[int], negatives: str) -> dict:
@@ -104,16 +102,7 @@ def random_embedding_loss(strategy: Any, rows: int = 32, dim: int = 512) -> dict
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--strategy", required=True)
-    p.add_argument("--num-cpu-devices", type=int, default=None)
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
-
-    from dist_share.config.schema import StrategyConfig
-    from dist_share.distribute.strategies import get_strategy
-
-    strategy = get_strategy(StrategyConfig(name=a.strategy, num_cpu_devices=a.num_cpu_devices))
+    strategy, out = strategy_from_argv()
 
     import numpy as np
 
@@ -133,7 +122,7 @@ def main() -> None:
 
     result["random_loss"] = random_embedding_loss(strategy)
 
-    atomic_write_text(f"{a.out}.rank{strategy.rank}.json", json.dumps(result))
+    write_result(out, strategy, result)
 
 
 if __name__ == "__main__":

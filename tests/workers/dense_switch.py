@@ -6,8 +6,9 @@ differ), reduces it together with a dense gradient through `gradients.reduce_gra
 a tf.function, and records, per case and replica: the reduced table gradient (densified), the
 reduced dense gradient and the bytes it handed to collectives. The test derives the branch from
 the bytes and checks the sums. Run by train_worker.py inside the shared mirrored (2 logical
-CPUs) and horovodrun launches (train_jobs.py): logical devices and Horovod must be set up
-before TensorFlow starts, which those launches do; tests/test_gradients.py reads the result.
+CPUs) and horovodrun launches (tests/helpers/train_jobs.py): logical devices and Horovod must be
+set up before TensorFlow starts, which those launches do; tests/distribute/test_gradients.py
+reads the result.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Which examples does each worker read from TFRecord shards? One check covers several shard sets.
 
-Run by train_worker.py inside the shared horovodrun and multi-worker launches (train_jobs.py,
-which writes the shard sets first); tests/test_records.py reads the result.
+Run by train_worker.py inside the shared horovodrun and multi-worker launches
+(tests/helpers/train_jobs.py, which writes the shard sets first); tests/data/test_records.py
+reads the result.
 
 For every shard directory (its train and eval splits) the worker records the files it reads,
 the ids of one training epoch of its pipeline and of one evaluation pass. Under horovodrun the
@@ -104,7 +105,7 @@ def write_shard_sets(root: str) -> list[str]:
     """99 train examples as 4 shards (by file: 50 | 49 per worker) and as 3 (33 * 3 splits
     unevenly over 2 workers: by example), and 41 eval examples the same ways (21 | 20: one
     worker has one more eval batch). Example i has id i (train_common.id_split)."""
-    from train_common import id_split
+    from tests.workers.train_common import id_split
 
     dirs = []
     for shards in (4, 3):

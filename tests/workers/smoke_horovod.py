@@ -1,7 +1,8 @@
 """Horovod smoke check: allreduce and broadcast_variables on the raw Horovod API.
 
-Run by train_worker.py inside the shared horovodrun and mpirun launches (train_jobs.py), so the
-check costs no TensorFlow and Horovod start of its own; tests/test_smoke.py reads the result.
+Run by train_worker.py inside the shared horovodrun and mpirun launches
+(tests/helpers/train_jobs.py), so the check costs no TensorFlow and Horovod start of its own;
+tests/integration/test_smoke.py reads the result.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """tf.distribute smoke check: an all-reduce across replicas under Mirrored or MultiWorkerMirrored.
 
-Run by train_worker.py inside the shared mirrored and multi-worker launches (train_jobs.py) on
-the tf.distribute strategy the launch built; tests/test_smoke.py reads the result.
+Run by train_worker.py inside the shared mirrored and multi-worker launches
+(tests/helpers/train_jobs.py) on the tf.distribute strategy the launch built;
+tests/integration/test_smoke.py reads the result.
 """
 
 from __future__ import annotations

@@ -8,10 +8,9 @@ input gradients, the weight gradients (summed over replicas) and the moving stat
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 from typing import Any
+
+from tests.workers.replicas import strategy_from_argv, write_result
 
 BUILTIN = {
     "type": "conv2d",
@@ -146,16 +145,7 @@ def compare(strategy: Any, kind: str, sizes: list[int], sync: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--strategy", required=True)
-    p.add_argument("--num-cpu-devices", type=int, default=None)
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
-
-    from dist_share.config.schema import StrategyConfig
-    from dist_share.distribute.strategies import get_strategy
-
-    strategy = get_strategy(StrategyConfig(name=a.strategy, num_cpu_devices=a.num_cpu_devices))
+    strategy, out = strategy_from_argv()
     replicas = strategy.num_replicas
     result: dict = {"num_replicas": replicas, "cases": {}}
     for kind in ("builtin", "user"):
@@ -166,10 +156,7 @@ def main() -> None:
         ):
             result["cases"][f"{kind}_{split}"] = compare(strategy, kind, sizes, sync)
 
-    out = f"{a.out}.rank{strategy.rank}.json"
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out + ".tmp", out)
+    write_result(out, strategy, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ tf.compat.v1.disable_eager_execution()
 
 import horovod.tensorflow as hvd  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dist_share.compat import v1 as cv1  # noqa: E402
 
 v1 = tf.compat.v1

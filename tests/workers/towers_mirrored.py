@@ -1,8 +1,8 @@
 """Build and fit every model family inside a 2-device MirroredStrategy scope.
 
-Run by train_worker.py inside the shared mirrored launch (train_jobs.py), whose strategy has
-the two logical CPU devices (configured before TensorFlow initialised its devices);
-tests/test_models.py reads the result.
+Run by train_worker.py inside the shared mirrored launch (tests/helpers/train_jobs.py), whose
+strategy has the two logical CPU devices (configured before TensorFlow initialised its devices);
+tests/families/test_models.py reads the result.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _moved(before, weights) -> bool:
 
 
 def check(strategy: tf.distribute.Strategy) -> dict:
-    from tests.test_models import CASES, _batch
+    from tests.families.test_models import CASES, _batch
 
     result: dict = {"num_replicas": strategy.num_replicas_in_sync}
     for family in FAMILIES:

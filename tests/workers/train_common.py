@@ -146,13 +146,11 @@ def build_user_tower(norm: str = "layer") -> Spec:
 
 def config_of(name: str):
     """The shipped config of a CONFIG_MODELS entry, with small data."""
-    from pathlib import Path
-
     from dist_share.run.resolve import load_config
+    from tests.helpers.paths import ROOT
 
     path, overrides = CONFIG_MODELS[name]
-    root = Path(__file__).resolve().parents[2]
-    return load_config(root / path, [*overrides, *sorted(CONFIG_EXAMPLES)])
+    return load_config(ROOT / path, [*overrides, *sorted(CONFIG_EXAMPLES)])
 
 
 def _config_builder(name: str) -> Callable[[], Any]:
@@ -199,7 +197,8 @@ def arrays(family: str, n: int = NUM_EXAMPLES, seed: int = 1) -> tuple[dict, np.
 
 def id_split(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Siamese-shaped streams plus an `id` stream (example i has id i) and a bool mask stream:
-    the arrays the TFRecord tests convert into shards (tests/test_records.py, records_shards.py)."""
+    the arrays the TFRecord tests convert into shards (tests/data/test_records.py and
+    records_shards.py)."""
     rng = np.random.default_rng(seed)
     features = {
         "left": rng.random((n, 8, 8, 1), np.float32),
@@ -228,20 +227,3 @@ def make_dataset_fn(
         return ds.batch(ctx.get_per_replica_batch_size(global_batch), drop_remainder=drop_remainder)
 
     return fn
-
-
-def max_diff(a: dict, b: dict) -> float:
-    """Largest absolute difference between two {name: array} sets with the same names."""
-    assert a.keys() == b.keys()
-    return max(float(np.max(np.abs(np.asarray(a[k]) - np.asarray(b[k])))) for k in a)
-
-
-def checkpoint_variables(run_dir) -> tuple[int, dict[str, np.ndarray]]:
-    """(step, model variables) of a run directory's newest checkpoint, as the trainer saved it."""
-    path = tf.train.latest_checkpoint(str(run_dir) + "/checkpoints")
-    assert path, f"no checkpoint in {run_dir}/checkpoints"
-    reader = tf.train.load_checkpoint(path)
-    names = reader.get_variable_to_shape_map()
-    model = {k: reader.get_tensor(k) for k in names if k.startswith("model_variables/")}
-    assert model, f"{path} holds no model variables: {sorted(names)[:10]}"
-    return int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")), model

@@ -23,8 +23,6 @@ from typing import Any
 
 from dist_share.files import atomic_write_text
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 # name -> (family, loop, strategy overrides[, training overrides])
 K3 = {"steps_per_loop": 3, "log_every": 5}
 RUNS = {
@@ -57,7 +55,7 @@ RUNS = {
     "shared_k3": ("shared", "custom", {}, K3),
     # ... and resumed from the checkpoint at the loop boundary, step 3.
     "shared_k3_resume": ("shared", "custom", {}, K3),
-    # The uninterrupted run the SIGKILL test's resumed run must end at (test_training.py).
+    # The uninterrupted run the SIGKILL test's resumed run must end at (train/test_training.py).
     "shared_12": ("shared", "custom", {}, {"steps": 12}),
     # Batch-coupled models (batch norm, in-batch negatives), train_common.CONFIG_MODELS: the
     # same result on every launcher, with Horovod's average and sum reductions, and under fit.
@@ -76,19 +74,19 @@ RUNS = {
 
 
 def _horovod_collectives(strategy: Any, a: argparse.Namespace) -> dict:
-    import smoke_horovod
+    from tests.workers import smoke_horovod
 
     return smoke_horovod.check(strategy.hvd)
 
 
 def _tf_all_reduce(strategy: Any, a: argparse.Namespace) -> dict:
-    import smoke_tf_strategy
+    from tests.workers import smoke_tf_strategy
 
     return smoke_tf_strategy.check(strategy.tf_strategy)
 
 
 def _dense_switch(strategy: Any, a: argparse.Namespace) -> dict:
-    import dense_switch
+    from tests.workers import dense_switch
 
     if a.strategy == "horovod":
         return dense_switch.check(hvd=strategy.hvd)
@@ -96,7 +94,7 @@ def _dense_switch(strategy: Any, a: argparse.Namespace) -> dict:
 
 
 def _records(strategy: Any, a: argparse.Namespace) -> dict:
-    import records_shards
+    from tests.workers import records_shards
 
     dirs = a.shards.split(",")
     if a.strategy == "horovod":
@@ -105,7 +103,7 @@ def _records(strategy: Any, a: argparse.Namespace) -> dict:
 
 
 def _model_families(strategy: Any, a: argparse.Namespace) -> dict:
-    import towers_mirrored
+    from tests.workers import towers_mirrored
 
     return towers_mirrored.check(strategy.tf_strategy)
 
@@ -147,11 +145,11 @@ def main() -> None:
 
     import keras
     import numpy as np
-    import train_common as tc
 
     from dist_share.run.resolve import replace
     from dist_share.train.loops.custom import CustomLoop
     from dist_share.train.trainer import Trainer
+    from tests.workers import train_common as tc
 
     class SlowLoop(CustomLoop):
         """Lets the kill test catch the run between checkpoints."""

@@ -14,7 +14,6 @@ from dist_share.model.serialization import register
 COMBINERS = ("sum", "mean")
 
 
-
 @register
 class CombineFields(keras.layers.Layer):
     """Pool each field's embeddings over its length axis, then combine the fields.

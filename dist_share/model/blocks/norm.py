@@ -19,7 +19,6 @@ from dist_share.model.stream_moments import after_updates, stream_moments
 NORMS = (None, "none", "batch", "layer")
 
 
-
 @register
 class StreamBatchNormalization(keras.layers.Layer):
     """Batch normalisation whose statistics are per stream and over the global batch.

@@ -1,0 +1,1 @@
+"""Tests of dist_share.compat: the TF1 graph-mode helpers."""

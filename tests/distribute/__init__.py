@@ -1,0 +1,1 @@
+"""Tests of dist_share.distribute: strategies, launcher discovery and gradient reduction."""

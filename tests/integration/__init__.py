@@ -1,0 +1,1 @@
+"""End-to-end tests: whole jobs under real launchers, clusters, the CLI, examples, benchmarks."""

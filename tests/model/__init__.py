@@ -1,0 +1,1 @@
+"""Tests of dist_share.model: blocks, towers, folding, batch-coupled layers."""

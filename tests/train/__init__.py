@@ -1,0 +1,1 @@
+"""Tests of dist_share.train: the trainer, its loops, accumulation and evaluation."""

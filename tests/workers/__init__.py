@@ -1,0 +1,1 @@
+"""Scripts the tests start as processes, and the modules those share with the tests."""
