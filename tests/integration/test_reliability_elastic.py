@@ -28,13 +28,14 @@ from tests.helpers.fault_jobs import CONFIG, EXE, env
 
 TIMEOUT = 840
 STEPS, COMMIT_EVERY = 600, 5
-# The default conv tower, so that a step costs about the same alone as with two workers (an MLP
-# step alone skips Horovod's collectives and runs ~10x faster, and the survivor would finish
-# before Horovod notices the returning host, ~3-5 s after the test restores it).
+# The default conv tower (batch norm synchronised over the workers) at a batch large enough
+# that the survivor, alone with the whole batch and no collectives, is still training when the
+# returning host's new worker has started TensorFlow and joins (several seconds after the test
+# restores the host); at batch 32 it could finish the 600 steps first.
 MODEL = [
     "--set", "data.train_examples=1024",
     "--set", "data.eval_examples=128",
-    "--set", "training.batch_size=32",
+    "--set", "training.batch_size=128",
     "--set", "training.log_every=1",
     "--set", "training.eval_every=0",
     "--set", "logging.progress_bar=false",
