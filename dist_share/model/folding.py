@@ -16,6 +16,7 @@ import tensorflow as tf
 from keras import ops
 
 from dist_share.errors import ConfigError
+from dist_share.model.cross_replica import current_group
 from dist_share.model.serialization import register
 from dist_share.model.stream_moments import after_updates, stream_moments
 
@@ -115,9 +116,10 @@ class FoldedBatchNormalization(keras.layers.BatchNormalization):
         if not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
         k = folded_streams()
+        if k == 1 and (self.renorm or not self.sync or current_group().num_replicas == 1):
+            # One stream of one replica's rows: Keras's own (fused) computation is this layer's.
+            return super().call(inputs, training=training, mask=mask)
         if self.renorm:
-            if k == 1:
-                return super().call(inputs, training=training, mask=mask)
             parts = ops.split(inputs, k, axis=0)
             masks = ops.split(mask, k, axis=0) if mask is not None else [None] * k
             outs = [
@@ -158,6 +160,8 @@ class FoldedBatchNormalization(keras.layers.BatchNormalization):
 
     def _moments(self, inputs: Any, mask: Any) -> tuple[Any, Any]:
         """The global moments of one stream (the renorm path's ``BatchNormalization.call``)."""
+        if not self.sync or current_group().num_replicas == 1:
+            return super()._moments(inputs, mask)  # this replica's rows are the whole batch
         weights = None
         if mask is not None:
             weights = tf.broadcast_to(
