@@ -22,10 +22,9 @@ from dist_share.data.records.manifest import (
     ShardInfo,
     describe_streams,
 )
+from dist_share.data.types import Arrays
 from dist_share.errors import DataError
 from dist_share.files import atomic_write, atomic_write_text, fsync_dir
-
-Arrays = tuple[dict[str, np.ndarray], np.ndarray]
 
 
 def shard_name(split: str, index: int, count: int) -> str:
