@@ -136,6 +136,12 @@ BAD_CONFIGS = {
         [],
         "model.loss.negatives: loss 'contrastive' compares no rows",
     ),
+    # only batch norm has batch statistics to synchronise
+    "norm_sync_without_batch_norm": (
+        "model: {family: siamese, tower: {block: {type: conv2d, norm: layer, norm_sync: false}}}\n",
+        [],
+        "model.tower.block.norm_sync: only norm: batch has batch statistics to synchronise",
+    ),
     "negatives_of_another_kind": (
         "model: {family: two_tower, loss: {type: in_batch_softmax, negatives: nearby}}\n",
         [],
