@@ -36,10 +36,6 @@ class ReplicaGroup:
         replica's first row sits in it). Replicas may hold different numbers of rows."""
         return x, tf.constant(0, tf.int32)
 
-    def all_gather(self, x: tf.Tensor) -> tf.Tensor:
-        """Every replica's ``x`` concatenated along axis 0 (see `gather_rows`)."""
-        return self.gather_rows(x)[0]
-
     def all_sum(self, x: tf.Tensor) -> tf.Tensor:
         """The elementwise sum of ``x`` over the replicas."""
         return x
