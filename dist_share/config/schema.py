@@ -128,12 +128,35 @@ class TFRecordConfig:
     cycle_length: int = option(8, positive=True)
 
 
+# What a row's label is: the data's own label of a tuple (a pair's match, a view set's class);
+# the class of a single item, whose pairs or triplets the loss mines in the batch; or, in a
+# two-tower batch, the candidate's id, which the in-batch softmax's corrections compare.
+LABELS = ("given", "classes", "candidate_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """``data.sampler``: how training rows are drawn into a global batch.
+
+    ``class_balanced`` draws ``classes_per_batch`` classes and ``examples_per_class`` rows of
+    each into every global batch (P x K = ``training.batch_size``), so every anchor has
+    positives to mine; ``shuffle`` draws rows in a seeded random order.
+    """
+
+    type: str = option("shuffle", choices=("shuffle", "class_balanced"))
+    classes_per_batch: int = option(8, minimum=2)
+    examples_per_class: int = option(4, minimum=2)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """``data``: where examples come from. ``family`` is copied from ``model.family``."""
+    """``data``: where examples come from. ``family`` is copied from ``model.family`` and
+    ``labels`` follows from ``model.loss`` (see LABELS); neither needs setting."""
 
     source: str | None = option(None, choices=SOURCES)
     family: str | None = option(None, choices=FAMILIES)
+    labels: str | None = option(None, choices=LABELS)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     num_views: int = option(3, minimum=1)
     eval_fraction: float = option(0.25, positive=True, maximum=0.9)
     split_seed: int = 0

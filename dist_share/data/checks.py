@@ -84,6 +84,29 @@ def check_class_labels(
         )
 
 
+def check_item_classes(labels: np.ndarray, where: str) -> None:
+    """Labels of single items whose pairs or triplets are mined in the batch: integer classes.
+
+    Raises:
+        ConfigError: at ``where``, saying that mining needs class labels and which are not.
+    """
+    values = _numeric_labels(labels, where, "integer classes, which model.loss.mining needs")
+    bad = (values != np.round(values)) | (values < 0)
+    if bad.any():
+        found = np.unique(values[bad])[:5].tolist()
+        raise ConfigError(
+            where,
+            f"model.loss.mining needs each row's class, but 'labels' are not integer classes "
+            f"(>= 0): {_where(bad)} hold other values, e.g. {found}",
+        )
+    if len(np.unique(values)) < 2:
+        raise ConfigError(
+            where,
+            "model.loss.mining needs rows of at least two classes to find negatives, "
+            f"but every label is {values[0]:g}",
+        )
+
+
 def _numeric_labels(labels: np.ndarray, where: str, meaning: str) -> np.ndarray:
     if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_):
         raise ConfigError(where, f"'labels' has dtype {labels.dtype}; expected numbers ({meaning})")

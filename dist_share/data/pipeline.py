@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dist_share.data.balanced import ClassBalancedBatches
 from dist_share.data.types import DatasetFn
 from dist_share.errors import DataError
 
@@ -25,21 +26,35 @@ def arrays_dataset_fn(
     global_batch_size: int,
     seed: int,
     shuffle_buffer: int,
+    balanced: ClassBalancedBatches | None = None,
 ) -> DatasetFn:
     """A ``dataset_fn`` over in-memory examples (also callable with no input context).
 
-    Train: shuffled with ``seed`` (reshuffled each epoch, same order in every process), repeated
-    forever, sharded, batched per replica with drop_remainder. Eval: one pass, in order, sharded,
-    partial last batch kept so that every example is evaluated once.
+    Train: shuffled with ``seed`` (reshuffled each epoch, same order in every process), or drawn
+    by ``balanced`` (class-balanced global batches), repeated forever, sharded, batched per
+    replica with drop_remainder. Eval: one pass, in order, sharded, partial last batch kept so
+    that every example is evaluated once.
     """
     import tensorflow as tf
 
     n = len(labels)
 
+    def balanced_rows() -> tf.data.Dataset:
+        def draw(b: tf.Tensor) -> tf.Tensor:
+            rows = tf.numpy_function(balanced, [b], tf.int64, stateful=False)
+            return tf.ensure_shape(rows, [global_batch_size])
+
+        table = (tf.nest.map_structure(tf.constant, dict(feats)), tf.constant(labels))
+        rows = tf.data.Dataset.range(np.iinfo(np.int64).max).map(draw).unbatch()
+        return rows.map(lambda i: tf.nest.map_structure(lambda t: tf.gather(t, i), table))
+
     def dataset_fn(ctx: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
         ctx = ctx or tf.distribute.InputContext()
-        ds = tf.data.Dataset.from_tensor_slices((dict(feats), labels))
-        if split == "train":
+        if split == "train" and balanced is not None:
+            ds = balanced_rows()
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((dict(feats), labels))
+        if split == "train" and balanced is None:
             buffer = min(n, int(shuffle_buffer))
             ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         if ctx.num_input_pipelines > 1:
@@ -49,6 +64,21 @@ def arrays_dataset_fn(
         return ds.prefetch(tf.data.AUTOTUNE)
 
     return dataset_fn
+
+
+def labels_from_stream(dataset_fn: DatasetFn, stream: str) -> DatasetFn:
+    """``dataset_fn`` whose labels are the values of ``stream`` (two-tower candidate ids);
+    what it carries (its shards, `starting_at`) is kept."""
+
+    def fn(ctx: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        return dataset_fn(ctx).map(lambda features, _: (features, features[stream]))
+
+    if getattr(dataset_fn, "source", None) is not None:
+        fn.source = dataset_fn.source  # type: ignore[attr-defined]
+    starting_at = getattr(dataset_fn, "starting_at", None)
+    if starting_at is not None:
+        fn.starting_at = lambda step: labels_from_stream(starting_at(step), stream)  # type: ignore[attr-defined]
+    return fn
 
 
 def check_element_spec(element_spec: Any, stream_names: Sequence[str]) -> None:

@@ -15,8 +15,13 @@ from typing import Any
 import numpy as np
 
 from dist_share.config.schema import MODEL_KEYS, DataConfig, ModelConfig
+from dist_share.data.checks import check_item_classes
+from dist_share.data.digits import digits_with_labels
 from dist_share.data.types import Arrays
 from dist_share.errors import ConfigError
+
+# The stream of a tower family whose rows are single labelled items (labels: classes).
+ITEM = "item"
 
 
 class Family:
@@ -35,6 +40,14 @@ class Family:
         return MODEL_KEYS[self.name]
 
     # -- streams and labels --------------------------------------------------------------
+    def labels_for(self, model: ModelConfig) -> str:
+        """What a row's label is under this model's loss (`config.schema.LABELS`)."""
+        return "given"
+
+    def model_streams(self, model: ModelConfig) -> tuple[str, ...]:
+        """The streams the model takes (empty: the data decides, as multiview's views)."""
+        return self.fixed_streams
+
     def streams(self, data: DataConfig) -> list[str]:
         """Stream names in model input order."""
         return list(self.fixed_streams)
@@ -43,10 +56,18 @@ class Family:
         """The dtype a stream is fed as (``.npz`` arrays are cast to it)."""
         return "float32"
 
-    def check_labels(self, labels: np.ndarray, where: str) -> None:
+    def labels_dtype(self, data: DataConfig) -> str:
+        """The dtype labels are fed as."""
+        return self.label_dtype
+
+    def label_stream(self, data: DataConfig) -> str | None:
+        """The stream whose values the loss receives as labels (None: the data's labels)."""
+        return None
+
+    def check_labels(self, labels: np.ndarray, where: str, data: DataConfig) -> None:
         """Raise ConfigError when labels cannot be this family's (``where`` names the file/key)."""
 
-    def random_labels(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    def random_labels(self, rng: np.random.Generator, n: int, data: DataConfig) -> np.ndarray:
         return rng.integers(0, 2, n).astype(self.label_dtype)
 
     # -- config --------------------------------------------------------------------------
@@ -117,9 +138,54 @@ class Family:
 
 
 class TowerFamily(Family):
-    """Families whose streams all go through one `SharedTower` (siamese, triplet, multiview)."""
+    """Families whose streams all go through one `SharedTower` (siamese, triplet, multiview).
+
+    A family whose loss mines its pairs or triplets in the batch (``model.loss.mining``) reads
+    single labelled items instead of tuples: one stream, `ITEM`, and each row's class as its
+    label (``data.labels: classes``); the model's output is then the item's embedding.
+    """
 
     sources = ("digits", "npz", "random", "tfrecord")
+
+    def labels_for(self, model: ModelConfig) -> str:
+        mining = model.loss.get("mining", "none") if isinstance(model.loss, Mapping) else "none"
+        return "classes" if mining != "none" else "given"
+
+    def model_streams(self, model: ModelConfig) -> tuple[str, ...]:
+        return (ITEM,) if self.labels_for(model) == "classes" else self.fixed_streams
+
+    def streams(self, data: DataConfig) -> list[str]:
+        return [ITEM] if data.labels == "classes" else super().streams(data)
+
+    def labels_dtype(self, data: DataConfig) -> str:
+        return "int32" if data.labels == "classes" else self.label_dtype
+
+    def check_labels(self, labels: np.ndarray, where: str, data: DataConfig) -> None:
+        if data.labels == "classes":
+            check_item_classes(labels, where)
+
+    def random_labels(self, rng: np.random.Generator, n: int, data: DataConfig) -> np.ndarray:
+        if data.labels == "classes":
+            return rng.integers(0, 10, n).astype(np.int32)
+        return super().random_labels(rng, n, data)
+
+    def labelled_examples(self, data: DataConfig, split: str, n: int, salt: int) -> Arrays:
+        """Single labelled digits: every image of the split at most once, in a seeded order."""
+        images, labels, rng = digits_with_labels(data, split, salt)
+        take = rng.permutation(len(labels))[:n]
+        return {ITEM: images[take]}, labels[take].astype(np.int32)
+
+    def build_item_output(self, model: ModelConfig, inputs: dict[str, Any]) -> tuple:
+        """(the item's embedding, the in-batch recall@1 metric) for ``labels: classes``; a
+        cosine head makes the embedding unit length (Euclidean distance then ranks as cosine)."""
+        import keras
+
+        from dist_share.model.metrics import InBatchRecallAt1
+
+        (embedding,) = self.build_tower_outputs(model, inputs)
+        if model.head == "cosine":
+            embedding = keras.layers.UnitNormalization(name="unit_norm")(embedding)
+        return embedding, {"in_batch_recall_at_1": InBatchRecallAt1()}
 
     def check_model(self, model: ModelConfig, num_views: int | None) -> ModelConfig:
         """Also checks the tower's block once and keeps the checked `blocks.BlockSpec` in

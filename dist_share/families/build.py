@@ -38,9 +38,11 @@ def _shape_dtype(spec: Any) -> tuple[tuple, str]:
     return shape, getattr(spec.dtype, "name", str(spec.dtype))
 
 
-def _stream_names(family: Family, input_specs: Mapping[str, Any]) -> list[str]:
+def _stream_names(
+    family: Family, model_cfg: ModelConfig, input_specs: Mapping[str, Any]
+) -> list[str]:
     """The family's streams, checked against the data's (multiview's count comes from the data)."""
-    if not family.fixed_streams:
+    if not family.model_streams(model_cfg):
         views = sorted(
             (int(m.group(1)), name)
             for name in input_specs
@@ -59,7 +61,7 @@ def _stream_names(family: Family, input_specs: Mapping[str, Any]) -> list[str]:
                 f"multiview streams must be view0 ... view{len(names) - 1} without gaps, got {names}",
             )
     else:
-        names = list(family.fixed_streams)
+        names = list(family.model_streams(model_cfg))
     for name in names:
         if name not in input_specs:
             raise ConfigError(
@@ -117,7 +119,7 @@ def build_model(model_cfg: ModelConfig, input_specs: Mapping[str, Any]) -> Model
             (the path names the stream), or the tower groups do not partition the streams.
     """
     family = get_family(model_cfg.family)
-    names = _stream_names(family, input_specs)
+    names = _stream_names(family, model_cfg, input_specs)
     _check_inputs(model_cfg, names, input_specs)
     inputs = {}
     for name in names:

@@ -22,10 +22,10 @@ class MultiviewFamily(TowerFamily):
     def streams(self, data: DataConfig) -> list[str]:
         return [f"view{i}" for i in range(data.num_views)]
 
-    def random_labels(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    def random_labels(self, rng: np.random.Generator, n: int, data: DataConfig) -> np.ndarray:
         return rng.integers(0, 10, n).astype(np.int32)
 
-    def check_labels(self, labels: np.ndarray, where: str) -> None:
+    def check_labels(self, labels: np.ndarray, where: str, data: DataConfig) -> None:
         check_class_labels(labels, where, self.name)
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:

@@ -20,7 +20,8 @@ class SiameseFamily(TowerFamily):
     fixed_streams = ("left", "right")
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
-
+        if data.labels == "classes":
+            return self.labelled_examples(data, split, n, salt=1)
         images, by_class, rng = digits_for(data, split, salt=1)
         same = rng.permutation(np.arange(n) < n // 2)  # balanced: exactly half the pairs match
         ca = rng.integers(0, 10, n)
@@ -29,13 +30,18 @@ class SiameseFamily(TowerFamily):
         right = same_class(rng, by_class, cb)
         return {"left": images[left], "right": images[right]}, same.astype(np.float32)
 
-    def check_labels(self, labels: np.ndarray, where: str) -> None:
-        check_binary_labels(labels, where, self.name)
+    def check_labels(self, labels: np.ndarray, where: str, data: DataConfig) -> None:
+        if data.labels == "classes":
+            super().check_labels(labels, where, data)
+        else:
+            check_binary_labels(labels, where, self.name)
 
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
         from dist_share.model.heads import CosineSimilarity, L2Distance
         from dist_share.model.metrics import PairAccuracy
 
+        if self.labels_for(model) == "classes":
+            return self.build_item_output(model, inputs)
         outs = self.build_tower_outputs(model, inputs)
         layer = (
             L2Distance(name="distance")

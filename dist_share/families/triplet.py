@@ -19,7 +19,8 @@ class TripletFamily(TowerFamily):
     fixed_streams = ("anchor", "positive", "negative")
 
     def examples(self, data: DataConfig, split: str, n: int) -> Arrays:
-
+        if data.labels == "classes":
+            return self.labelled_examples(data, split, n, salt=2)
         images, by_class, rng = digits_for(data, split, salt=2)
         ca = rng.integers(0, 10, n)
         anchor = same_class(rng, by_class, ca)
@@ -32,12 +33,16 @@ class TripletFamily(TowerFamily):
         }
         return feats, np.zeros(n, np.float32)
 
-    def random_labels(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    def random_labels(self, rng: np.random.Generator, n: int, data: DataConfig) -> np.ndarray:
+        if data.labels == "classes":
+            return super().random_labels(rng, n, data)
         return np.zeros(n, np.float32)
 
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
         from dist_share.model.heads import TripletDistances
         from dist_share.model.metrics import TripletAccuracy
 
+        if self.labels_for(model) == "classes":
+            return self.build_item_output(model, inputs)
         outs = self.build_tower_outputs(model, inputs)
         return TripletDistances(name="distances")(outs), {"triplet_accuracy": TripletAccuracy()}

@@ -23,11 +23,21 @@ class TwoTowerFamily(Family):
     sources = ("two_tower_synthetic", "npz", "random", "tfrecord")
     fixed_streams = ("query_user", "query_history", "candidate_item")
     SIDES = ("query", "candidate")
+    # The stream whose values identify a candidate (its row of the candidate's table).
+    CANDIDATE_ID = "candidate_item"
+
+    def labels_for(self, model: ModelConfig) -> str:
+        loss = model.loss if isinstance(model.loss, dict) else {}
+        corrected = loss.get("remove_accidental_hits") or loss.get("logq_correction")
+        return "candidate_ids" if corrected else "given"
 
     def stream_dtype(self, stream: str) -> str:
         return "int32"
 
-    def check_labels(self, labels: np.ndarray, where: str) -> None:
+    def label_stream(self, data: DataConfig) -> str | None:
+        return self.CANDIDATE_ID if data.labels == "candidate_ids" else None
+
+    def check_labels(self, labels: np.ndarray, where: str, data: DataConfig) -> None:
         check_binary_labels(labels, where, self.name)
 
     def model_defaults(self) -> dict:
@@ -87,6 +97,15 @@ class TwoTowerFamily(Family):
             raise ConfigError(
                 "model.query.features", f"streams {missing} of the data are not fed to either tower"
             )
+        if self.labels_for(model) == "candidate_ids" and fed[self.CANDIDATE_ID] != "candidate":
+            key = next(
+                k for k in ("remove_accidental_hits", "logq_correction") if model.loss.get(k)
+            )
+            raise ConfigError(
+                f"model.loss.{key}",
+                f"needs candidate ids, the values of stream {self.CANDIDATE_ID}, but it feeds "
+                f"model.{fed[self.CANDIDATE_ID]}, not model.candidate",
+            )
         return dataclasses.replace(model, **checked)
 
     def table_of(self, model: ModelConfig, stream: str) -> str:
@@ -132,6 +151,7 @@ class TwoTowerFamily(Family):
         from dist_share.model.blocks.embedding import CombineFields
         from dist_share.model.heads import StackPair
         from dist_share.model.metrics import BinaryAccuracy, InBatchTop1
+        from dist_share.model.sampling import CandidateFrequency
 
         tables = {
             name: keras.layers.Embedding(
@@ -139,6 +159,16 @@ class TwoTowerFamily(Family):
             )
             for name, t in model.tables.items()
         }
+        inputs = dict(inputs)
+        if getattr(loss, "logq_correction", False):
+            # In the graph so that its estimate is a weight of the model: saved, restored and
+            # updated by every training forward, in the custom loop and in Keras fit alike.
+            table = model.tables[self.table_of(model, self.CANDIDATE_ID)]
+            frequency = CandidateFrequency(
+                table.vocab_size, loss.logq_alpha, name="candidate_frequency"
+            )
+            inputs[self.CANDIDATE_ID] = frequency(inputs[self.CANDIDATE_ID])
+            loss.frequency = frequency
         embeddings = []
         for side in self.SIDES:
             scfg = getattr(model, side)
@@ -147,8 +177,7 @@ class TwoTowerFamily(Family):
             embeddings.append(
                 build_block(scfg.block, model.embedding_dim, name=f"{side}_tower")(pooled)
             )
-        metrics = {
-            "binary_accuracy": BinaryAccuracy(),
-            "in_batch_top1": InBatchTop1(),
-        }
+        metrics = {"binary_accuracy": BinaryAccuracy(), "in_batch_top1": InBatchTop1()}
+        if self.labels_for(model) == "candidate_ids":
+            del metrics["binary_accuracy"]  # the labels are ids, not 0/1
         return StackPair(name="pair")(embeddings), metrics

@@ -40,6 +40,11 @@ class ReplicaGroup:
         """The elementwise sum of ``x`` over the replicas."""
         return x
 
+    def gather_values(self, x: tf.Tensor) -> tf.Tensor:
+        """Every replica's ``x`` concatenated along axis 0, in the order of `gather_rows`,
+        without a gradient (labels and ids, of any dtype)."""
+        return x
+
 
 class CollectiveGroup(ReplicaGroup):
     """A group whose gather and sum carry their exact gradients (sum over replicas).
@@ -73,6 +78,9 @@ class CollectiveGroup(ReplicaGroup):
             return group._gather(value), grad
 
         return gather(x), start
+
+    def gather_values(self, x: tf.Tensor) -> tf.Tensor:
+        return self._gather(tf.stop_gradient(x))
 
     def all_sum(self, x: tf.Tensor) -> tf.Tensor:
         group = self

@@ -19,6 +19,7 @@ from keras import ops
 
 from dist_share.errors import ConfigError, hint
 from dist_share.model.cross_replica import ReplicaGroup, current_group
+from dist_share.model.mining import MINING, contrastive_values, triplet_values
 from dist_share.model.serialization import register
 
 LOSS_TYPES = (
@@ -30,6 +31,15 @@ LOSS_TYPES = (
 )
 # Where an in-batch loss takes its negatives: the whole global batch, or each replica's rows.
 NEGATIVES = ("global", "local")
+# Options that belong to one kind of loss, and why another kind has no use for them.
+_FOREIGN_OPTIONS = {
+    "negatives": "compares no rows of the batch, so it has no negatives to take "
+    "(only in_batch_softmax has)",
+    "mining": "has no class labels to mine triplets or pairs with (triplet and contrastive have)",
+    "remove_accidental_hits": "compares no candidates of the batch (only in_batch_softmax does)",
+    "logq_correction": "compares no candidates of the batch (only in_batch_softmax does)",
+    "logq_alpha": "compares no candidates of the batch (only in_batch_softmax does)",
+}
 
 
 def _f32(x: Any) -> Any:
@@ -41,11 +51,13 @@ class PerExample:
 
     ``couples_rows``: a row's value depends on other rows of the global batch (it gathers them
     across replicas), so micro-batches must be recombined before it is computed.
-    ``CHOICES``: the options that take a name, and the names they take (others are numbers).
+    ``CHOICES``: the options that take a name, and the names they take (the others are
+    booleans or numbers, as their defaults are). ``FRACTIONS``: numbers in (0, 1].
     """
 
     couples_rows = False
     CHOICES: dict[str, tuple[str, ...]] = {}
+    FRACTIONS: tuple[str, ...] = ()
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         raise NotImplementedError
@@ -64,32 +76,62 @@ class PerExample:
 
 @register
 class ContrastiveLoss(PerExample):
-    """``y * d^2 + (1 - y) * max(margin - d, 0)^2`` on a distance ``d``; y=1 means same."""
+    """``y * d^2 + (1 - y) * max(margin - d, 0)^2`` on a distance ``d``; y=1 means same.
 
-    def __init__(self, margin: float = 1.0) -> None:
+    ``mining: none``: ``y_pred`` is the distance of a given pair ``[B]`` and ``y_true`` says
+    whether it matches. ``batch_hard``: ``y_pred`` is embeddings ``[B, D]`` and ``y_true``
+    their classes; each row is an anchor paired with its farthest positive and its nearest
+    negative in the global batch (`mining.contrastive_values`).
+    """
+
+    CHOICES = {"mining": ("none", "batch_hard")}
+
+    def __init__(self, margin: float = 1.0, mining: str = "none") -> None:
         self.margin = float(margin)
+        self.mining = str(mining)
+
+    @property
+    def couples_rows(self) -> bool:  # type: ignore[override]
+        return self.mining != "none"
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        if self.mining != "none":
+            return contrastive_values(y_pred, y_true, self.margin)
         y, d = ops.reshape(_f32(y_true), (-1,)), ops.reshape(_f32(y_pred), (-1,))
         return y * ops.square(d) + (1.0 - y) * ops.square(ops.relu(self.margin - d))
 
     def get_config(self) -> dict:
-        return {"margin": self.margin}
+        return {"margin": self.margin, "mining": self.mining}
 
 
 @register
 class TripletLoss(PerExample):
-    """``max(d_ap - d_an + margin, 0)`` on ``y_pred = [B, 2]`` (d_ap, d_an); labels unused."""
+    """``max(d_ap - d_an + margin, 0)``.
 
-    def __init__(self, margin: float = 1.0) -> None:
+    ``mining: none``: ``y_pred = [B, 2]`` holds (d_ap, d_an) of given triplets; labels unused.
+    ``batch_hard`` / ``semi_hard``: ``y_pred`` is embeddings ``[B, D]`` and ``y_true`` their
+    classes; each row is an anchor whose positive and negative are chosen in the global batch
+    (`mining.triplet_values`).
+    """
+
+    CHOICES = {"mining": MINING}
+
+    def __init__(self, margin: float = 1.0, mining: str = "none") -> None:
         self.margin = float(margin)
+        self.mining = str(mining)
+
+    @property
+    def couples_rows(self) -> bool:  # type: ignore[override]
+        return self.mining != "none"
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        if self.mining != "none":
+            return triplet_values(y_pred, y_true, self.margin, self.mining)
         d = _f32(y_pred)
         return ops.relu(d[:, 0] - d[:, 1] + self.margin)
 
     def get_config(self) -> dict:
-        return {"margin": self.margin}
+        return {"margin": self.margin, "mining": self.mining}
 
 
 def pair_logits(y_pred: Any) -> Any:
@@ -113,19 +155,43 @@ class BinaryLoss(PerExample):
 class InBatchSoftmaxLoss(PerExample):
     """Softmax over the global batch's candidates: row i's positive is candidate i.
 
-    ``y_pred`` is ``[B, 2, D]`` (query, candidate). Labels are not used: every row is a positive
-    pair and every other row's candidate a negative. With ``negatives: global`` (the default)
-    the candidates of every replica are gathered (`cross_replica.current_group`), so a query
-    sees the same negatives however the global batch is split; ``local`` keeps each replica's
-    own rows only (per-replica negatives, which change with the number of replicas).
+    ``y_pred`` is ``[B, 2, D]`` (query, candidate). Every row is a positive pair and every other
+    row's candidate a negative. With ``negatives: global`` (the default) the candidates of every
+    replica are gathered (`cross_replica.current_group`), so a query sees the same negatives
+    however the global batch is split; ``local`` keeps each replica's own rows only
+    (per-replica negatives, which change with the number of replicas).
+
+    With either correction, ``y_true`` holds each row's candidate id ([B] integers):
+    ``remove_accidental_hits`` masks, for each row, every other candidate of the global batch
+    with its positive's id (TFRS's RemoveAccidentalHits); ``logq_correction`` subtracts from
+    each logit the log of its candidate's probability of being in a batch, estimated by the
+    model's `sampling.CandidateFrequency` (Yi et al. 2019), which the two-tower family binds to
+    ``frequency`` when it builds the model.
     """
 
     couples_rows = True
     CHOICES = {"negatives": NEGATIVES}
+    FRACTIONS = ("logq_alpha",)
 
-    def __init__(self, temperature: float = 0.1, negatives: str = "global") -> None:
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        negatives: str = "global",
+        remove_accidental_hits: bool = False,
+        logq_correction: bool = False,
+        logq_alpha: float = 0.01,
+    ) -> None:
         self.temperature = float(temperature)
         self.negatives = str(negatives)
+        self.remove_accidental_hits = bool(remove_accidental_hits)
+        self.logq_correction = bool(logq_correction)
+        self.logq_alpha = float(logq_alpha)
+        self.frequency: Any = None  # a CandidateFrequency layer of the model
+
+    @property
+    def uses_ids(self) -> bool:
+        """Whether ``y_true`` must hold the candidate ids."""
+        return self.remove_accidental_hits or self.logq_correction
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         p = _f32(y_pred)
@@ -134,10 +200,32 @@ class InBatchSoftmaxLoss(PerExample):
         everyone, start = group.gather_rows(candidates)
         logits = ops.matmul(queries, ops.transpose(everyone)) / self.temperature
         labels = start + ops.arange(ops.shape(logits)[0], dtype="int32")
+        if self.uses_ids:
+            ids = ops.reshape(ops.cast(y_true, "int64"), (-1,))
+            all_ids = group.gather_values(ids)
+            if self.logq_correction:
+                if self.frequency is None:
+                    raise ValueError(
+                        "logq_correction needs the model's CandidateFrequency layer bound to "
+                        "the loss's `frequency` (the two-tower family binds it)"
+                    )
+                logits = logits - self.frequency.log_probability(all_ids)[None, :]
+            if self.remove_accidental_hits:
+                own = ops.one_hot(labels, ops.shape(logits)[1], dtype="bool")
+                hit = ops.logical_and(
+                    ops.equal(ids[:, None], all_ids[None, :]), ops.logical_not(own)
+                )
+                logits = ops.where(hit, -1e9, logits)
         return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
     def get_config(self) -> dict:
-        return {"temperature": self.temperature, "negatives": self.negatives}
+        return {
+            "temperature": self.temperature,
+            "negatives": self.negatives,
+            "remove_accidental_hits": self.remove_accidental_hits,
+            "logq_correction": self.logq_correction,
+            "logq_alpha": self.logq_alpha,
+        }
 
 
 @register
@@ -203,32 +291,34 @@ def validate_loss_spec(
             f"loss {kind!r} does not fit this model; expected one of {', '.join(allowed)}",
         )
     options = loss_options(kind)
-    choices = _LOSS_CLASSES[kind].CHOICES
+    cls = _LOSS_CLASSES[kind]
     out: dict[str, Any] = {"type": kind}
     for key, value in spec.items():
         if key == "type":
             continue
-        if key == "negatives" and key not in options:
-            raise ConfigError(
-                f"{path}.{key}",
-                f"loss {kind!r} compares no rows of the batch, so it has no negatives to take "
-                "(only in_batch_softmax has)",
-            )
+        if key in _FOREIGN_OPTIONS and key not in options:
+            raise ConfigError(f"{path}.{key}", f"loss {kind!r} {_FOREIGN_OPTIONS[key]}")
         if key not in options:
             raise ConfigError(
                 f"{path}.{key}",
                 f"unknown option for loss {kind!r}" + hint(key, ("type", *options), "allowed"),
             )
-        if key in choices:
-            if value not in choices[key]:
+        if key in cls.CHOICES:
+            if value not in cls.CHOICES[key]:
                 raise ConfigError(
-                    f"{path}.{key}", f"got {value!r}, expected one of {', '.join(choices[key])}"
+                    f"{path}.{key}",
+                    f"got {value!r}, expected one of {', '.join(cls.CHOICES[key])}",
                 )
+        elif isinstance(options[key], bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}.{key}", f"must be true or false, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(f"{path}.{key}", f"must be a number > 0, got {value!r}")
+        elif key in cls.FRACTIONS and value > 1:
+            raise ConfigError(f"{path}.{key}", f"must be a number in (0, 1], got {value!r}")
     for key, default in options.items():
         value = spec.get(key, default)
-        out[key] = value if key in choices else float(value)
+        out[key] = value if isinstance(default, (bool, str)) else float(value)
     return out
 
 

@@ -11,6 +11,7 @@ from keras import ops
 
 from dist_share.model.cross_replica import current_group
 from dist_share.model.losses import PerExample, pair_logits
+from dist_share.model.mining import nearest_is_same_class
 from dist_share.model.serialization import register
 
 
@@ -81,3 +82,17 @@ class InBatchTop1(PerExample):
         own = start + ops.arange(ops.shape(logits)[0], dtype="int32")
         mine = ops.take_along_axis(logits, ops.expand_dims(own, 1), axis=1)[:, 0]
         return _f32(mine >= ops.max(logits, axis=-1))
+
+
+@register
+class InBatchRecallAt1(PerExample):
+    """Single labelled items: the nearest other row of the global batch has the row's class.
+
+    Gathered across replicas like `InBatchTop1`, so it does not depend on the batch's split; a
+    tie between a same-class row and another counts as a hit.
+    """
+
+    couples_rows = True
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        return nearest_is_same_class(y_pred, y_true)

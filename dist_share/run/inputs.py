@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dist_share.config.schema import DataConfig
+from dist_share.data.balanced import ClassBalancedBatches
 from dist_share.data.checks import check_stream
-from dist_share.data.pipeline import arrays_dataset_fn, explain_input_error
+from dist_share.data.pipeline import arrays_dataset_fn, explain_input_error, labels_from_stream
 from dist_share.data.records.manifest import Manifest
 from dist_share.data.records.source import RecordSource
 from dist_share.data.records.writer import write_shards
@@ -67,7 +68,7 @@ def _random(data: DataConfig, split: str, n: int) -> Arrays:
             feats[name] = rng.integers(0, high, (n, *shape)).astype(dtype)
         else:
             feats[name] = rng.random((n, *shape), np.float32)
-    return feats, family.random_labels(rng, n)
+    return feats, family.random_labels(rng, n, data)
 
 
 # -- the user's own .npz files ----------------------------------------------------------------
@@ -112,7 +113,7 @@ def _read_npz(path: Path, key: str, data: DataConfig) -> Arrays:
         )
     if len(labels) == 0:
         raise ConfigError(key, f"{path} holds no examples ('labels' is empty)")
-    family.check_labels(labels, f"{key} ({path}, 'labels')")
+    family.check_labels(labels, f"{key} ({path}, 'labels')", data)
     feats = {}
     for name in want:
         a = arrays[name]
@@ -122,7 +123,7 @@ def _read_npz(path: Path, key: str, data: DataConfig) -> Arrays:
             )
         check_stream(path, name, a)  # strings, NaN and inf, named before training
         feats[name] = a.astype(family.stream_dtype(name), copy=False)
-    return feats, labels.astype(family.label_dtype, copy=False)
+    return feats, labels.astype(family.labels_dtype(data), copy=False)
 
 
 # -- what the trainer and the model builder ask for -----------------------------------------
@@ -205,15 +206,25 @@ def make_dataset_fn(
 ) -> DatasetFn:
     """A ``dataset_fn`` for ``distribute_datasets_from_function`` (or called with no context);
     see `dist_share.data.pipeline.arrays_dataset_fn`. ``source``: the split's shards, if opened."""
+    label_stream = get_family(data.family).label_stream(data)
     if data.source == "tfrecord":
-        return _records_dataset_fn(data, split, global_batch_size, seed, source)
+        fn = _records_dataset_fn(data, split, global_batch_size, seed, source)
+        return labels_from_stream(fn, label_stream) if label_stream else fn
     feats, labels = load_arrays(data, split)
     if split == "train" and len(labels) < global_batch_size:
         raise ConfigError(
             "training.batch_size",
             f"is {global_batch_size} but the train split has only {len(labels)} examples",
         )
-    return arrays_dataset_fn(feats, labels, split, global_batch_size, seed, data.shuffle_buffer)
+    if label_stream:
+        labels = feats[label_stream]
+    balanced = None
+    if split == "train" and data.sampler.type == "class_balanced":
+        s = data.sampler
+        balanced = ClassBalancedBatches(labels, s.classes_per_batch, s.examples_per_class, seed)
+    return arrays_dataset_fn(
+        feats, labels, split, global_batch_size, seed, data.shuffle_buffer, balanced
+    )
 
 
 # -- TFRecord shards --------------------------------------------------------------------------
@@ -261,11 +272,11 @@ def record_source(data: DataConfig, split: str) -> RecordSource:
             f"{key}: the shards hold streams {have} but family {data.family} with this config "
             f"needs {want} (converted from another config?)"
         )
-    label = source.manifest.label
-    if label.shape or label.dtype != family.label_dtype:
+    label, dtype = source.manifest.label, family.labels_dtype(data)
+    if label.shape or label.dtype != dtype:
         raise DataError(
-            f"{key}: the shards' labels are {label.describe()}, family {data.family} needs "
-            f"{family.label_dtype} []"
+            f"{key}: the shards' labels are {label.describe()}, family {data.family} with this "
+            f"config needs {dtype} []"
         )
     return source
 

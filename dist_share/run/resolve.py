@@ -93,6 +93,36 @@ def parse_model(raw: Any, num_views: int | None = None) -> ModelConfig:
     return family.check_model(model, num_views)
 
 
+def check_sampler(data: DataConfig, global_batch_size: int) -> None:
+    """A class-balanced sampler needs labelled items and P x K = the global batch.
+
+    Raises:
+        ConfigError: naming the ``data.sampler`` key and what it lacks.
+    """
+    sampler = data.sampler
+    if sampler.type != "class_balanced":
+        return
+    if data.labels != "classes":
+        raise ConfigError(
+            "data.sampler.type",
+            "class_balanced draws rows by class, but the rows have no classes: set "
+            "model.loss.mining (batch_hard or semi_hard) to train from single labelled items",
+        )
+    if data.source == "tfrecord":
+        raise ConfigError(
+            "data.sampler.type",
+            "class_balanced picks rows by class from memory; source tfrecord streams them "
+            "(use npz, digits or random)",
+        )
+    p, k = sampler.classes_per_batch, sampler.examples_per_class
+    if p * k != global_batch_size:
+        raise ConfigError(
+            "data.sampler.examples_per_class",
+            f"classes_per_batch x examples_per_class = {p} x {k} = {p * k}, but "
+            f"training.batch_size is {global_batch_size} (they must be equal)",
+        )
+
+
 def validate(raw: Any) -> Config:
     """Fill defaults and check every key of raw config data; returns the `Config`."""
     if not isinstance(raw, Mapping):
@@ -116,10 +146,17 @@ def validate(raw: Any) -> Config:
     data = parse_section(DataConfig, data_given, "data")
     if data.family is not None and data.family != model.family:
         raise ConfigError("data.family", f"is {data.family!r} but model.family is {model.family!r}")
-    data = dataclasses.replace(data, family=model.family)
+    labels = family.labels_for(model)
+    if data.labels is not None and data.labels != labels:
+        raise ConfigError(
+            "data.labels",
+            f"is {data.labels!r} but model.loss makes it {labels!r}; leave it unset",
+        )
+    data = dataclasses.replace(data, family=model.family, labels=labels)
     family.check_data(data, model)
     cfg = Config(model=model, data=data, **rest)
     tr = cfg.training
+    check_sampler(data, tr.batch_size)
     if tr.batch_size % tr.grad_accum_steps:
         raise ConfigError(
             "training.grad_accum_steps",

@@ -25,24 +25,30 @@ TIMEOUT = 600
 
 # What each launcher trains (see RUNS in train_worker.py), then checks (CHECKS there), in one
 # process start per process.
-COUPLED = "siamese_cfg,two_tower_ibs,multiview_bn,user_bn"
-COUPLED_FIT = "siamese_cfg_fit,two_tower_ibs_fit"
-COUPLED_SUM = "siamese_cfg_sum,two_tower_ibs_sum,multiview_bn_sum,user_bn_sum"
+COUPLED = (
+    "siamese_cfg,two_tower_ibs,multiview_bn,user_bn,triplet_mined,triplet_semi,two_tower_corrected"
+)
+COUPLED_FIT = "siamese_cfg_fit,two_tower_ibs_fit,triplet_mined_fit,two_tower_corrected_fit"
+COUPLED_SUM = (
+    "siamese_cfg_sum,two_tower_ibs_sum,multiview_bn_sum,user_bn_sum,triplet_mined_sum,"
+    "two_tower_corrected_sum"
+)
+ACCUM = "two_tower_ibs_accum,two_tower_corrected_accum"
 LAUNCHES = {
     "local": (
         "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit,shared_k3,"
-        f"shared_k3_resume,user_tower,shared_12,{COUPLED},{COUPLED_FIT},two_tower_ibs_accum",
+        f"shared_k3_resume,user_tower,shared_12,{COUPLED},{COUPLED_FIT},{ACCUM}",
         "",
     ),
     "mirrored": (
         "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3,user_tower,"
-        f"{COUPLED},{COUPLED_FIT},two_tower_ibs_accum",
+        f"{COUPLED},{COUPLED_FIT},{ACCUM}",
         "tf_all_reduce,dense_switch,model_families",
     ),
     "horovod_gloo": (
         "shared,two_tower,two_tower_sum,two_tower_fp16,two_tower_naive,shared_fit,two_tower_fit,"
         f"shared_resume,shared_bn,shared_k3,shared_k3_resume,user_tower,{COUPLED},{COUPLED_FIT},"
-        f"{COUPLED_SUM},two_tower_ibs_accum",
+        f"{COUPLED_SUM},{ACCUM}",
         "horovod_collectives,dense_switch,records",
     ),
     "horovod_mpirun": (f"shared,two_tower,{COUPLED}", "horovod_collectives"),

@@ -69,8 +69,20 @@ def test_user_tower_same_variables_as_local(launcher: str) -> None:
         assert max_diff(run["variables"], ref["variables"]) < TOL, f"rank {rank} of {launcher}"
 
 
-# tests/workers/train_common.py: CONFIG_MODELS, and build_user_tower("batch")
-COUPLED = ["siamese_cfg", "two_tower_ibs", "multiview_bn", "user_bn"]
+# tests/workers/train_common.py: CONFIG_MODELS, and build_user_tower("batch"). Mined triplets
+# (batch-hard, semi-hard) and the corrected in-batch softmax (accidental hits, logQ) gather
+# labels and ids across replicas as well as rows.
+COUPLED = [
+    "siamese_cfg",
+    "two_tower_ibs",
+    "multiview_bn",
+    "user_bn",
+    "triplet_mined",
+    "triplet_semi",
+    "two_tower_corrected",
+]
+COUPLED_SUM = [m for m in COUPLED if m != "triplet_semi"]
+COUPLED_FIT = ["siamese_cfg", "two_tower_ibs", "triplet_mined", "two_tower_corrected"]
 
 
 def _same_run(ref: dict, run: dict, where: str) -> None:
@@ -93,7 +105,7 @@ def test_batch_coupled_models_same_variables_as_local(launcher: str, model: str)
         _same_run(ref, result["runs"][model], f"rank {rank} of {launcher}, {model}")
 
 
-@pytest.mark.parametrize("model", COUPLED)
+@pytest.mark.parametrize("model", COUPLED_SUM)
 def test_batch_coupled_models_under_horovod_sum(model: str) -> None:
     """Horovod's ``op: sum`` (loss over the global batch, gradients summed) ends where the
     default average does and where one process does."""
@@ -102,7 +114,7 @@ def test_batch_coupled_models_under_horovod_sum(model: str) -> None:
         _same_run(ref, result["runs"][f"{model}_sum"], f"rank {rank}, {model}, op sum")
 
 
-@pytest.mark.parametrize("model", ["siamese_cfg", "two_tower_ibs"])
+@pytest.mark.parametrize("model", COUPLED_FIT)
 @pytest.mark.parametrize("launcher", ["mirrored", "horovod_gloo", "multiworker"])
 def test_batch_coupled_models_under_keras_fit(launcher: str, model: str) -> None:
     ref = train_jobs.run("local")[0]["runs"][f"{model}_fit"]

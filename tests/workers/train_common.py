@@ -37,12 +37,40 @@ CONFIG_MODELS = {
     ),
     # three views through one conv tower with batch norm
     "multiview_bn": ("configs/multiview_digits.yaml", ("model.tower.block.norm=batch",)),
+    # single labelled digits, class-balanced batches (4 digits x 2), batch-hard triplets mined
+    # in the global batch, through a conv tower with batch norm
+    "triplet_mined": (
+        "configs/triplet_digits_mined.yaml",
+        (
+            "training.batch_size=8",
+            "data.sampler.classes_per_batch=4",
+            "data.sampler.examples_per_class=2",
+        ),
+    ),
+    # ... and the semi-hard rule
+    "triplet_semi": (
+        "configs/triplet_digits_mined.yaml",
+        (
+            "model.loss.mining=semi_hard",
+            "training.batch_size=8",
+            "data.sampler.classes_per_batch=4",
+            "data.sampler.examples_per_class=2",
+        ),
+    ),
+    # in-batch softmax without accidental hits and with logQ correction (its estimate is a
+    # weight of the model, compared like the others)
+    "two_tower_corrected": ("configs/two_tower_retrieval.yaml", ()),
 }
 CONFIG_EXAMPLES = {"data.train_examples=64", "data.eval_examples=36"}
 # SGD step of a run (default: the worker's --lr). The conv towers with batch norm take steep
 # first steps from their random start; a small one keeps 5 steps well-conditioned, so float32's
 # summation order (one replica or two) stays far below the comparison's tolerance.
-LEARNING_RATES = {"siamese_cfg": 0.005, "multiview_bn": 0.005}
+LEARNING_RATES = {
+    "siamese_cfg": 0.005,
+    "multiview_bn": 0.005,
+    "triplet_mined": 0.005,
+    "triplet_semi": 0.005,
+}
 NUM_EXAMPLES = 64
 VOCAB = 200
 IN_DIM = 4
@@ -209,6 +237,12 @@ def id_split(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return features, (np.arange(n) % 2).astype(np.float32)
 
 
+def _reads_as_run(data: Any) -> bool:
+    """Whether a config's rows must come as a run reads them: labels that are not the data's
+    own (classes of single items, candidate ids) or a class-balanced sampler."""
+    return data.labels != "given" or data.sampler.type != "shuffle"
+
+
 def make_dataset_fn(
     family: str,
     global_batch: int,
@@ -216,6 +250,11 @@ def make_dataset_fn(
     with_ids: bool = False,
     drop_remainder: bool = True,
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    if family in CONFIG_MODELS and _reads_as_run(config_of(family).data):
+        from dist_share.run.inputs import make_dataset_fn as run_dataset_fn
+
+        split = "train" if drop_remainder else "eval"
+        return run_dataset_fn(config_of(family).data, split, global_batch, seed)
     feats, labels = arrays(family)
     if with_ids:
         feats = {"id": np.arange(len(labels), dtype="int32")}

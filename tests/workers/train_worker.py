@@ -61,7 +61,15 @@ RUNS = {
     # same result on every launcher, with Horovod's average and sum reductions, and under fit.
     **{
         f"{model}{suffix}": (model, loop, overrides)
-        for model in ("siamese_cfg", "two_tower_ibs", "multiview_bn", "user_bn")
+        for model in (
+            "siamese_cfg",
+            "two_tower_ibs",
+            "multiview_bn",
+            "user_bn",
+            "triplet_mined",
+            "triplet_semi",
+            "two_tower_corrected",
+        )
         for suffix, loop, overrides in (
             ("", "custom", {}),
             ("_fit", "keras_fit", {}),
@@ -70,6 +78,8 @@ RUNS = {
     },
     # The in-batch softmax with 2 micro-batches per replica (GradCache): the one-batch result.
     "two_tower_ibs_accum": ("two_tower_ibs", "custom", {}),
+    # ... and with its corrections: the frequency estimate counts each step once.
+    "two_tower_corrected_accum": ("two_tower_corrected", "custom", {}),
 }
 
 

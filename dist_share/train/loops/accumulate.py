@@ -8,6 +8,7 @@ d loss / d outputs. Why and what it refuses: docs/DISTRIBUTED.md, "Micro-batches
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ import tensorflow as tf
 
 from dist_share.errors import ConfigError
 from dist_share.model.blocks.norm import StreamBatchNormalization
+from dist_share.model.sampling import same_step
 from dist_share.train.evaluation import score
 
 if TYPE_CHECKING:
@@ -69,6 +71,12 @@ def check_replayable(model: keras.Model) -> None:
         )
 
 
+def _within_step(index: int) -> Any:
+    """The first micro-batch's forward starts the step; the others continue it (layers that
+    count training steps, such as `sampling.CandidateFrequency`, count the step once)."""
+    return same_step() if index else contextlib.nullcontext()
+
+
 def _add(a: Any, b: Any) -> Any:
     if a is None:
         return b
@@ -108,8 +116,12 @@ def per_example(
     """
     grads: list[Any] = [None] * len(tvars)
     outputs, values = [], []
-    for features, labels in micro:
-        with tf.control_dependencies(_tensors(grads)), tf.GradientTape() as tape:
+    for i, (features, labels) in enumerate(micro):
+        with (
+            tf.control_dependencies(_tensors(grads)),
+            tf.GradientTape() as tape,
+            _within_step(i),
+        ):
             preds = spec.model(features, training=True)
             rows = tf.cast(spec.loss(labels, preds), tf.float32)
             loss = loss_of(rows)
@@ -130,10 +142,10 @@ def grad_cache(
     free of batch statistics (`check_replayable`).
     """
     outputs: list[Any] = []
-    for features, _ in micro:
+    for i, (features, _) in enumerate(micro):
         # No tape: nothing is kept. One forward after another, not side by side.
         after = tf.nest.flatten(outputs[-1]) if outputs else []
-        with tf.control_dependencies(after):
+        with tf.control_dependencies(after), _within_step(i):
             outputs.append(spec.model(features, training=True))
     preds = _concat(outputs)
     flat = tf.nest.flatten(preds)
@@ -151,7 +163,11 @@ def grad_cache(
     slices = [tf.split(g, sizes, axis=0) for g in d_flat]
     grads: list[Any] = [None] * len(tvars)
     for i, (features, _) in enumerate(micro):
-        with tf.control_dependencies(_tensors(grads) + d_flat), tf.GradientTape() as tape:
+        with (
+            tf.control_dependencies(_tensors(grads) + d_flat),
+            tf.GradientTape() as tape,
+            same_step(),
+        ):
             out = tf.nest.flatten(spec.model(features, training=True))
         step = tape.gradient(out, tvars, output_gradients=[s[i] for s in slices])
         grads = [_add(a, b) for a, b in zip(grads, step, strict=True)]
