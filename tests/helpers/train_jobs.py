@@ -37,7 +37,7 @@ ACCUM = "two_tower_ibs_accum,two_tower_corrected_accum"
 LAUNCHES = {
     "local": (
         "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit,shared_k3,"
-        f"shared_k3_resume,user_tower,shared_12,{COUPLED},{COUPLED_FIT},{ACCUM}",
+        f"shared_k3_resume,user_tower,shared_12,two_tower_corrected_12,{COUPLED},{COUPLED_FIT},{ACCUM}",
         "",
     ),
     "mirrored": (

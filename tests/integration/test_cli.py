@@ -152,6 +152,73 @@ BAD_CONFIGS = {
         [],
         "data.num_views",
     ),
+    # Mining, accidental hits, logQ and the class-balanced sampler, each asked of data or a
+    # loss that cannot honour it.
+    "mining_without_class_labels": (
+        "model: {family: triplet, loss: {type: triplet, mining: batch_hard}}\n"
+        "data: {source: npz, train_path: items.npz}\n",
+        [],
+        "data.train_path (items.npz, 'labels'): model.loss.mining needs each row's class",
+    ),
+    "mining_a_loss_without_classes": (
+        "model: {family: two_tower, loss: {type: in_batch_softmax, mining: batch_hard}}\n",
+        [],
+        "model.loss.mining: loss 'in_batch_softmax' has no class labels to mine",
+    ),
+    "semi_hard_pairs": (
+        "model: {family: siamese, loss: {type: contrastive, mining: semi_hard}}\n",
+        [],
+        "model.loss.mining: got 'semi_hard', expected one of none, batch_hard",
+    ),
+    "accidental_hits_of_a_binary_loss": (
+        "model: {family: two_tower, loss: {type: binary, remove_accidental_hits: true}}\n",
+        [],
+        "model.loss.remove_accidental_hits: loss 'binary' compares no candidates",
+    ),
+    "logq_without_candidate_ids": (
+        "model:\n  family: two_tower\n"
+        "  loss: {type: in_batch_softmax, logq_correction: true}\n"
+        "  query: {features: {query_user: users, candidate_item: items}}\n"
+        "  candidate: {features: {query_history: items}}\n",
+        [],
+        "model.loss.logq_correction: needs candidate ids, the values of stream candidate_item, "
+        "but it feeds model.query",
+    ),
+    "logq_alpha_above_one": (
+        "model: {family: two_tower, loss: {type: in_batch_softmax, logq_alpha: 2}}\n",
+        [],
+        "model.loss.logq_alpha: must be a number in (0, 1], got 2",
+    ),
+    "a_correction_that_is_not_a_boolean": (
+        "model: {family: two_tower, loss: {type: in_batch_softmax, "
+        "remove_accidental_hits: sometimes}}\n",
+        [],
+        "model.loss.remove_accidental_hits: must be true or false, got 'sometimes'",
+    ),
+    "sampler_without_classes": (
+        "model: {family: siamese}\ndata: {sampler: {type: class_balanced}}\n",
+        [],
+        "data.sampler.type: class_balanced draws rows by class, but the rows have no classes",
+    ),
+    "sampler_wanting_more_classes_than_the_data_has": (
+        "model: {family: triplet, loss: {type: triplet, mining: batch_hard}}\n"
+        "data: {sampler: {type: class_balanced, classes_per_batch: 12, examples_per_class: 2}}\n"
+        "training: {batch_size: 24}\n",
+        [],
+        "data.sampler.classes_per_batch: asks for 12 classes per batch but the train split has 10",
+    ),
+    "sampler_not_filling_the_batch": (
+        "model: {family: triplet, loss: {type: triplet, mining: batch_hard}}\n"
+        "data: {sampler: {type: class_balanced, classes_per_batch: 4, examples_per_class: 4}}\n",
+        [],
+        "data.sampler.examples_per_class: classes_per_batch x examples_per_class = 4 x 4 = 16, "
+        "but training.batch_size is 64",
+    ),
+    "labels_against_the_loss": (
+        "model: {family: triplet}\ndata: {labels: classes}\n",
+        [],
+        "data.labels: is 'classes' but model.loss makes it 'given'",
+    ),
 }
 
 
@@ -165,6 +232,8 @@ def test_bad_configs_exit_2_name_the_key_and_leave_no_run_dir(tmp_path: Path, ca
         **{f"view{i}": np.zeros((4, 8, 8, 1)) for i in range(4)},
         labels=np.zeros(4),
     )
+    # single items whose labels are scores, not classes
+    np.savez(tmp_path / "items.npz", item=np.zeros((4, 8, 8, 1)), labels=np.full(4, 0.5))
     (tmp_path / "bad.yaml").write_text(text)
     out = dist_share("train", "bad.yaml", "--run-dir", "run", *extra, cwd=tmp_path)
     assert out.returncode == 2, out.stderr

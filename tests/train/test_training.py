@@ -151,11 +151,13 @@ def _checkpoint_count(run_dir: Path) -> int:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
-def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("run", ["shared", "two_tower_corrected"])
+def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path, run: str) -> None:
     """SIGKILL mid-run, damage the newest checkpoint as a torn write would, restart: the run
     resumes from the older checkpoint, at the right data position, and ends bit-for-bit close to
-    a run that was never interrupted."""
-    args = ["--strategy", "local", "--runs", "shared", "--steps", "12", "--ckpt-every", "3"]
+    a run that was never interrupted. The logQ frequency estimate (two_tower_corrected) is
+    restored and continued exactly."""
+    args = ["--strategy", "local", "--runs", run, "--steps", "12", "--ckpt-every", "3"]
     env = processes.worker_env()
     killed_dir = tmp_path / "killed"
     cmd = [*train_jobs.WORKER, *args, "--run-dir", str(killed_dir), "--out", str(tmp_path / "k")]
@@ -187,14 +189,19 @@ def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path) -> None
 
     processes.run_job(cmd, 300, cwd=ROOT).check()
 
-    resumed = json.loads((tmp_path / "k.rank0.json").read_text())["runs"]["shared"]
+    resumed = json.loads((tmp_path / "k.rank0.json").read_text())["runs"][run]
     # The same 12 steps never interrupted: the session's shared local launch trains them
-    # (run "shared_12" of tests/workers/train_worker.py, same config but for the run dir).
-    reference = train_jobs.run("local")[0]["runs"]["shared_12"]
+    # (run "<run>_12" of tests/workers/train_worker.py, same config but for the run dir).
+    reference = train_jobs.run("local")[0]["runs"][f"{run}_12"]
     assert reference["step"] == 12 and reference["start_step"] == 0
     assert resumed["step"] == 12
     for k, v in reference["variables"].items():
         np.testing.assert_allclose(resumed["variables"][k], v, atol=1e-6)
+    estimate = [k for k in reference["variables"] if k.startswith("candidate_frequency/")]
+    assert len(estimate) == (3 if run == "two_tower_corrected" else 0)
+    for k in estimate:  # counted from ids alone: equal, not close
+        assert resumed["variables"][k] == reference["variables"][k], k
+    assert not estimate or reference["variables"]["candidate_frequency/step"] == 12
     steps = [r["step"] for r in metrics(killed_dir, "train")]
     # The killed run logged steps past its last readable checkpoint; the resumed run dropped
     # them and logged them again, so every step is there exactly once, in order.

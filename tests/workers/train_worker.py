@@ -57,6 +57,7 @@ RUNS = {
     "shared_k3_resume": ("shared", "custom", {}, K3),
     # The uninterrupted run the SIGKILL test's resumed run must end at (train/test_training.py).
     "shared_12": ("shared", "custom", {}, {"steps": 12}),
+    "two_tower_corrected_12": ("two_tower_corrected", "custom", {}, {"steps": 12}),
     # Batch-coupled models (batch norm, in-batch negatives), train_common.CONFIG_MODELS: the
     # same result on every launcher, with Horovod's average and sum reductions, and under fit.
     **{
