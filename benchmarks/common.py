@@ -135,6 +135,26 @@ def run_worker(
         return [json.loads(f.read_text()) for f in files]
 
 
+def train_run(
+    config: Path, run_dir: Path, sets: Sequence[str], steps: int, timeout: float
+) -> dict[str, Any]:
+    """``dist-share train CONFIG`` for `steps` steps into `run_dir` (no progress bar, no
+    TensorBoard, one checkpoint at the end); returns its wall seconds and final eval."""
+    from tests.helpers import processes
+
+    script = Path(sys.executable).with_name("dist-share")
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "dist_share.cli"]
+    quiet = ["logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.every=0"]
+    argv = [*cli, "train", str(config), "--run-dir", str(run_dir), "--steps", str(steps)]
+    argv += [a for s in [*quiet, *sets] for a in ("--set", s)]
+    t0 = time.perf_counter()
+    processes.run_job(argv, timeout=timeout, env=worker_python_env(), cwd=str(REPO)).check()
+    seconds = time.perf_counter() - t0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["split"] == "eval"][-1]
+    return {"run_seconds": seconds, "final_eval": final}
+
+
 def write_json(result: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=False, default=float) + "\n")

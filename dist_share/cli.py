@@ -221,7 +221,7 @@ def _export_readme(cfg: Config, step: int, specs: dict, diff: float) -> str:
     return (
         f"dist_share export of a {cfg.model.family} model at step {step}.\n"
         f"saved_model/: tf.saved_model.load(path).serve(inputs_dict)\n"
-        f"model.keras:  keras.models.load_model(path) after `import dist_share.model.towers, dist_share.model.heads`\n"
+        f"model.keras:  keras.models.load_model(path) after `import dist_share.model.towers, dist_share.model.heads, dist_share.model.sampling`\n"
         f"inputs (a dict):\n{inputs}\n"
         f"round-trip check: max abs difference {diff:.2e}\n"
     )

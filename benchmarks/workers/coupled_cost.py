@@ -4,8 +4,8 @@ argv: OUT_DIR --strategy horovod|multiworker --pairs negatives,batchnorm,mobilen
       [--probe] [common options]
 
 Per pair, one process (per rank) builds two dist_share Trainers from the same config, one with
-the exact option (global negatives / synchronised batch norm) and one with its per-replica
-counterpart, and drives their compiled steps (``CustomLoop.train_step``, one step per call,
+the exact option (global negatives / synchronised batch norm / mining over the global batch /
+the in-batch softmax's corrections) and one with its per-replica or uncorrected counterpart, and drives their compiled steps (``CustomLoop.train_step``, one step per call,
 the loop's own host-side work included) in interleaved blocks: exact, per-replica, exact, ...
 The first `warmup` blocks of each (tracing) are dropped. The collective ops in each compiled
 step's graph are counted, and the batch-norm layers of the model. ``--probe`` then times one
@@ -29,6 +29,9 @@ REPO = Path(__file__).resolve().parents[2]
 # The block key that switches batch norm's synchronisation off (model/blocks/spec.py).
 NORM_SYNC_KEY = "model.tower.block.norm_sync"
 TWO_TOWER_SOFTMAX = ["model.loss.type=in_batch_softmax", "data.synthetic.positive_fraction=1.0"]
+HITS, LOGQ = "model.loss.remove_accidental_hits=true", "model.loss.logq_correction=true"
+# 8 digits x 128 images per global batch: a step of a few hundred ms on this machine.
+LARGE_MINED = ["training.batch_size=1024", "data.sampler.examples_per_class=128"]
 # name: (config, overrides of both sides, exact side's, per-replica side's). A side of None
 # builds the model and then switches every batch norm's synchronisation off in place: a Keras
 # application's converted layers have no config key.
@@ -46,7 +49,24 @@ PAIRS: dict[str, tuple[str, list[str], list[str], list[str] | None]] = {
         [f"{NORM_SYNC_KEY}=false"],
     ),
     "mobilenet": ("siamese_digits_mobilenet.yaml", [], [], None),
+    # Mined triplets over the global batch vs each replica mining its own rows (the loss run
+    # under cross_replica.local_only: the metric still gathers on both sides).
+    "batch_hard": ("triplet_digits_mined.yaml", [], [], None),
+    "semi_hard": ("triplet_digits_mined.yaml", ["model.loss.mining=semi_hard"], [], None),
+    "batch_hard_large": ("triplet_digits_mined.yaml", LARGE_MINED, [], None),
+    # The in-batch softmax's corrections vs the plain (global) in-batch softmax.
+    "hits": ("two_tower_synthetic.yaml", TWO_TOWER_SOFTMAX, [HITS], []),
+    "logq": ("two_tower_synthetic.yaml", TWO_TOWER_SOFTMAX, [LOGQ], []),
+    "corrections": ("two_tower_synthetic.yaml", TWO_TOWER_SOFTMAX, [HITS, LOGQ], []),
+    "corrections_large": (
+        "two_tower_synthetic.yaml",
+        [*TWO_TOWER_SOFTMAX, "training.batch_size=4096"],
+        [HITS, LOGQ],
+        [],
+    ),
 }
+# The pairs whose per-replica side (None above) mines each replica's own rows.
+LOCAL_LOSS = {"batch_hard", "semi_hard", "batch_hard_large"}
 # Op types that exchange data between replicas (Horovod's, then tf.distribute's); ops that
 # only set groups up or ask for the rank or size are not counted.
 HOROVOD_EXCHANGES = ("Allreduce", "Allgather", "Broadcast", "Alltoall", "Reducescatter")
@@ -81,10 +101,24 @@ def count_collectives(concrete: Any) -> dict[str, int]:
     return dict(Counter(n.op for n in nodes if is_collective(n.op)))
 
 
+class ReplicaLoss:
+    """A batch-coupled loss computed over each replica's own rows (the per-replica side)."""
+
+    def __init__(self, loss: Any) -> None:
+        self.loss = loss
+        self.couples_rows = loss.couples_rows
+
+    def __call__(self, y_true: Any, y_pred: Any) -> Any:
+        from dist_share.model.cross_replica import local_only
+
+        with local_only():
+            return self.loss(y_true, y_pred)
+
+
 class Side:
     """One Trainer, its input iterator and its timed blocks of steps."""
 
-    def __init__(self, cfg: Any, strategy: Any, sync_off: bool) -> None:
+    def __init__(self, cfg: Any, strategy: Any, sync_off: bool, local_loss: bool = False) -> None:
         from dist_share.data.pipeline import train_input
         from dist_share.train.trainer import Trainer
 
@@ -92,6 +126,8 @@ class Side:
         self.trainer = Trainer(build_spec, strategy, cfg, None)
         self.trainer.state.restore()  # no run directory: makes every rank's weights rank 0's
         model = self.trainer.state.model
+        if local_loss:
+            self.trainer.state.spec.loss = ReplicaLoss(self.trainer.state.spec.loss)
         self.norms = batch_norm_layers(model)
         if sync_off:
             for layer in self.norms:
@@ -138,7 +174,13 @@ def run_pair(name: str, strategy: Any, args: Any) -> dict[str, Any]:
         cfg = load_config(REPO / "configs" / config, overrides + (extra or []))
         # One strategy serves every pair; the gradient options are each config's own.
         strategy.gradient_options = GradientOptions.from_config(cfg.strategy)
-        sides[side] = Side(cfg, strategy, sync_off=extra is None)
+        switch = extra is None
+        sides[side] = Side(
+            cfg,
+            strategy,
+            sync_off=switch and name not in LOCAL_LOSS,
+            local_loss=switch and name in LOCAL_LOSS,
+        )
     for _ in range(blocks):
         for side in sides.values():
             side.block(args.block)

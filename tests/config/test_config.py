@@ -62,7 +62,7 @@ def test_defaults_are_filled_from_a_minimal_config() -> None:
         "sparse": {"dedup": True, "dense_threshold": 0.5, "dense_switch": "measured"},
     }
     assert cfg.model.tower.block["type"] == "conv2d"
-    assert cfg.model.loss == {"type": "contrastive", "margin": 1.0}
+    assert cfg.model.loss == {"type": "contrastive", "margin": 1.0, "mining": "none"}
     assert cfg.data.source == "digits"
     tt = validate({"model": {"family": "two_tower"}})
     assert tt.data.source == "two_tower_synthetic"

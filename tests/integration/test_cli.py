@@ -323,7 +323,13 @@ def test_launch_dry_run_prints_the_exact_commands() -> None:
 # -- TensorFlow: real training -----------------------------------------------------------------
 # The trainings below are independent processes, started two at a time when the module begins
 # (tests/helpers/background.py), so that they run beside the module's other tests.
-OTHER_CONFIGS = ["triplet_digits", "multiview_digits", "two_tower_synthetic"]
+OTHER_CONFIGS = [
+    "triplet_digits",
+    "triplet_digits_mined",
+    "multiview_digits",
+    "two_tower_synthetic",
+    "two_tower_retrieval",
+]
 
 
 def _train_argv(run: Path, name: str, *extra: str) -> list[str]:

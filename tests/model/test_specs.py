@@ -61,13 +61,20 @@ def test_tower_layout_normalises() -> None:
 
 
 def test_loss_spec_defaults_come_from_the_loss_classes() -> None:
-    assert losses.validate_loss_spec("contrastive") == {"type": "contrastive", "margin": 1.0}
+    assert losses.validate_loss_spec("contrastive") == {
+        "type": "contrastive",
+        "margin": 1.0,
+        "mining": "none",
+    }
     assert losses.validate_loss_spec({"type": "in_batch_softmax", "temperature": 0.5}) == {
         "type": "in_batch_softmax",
         "temperature": 0.5,
         "negatives": "global",
+        "remove_accidental_hits": False,
+        "logq_correction": False,
+        "logq_alpha": 0.01,
     }
-    assert losses.loss_options("triplet") == {"margin": 1.0}
+    assert losses.loss_options("triplet") == {"margin": 1.0, "mining": "none"}
     assert losses.get_loss({"type": "triplet", "margin": 2}).margin == 2.0
 
 
