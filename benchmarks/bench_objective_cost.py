@@ -8,7 +8,7 @@ it, built from the same config in the same process, in interleaved blocks:
   rows (configs/triplet_digits_mined.yaml, global batch 64 and 1024);
 * ``remove_accidental_hits``, ``logq_correction`` and both vs the plain in-batch softmax over
   the global batch (configs/two_tower_synthetic.yaml with ``in_batch_softmax``, global batch
-  128 and 4096).
+  128 and 8192, and 4096 with towers of 2 x 512 units).
 
 Beside the added time per step: the collective ops each option adds in the traced step's graph,
 and the time of one dependent collective on this machine (the worker's probe: a chain of
@@ -32,12 +32,13 @@ OPTIONS = {
     "logq": "logq_correction vs plain",
     "corrections": "both corrections vs plain",
     "corrections_large": "both corrections vs plain",
+    "corrections_wide": "both corrections vs plain, towers of 2 x 512 units",
 }
 # (pairs, block steps, repeats): the small steps first (with the latency probe), then the two
 # large ones (~10x longer steps) in their own job.
 JOBS = [
     ("batch_hard,semi_hard,hits,logq,corrections", True, 25, 10),
-    ("batch_hard_large,corrections_large", False, 4, 6),
+    ("batch_hard_large,corrections_large,corrections_wide", False, 4, 6),
 ]
 
 

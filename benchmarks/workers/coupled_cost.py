@@ -32,6 +32,7 @@ TWO_TOWER_SOFTMAX = ["model.loss.type=in_batch_softmax", "data.synthetic.positiv
 HITS, LOGQ = "model.loss.remove_accidental_hits=true", "model.loss.logq_correction=true"
 # 8 digits x 128 images per global batch: a step of a few hundred ms on this machine.
 LARGE_MINED = ["training.batch_size=1024", "data.sampler.examples_per_class=128"]
+WIDE_TOWERS = ["model.query.block.units=[512,512]", "model.candidate.block.units=[512,512]"]
 # name: (config, overrides of both sides, exact side's, per-replica side's). A side of None
 # builds the model and then switches every batch norm's synchronisation off in place: a Keras
 # application's converted layers have no config key.
@@ -58,9 +59,17 @@ PAIRS: dict[str, tuple[str, list[str], list[str], list[str] | None]] = {
     "hits": ("two_tower_synthetic.yaml", TWO_TOWER_SOFTMAX, [HITS], []),
     "logq": ("two_tower_synthetic.yaml", TWO_TOWER_SOFTMAX, [LOGQ], []),
     "corrections": ("two_tower_synthetic.yaml", TWO_TOWER_SOFTMAX, [HITS, LOGQ], []),
+    # The config's towers at a batch where the loss's [rows, candidates] matrices are most of
+    # the step (the worst case for the corrections), and wider towers at a smaller batch.
     "corrections_large": (
         "two_tower_synthetic.yaml",
-        [*TWO_TOWER_SOFTMAX, "training.batch_size=4096"],
+        [*TWO_TOWER_SOFTMAX, "training.batch_size=8192"],
+        [HITS, LOGQ],
+        [],
+    ),
+    "corrections_wide": (
+        "two_tower_synthetic.yaml",
+        [*TWO_TOWER_SOFTMAX, "training.batch_size=4096", *WIDE_TOWERS],
         [HITS, LOGQ],
         [],
     ),

@@ -31,6 +31,8 @@ LOSS_TYPES = (
 )
 # Where an in-batch loss takes its negatives: the whole global batch, or each replica's rows.
 NEGATIVES = ("global", "local")
+# The logit of a masked candidate: finite, so that a row left without negatives has gradients.
+_MASKED = -1e9
 # Options that belong to one kind of loss, and why another kind has no use for them.
 _FOREIGN_OPTIONS = {
     "negatives": "compares no rows of the batch, so it has no negatives to take "
@@ -197,26 +199,28 @@ class InBatchSoftmaxLoss(PerExample):
         p = _f32(y_pred)
         queries, candidates = p[:, 0], p[:, 1]
         group = current_group() if self.negatives == "global" else ReplicaGroup()
-        everyone, start = group.gather_rows(candidates)
-        logits = ops.matmul(queries, ops.transpose(everyone)) / self.temperature
-        labels = start + ops.arange(ops.shape(logits)[0], dtype="int32")
+        everyone, _ = group.gather_rows(candidates)
+        logits = ops.matmul(queries / self.temperature, ops.transpose(everyone))
+        # Row i's own logit, from its own pair: its position among the gathered candidates
+        # is not needed, and it stays when its column is masked below.
+        own = ops.sum(queries / self.temperature * candidates, axis=-1)
         if self.uses_ids:
             ids = ops.reshape(ops.cast(y_true, "int64"), (-1,))
             all_ids = group.gather_values(ids)
-            if self.logq_correction:
-                if self.frequency is None:
-                    raise ValueError(
-                        "logq_correction needs the model's CandidateFrequency layer bound to "
-                        "the loss's `frequency` (the two-tower family binds it)"
-                    )
-                logits = logits - self.frequency.log_probability(all_ids)[None, :]
-            if self.remove_accidental_hits:
-                own = ops.one_hot(labels, ops.shape(logits)[1], dtype="bool")
-                hit = ops.logical_and(
-                    ops.equal(ids[:, None], all_ids[None, :]), ops.logical_not(own)
+        if self.logq_correction:
+            if self.frequency is None:
+                raise ValueError(
+                    "logq_correction needs the model's CandidateFrequency layer bound to "
+                    "the loss's `frequency` (the two-tower family binds it)"
                 )
-                logits = ops.where(hit, -1e9, logits)
-        return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            logits = logits - self.frequency.log_probability(all_ids)[None, :]
+            own = own - self.frequency.log_probability(ids)
+        if not self.remove_accidental_hits:
+            return ops.logsumexp(logits, axis=1) - own
+        # Every column holding the row's item is masked, its own included, and the own logit
+        # is added back: one comparison and one select over [rows, candidates].
+        others = ops.where(ops.equal(ids[:, None], all_ids[None, :]), _MASKED, logits)
+        return ops.logsumexp(ops.stack([ops.logsumexp(others, axis=1), own], 1), axis=1) - own
 
     def get_config(self) -> dict:
         return {
