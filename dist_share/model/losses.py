@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import tensorflow as tf
 from keras import ops
 
 from dist_share.errors import ConfigError, hint
@@ -217,10 +218,7 @@ class InBatchSoftmaxLoss(PerExample):
             own = own - self.frequency.log_probability(ids)
         if not self.remove_accidental_hits:
             return ops.logsumexp(logits, axis=1) - own
-        # Every column holding the row's item is masked, its own included, and the own logit
-        # is added back: one comparison and one select over [rows, candidates].
-        others = ops.where(ops.equal(ids[:, None], all_ids[None, :]), _MASKED, logits)
-        return ops.logsumexp(ops.stack([ops.logsumexp(others, axis=1), own], 1), axis=1) - own
+        return _logsumexp_without_hits(logits, ids, all_ids, own) - own
 
     def get_config(self) -> dict:
         return {
@@ -230,6 +228,17 @@ class InBatchSoftmaxLoss(PerExample):
             "logq_correction": self.logq_correction,
             "logq_alpha": self.logq_alpha,
         }
+
+
+@tf.function(jit_compile=True)
+def _logsumexp_without_hits(logits: Any, ids: Any, all_ids: Any, own: Any) -> Any:
+    """Per row, ``log(exp(own) + sum exp(logits))`` over the candidates whose id differs from
+    the row's: every column holding the row's item is masked (its own included) and its own
+    logit added back. XLA fuses the comparison, the select and the reductions into one pass
+    over ``[rows, candidates]`` each way; unfused, they were most of the correction's cost
+    (docs/PERFORMANCE.md section 11). Pure computation: the collectives stay outside."""
+    others = tf.where(tf.equal(ids[:, None], all_ids[None, :]), _MASKED, logits)
+    return tf.reduce_logsumexp(tf.stack([tf.reduce_logsumexp(others, axis=1), own], 1), axis=1)
 
 
 @register
