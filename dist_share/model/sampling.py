@@ -82,8 +82,10 @@ class CandidateFrequency(keras.layers.Layer):
 
     def call(self, ids: Any, training: bool | None = None) -> Any:
         if training:
-            with tf.control_dependencies([self.update(ids)]):
-                return tf.identity(ids)
+            # Not a dependency of the output: the towers need not wait for the ids' gather.
+            # TensorFlow runs the update anyway (a stateful op of the step), and orders it
+            # before the loss reads the estimate (both touch the same variables).
+            self.update(ids)
         return tf.identity(ids)
 
     def update(self, ids: Any) -> tf.Operation:
