@@ -205,20 +205,21 @@ class InBatchSoftmaxLoss(PerExample):
         # Row i's own logit, from its own pair: its position among the gathered candidates
         # is not needed, and it stays when its column is masked below.
         own = ops.sum(queries / self.temperature * candidates, axis=-1)
-        if self.uses_ids:
-            ids = ops.reshape(ops.cast(y_true, "int64"), (-1,))
-            all_ids = group.gather_values(ids)
+        if not self.uses_ids:
+            return ops.logsumexp(logits, axis=1) - own
+        ids = ops.reshape(ops.cast(y_true, "int64"), (-1,))
+        all_ids = group.gather_values(ids)
+        log_q = None
         if self.logq_correction:
             if self.frequency is None:
                 raise ValueError(
                     "logq_correction needs the model's CandidateFrequency layer bound to "
                     "the loss's `frequency` (the two-tower family binds it)"
                 )
-            logits = logits - self.frequency.log_probability(all_ids)[None, :]
+            log_q = self.frequency.log_probability(all_ids)
             own = own - self.frequency.log_probability(ids)
-        if not self.remove_accidental_hits:
-            return ops.logsumexp(logits, axis=1) - own
-        return _logsumexp_without_hits(logits, ids, all_ids, own) - own
+        hits = (ids, all_ids) if self.remove_accidental_hits else None
+        return _corrected_logsumexp(logits, own, log_q, hits) - own
 
     def get_config(self) -> dict:
         return {
@@ -231,12 +232,20 @@ class InBatchSoftmaxLoss(PerExample):
 
 
 @tf.function(jit_compile=True)
-def _logsumexp_without_hits(logits: Any, ids: Any, all_ids: Any, own: Any) -> Any:
-    """Per row, ``log(exp(own) + sum exp(logits))`` over the candidates whose id differs from
-    the row's: every column holding the row's item is masked (its own included) and its own
-    logit added back. XLA fuses the comparison, the select and the reductions into one pass
-    over ``[rows, candidates]`` each way; unfused, they were most of the correction's cost
-    (docs/PERFORMANCE.md section 11). Pure computation: the collectives stay outside."""
+def _corrected_logsumexp(logits: Any, own: Any, log_q: Any, hits: Any) -> Any:
+    """Per row, the logsumexp of the corrected logits: minus each candidate's ``log_q``
+    (unless None), and with ``hits = (ids, all_ids)`` every column holding the row's item
+    masked (its own included) and its own logit ``own`` added back.
+
+    XLA fuses the correction, the comparison, the select and the reductions into one pass over
+    ``[rows, candidates]`` each way; unfused, they were most of the corrections' cost
+    (docs/PERFORMANCE.md section 11). Pure computation: the collectives stay outside.
+    """
+    if log_q is not None:
+        logits = logits - log_q[None, :]
+    if hits is None:
+        return tf.reduce_logsumexp(logits, axis=1)
+    ids, all_ids = hits
     others = tf.where(tf.equal(ids[:, None], all_ids[None, :]), _MASKED, logits)
     return tf.reduce_logsumexp(tf.stack([tf.reduce_logsumexp(others, axis=1), own], 1), axis=1)
 
