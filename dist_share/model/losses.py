@@ -238,8 +238,8 @@ def _corrected_logsumexp(logits: Any, own: Any, log_q: Any, hits: Any) -> Any:
     masked (its own included) and its own logit ``own`` added back.
 
     XLA fuses the correction, the comparison, the select and the reductions into one pass over
-    ``[rows, candidates]`` each way; unfused, they were most of the corrections' cost
-    (docs/PERFORMANCE.md section 11). Pure computation: the collectives stay outside.
+    ``[rows, candidates]`` each way, where TensorFlow's ops would each make one. Pure
+    computation: the collectives stay outside.
     """
     if log_q is not None:
         logits = logits - log_q[None, :]
