@@ -23,6 +23,9 @@ EXPECTED_COLUMNS = {
     "comm": {"case", "streams", "batch", "bytes_per_step", "relative"},
     "overhead": {"case", "trainer_ex_per_s", "plain_ex_per_s", "trainer_over_plain"},
     "scaling": {"case", "launcher", "processes", "replicas", "examples_per_s"},
+    "mining": {"objective", "triplet_accuracy", "recall_at_1"},
+    "corrections": {"variant", "recall_at_10", "recall_at_100"},
+    "objective_cost": {"option", "ratio", "added_ms", "predicted_added_ms"},
 }
 
 
@@ -72,15 +75,15 @@ def test_discover_finds_every_bench_module() -> None:
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
 def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
-    # Ten benchmarks, several of them starting 2-process jobs (each pays TensorFlow's start).
+    # Thirteen benchmarks, several of them starting 2-process jobs (each pays TensorFlow's start).
     # Quick mode proves the harness, not the numbers, so the benchmarks run as two `--only`
     # halves side by side (one run alone leaves a core idle while a process starts); a third
     # run of `comm` then writes the docs, taking the others' tables from the results directory.
     results, docs = tmp_path / "results", tmp_path / "PERFORMANCE.md"
     cmd = [sys.executable, "-m", "benchmarks.run_all", "--quick", "--results-dir", str(results)]
     halves = [
-        "coupled_cost,input,overhead,roofline",
-        "batched_sets,folding,negatives,scaling,scaling_model",
+        "coupled_cost,corrections,input,mining,overhead,roofline",
+        "batched_sets,folding,negatives,objective_cost,scaling,scaling_model",
     ]
     assert sorted(",".join([*halves, "comm"]).split(",")) == run_all.discover()
     logs = [tmp_path / f"half{i}.log" for i in range(2)]
