@@ -16,13 +16,13 @@ Horovod strategy); otherwise one replica, for which both operations are the iden
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
 
-_state = threading.local()
+from dist_share.model.trace_flags import TraceFlag
+
+_local = TraceFlag()
 _process_group: ReplicaGroup | None = None
 
 
@@ -115,20 +115,14 @@ def set_process_group(group: ReplicaGroup | None) -> None:
     _process_group = group
 
 
-@contextlib.contextmanager
-def local_only() -> Iterator[None]:
+def local_only() -> contextlib.AbstractContextManager[None]:
     """Inside, `current_group` is this replica alone (per-replica negatives, for comparison)."""
-    depth = getattr(_state, "local_depth", 0)
-    _state.local_depth = depth + 1
-    try:
-        yield
-    finally:
-        _state.local_depth = depth
+    return _local.set()
 
 
 def current_group() -> ReplicaGroup:
     """The replicas computing the present step (one, outside any distribution)."""
-    if getattr(_state, "local_depth", 0):
+    if _local.on:
         return ReplicaGroup()
     if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
         context = tf.distribute.get_replica_context()

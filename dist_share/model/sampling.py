@@ -16,8 +16,6 @@ the ids of the *global* batch.
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -25,24 +23,15 @@ import tensorflow as tf
 
 from dist_share.model.cross_replica import current_group
 from dist_share.model.serialization import register
+from dist_share.model.trace_flags import TraceFlag
 
-_state = threading.local()
+_continuing = TraceFlag()
 
 
-@contextlib.contextmanager
-def same_step() -> Iterator[None]:
+def same_step() -> contextlib.AbstractContextManager[None]:
     """Inside, a training forward belongs to the step already counted: a later micro-batch of
     the step, or GradCache's second forward of one (`train.loops.accumulate`)."""
-    depth = getattr(_state, "depth", 0)
-    _state.depth = depth + 1
-    try:
-        yield
-    finally:
-        _state.depth = depth
-
-
-def _continuing() -> bool:
-    return getattr(_state, "depth", 0) > 0
+    return _continuing.set()
 
 
 @register
@@ -92,7 +81,7 @@ class CandidateFrequency(keras.layers.Layer):
         """Count the global batch's ``ids`` (this replica's, gathered from every replica)."""
         seen = tf.unique(tf.reshape(current_group().gather_values(tf.cast(ids, tf.int64)), [-1]))[0]
         step = tf.convert_to_tensor(self.step)
-        t = step if _continuing() else step + 1
+        t = step if _continuing.on else step + 1
         last = tf.gather(self.last_seen, seen)
         old = tf.gather(self.interval, seen)
         elapsed = tf.cast(t - last, tf.float32)

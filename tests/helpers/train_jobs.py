@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tests.helpers import background, processes
 from tests.helpers.paths import ROOT, WORKERS
+from tests.workers.train_worker import COUPLED_MODELS
 
 WORKER = [sys.executable, str(WORKERS / "train_worker.py")]
 # One launch trains every run below and runs its checks (a minute or two on a loaded 2-core
@@ -25,9 +26,7 @@ TIMEOUT = 600
 
 # What each launcher trains (see RUNS in train_worker.py), then checks (CHECKS there), in one
 # process start per process.
-COUPLED = (
-    "siamese_cfg,two_tower_ibs,multiview_bn,user_bn,triplet_mined,triplet_semi,two_tower_corrected"
-)
+COUPLED = ",".join(COUPLED_MODELS)
 COUPLED_FIT = "siamese_cfg_fit,two_tower_ibs_fit,triplet_mined_fit,two_tower_corrected_fit"
 COUPLED_SUM = (
     "siamese_cfg_sum,two_tower_ibs_sum,multiview_bn_sum,user_bn_sum,triplet_mined_sum,"

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import train_jobs
 from tests.helpers.runs import max_diff
+from tests.workers.train_worker import COUPLED_MODELS
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,15 +73,7 @@ def test_user_tower_same_variables_as_local(launcher: str) -> None:
 # tests/workers/train_common.py: CONFIG_MODELS, and build_user_tower("batch"). Mined triplets
 # (batch-hard, semi-hard) and the corrected in-batch softmax (accidental hits, logQ) gather
 # labels and ids across replicas as well as rows.
-COUPLED = [
-    "siamese_cfg",
-    "two_tower_ibs",
-    "multiview_bn",
-    "user_bn",
-    "triplet_mined",
-    "triplet_semi",
-    "two_tower_corrected",
-]
+COUPLED = list(COUPLED_MODELS)
 COUPLED_SUM = [m for m in COUPLED if m != "triplet_semi"]
 COUPLED_FIT = ["siamese_cfg", "two_tower_ibs", "triplet_mined", "two_tower_corrected"]
 

@@ -23,6 +23,17 @@ from typing import Any
 
 from dist_share.files import atomic_write_text
 
+# The batch-coupled models every launcher trains and compares: train_common.CONFIG_MODELS (the
+# shipped configs) and a user's encoder with batch norm through SharedTower (user_bn).
+COUPLED_MODELS = (
+    "siamese_cfg",
+    "two_tower_ibs",
+    "multiview_bn",
+    "user_bn",
+    "triplet_mined",
+    "triplet_semi",
+    "two_tower_corrected",
+)
 # name -> (family, loop, strategy overrides[, training overrides])
 K3 = {"steps_per_loop": 3, "log_every": 5}
 RUNS = {
@@ -62,15 +73,7 @@ RUNS = {
     # same result on every launcher, with Horovod's average and sum reductions, and under fit.
     **{
         f"{model}{suffix}": (model, loop, overrides)
-        for model in (
-            "siamese_cfg",
-            "two_tower_ibs",
-            "multiview_bn",
-            "user_bn",
-            "triplet_mined",
-            "triplet_semi",
-            "two_tower_corrected",
-        )
+        for model in COUPLED_MODELS
         for suffix, loop, overrides in (
             ("", "custom", {}),
             ("_fit", "keras_fit", {}),
