@@ -120,3 +120,9 @@ def test_micro_batches_and_replays_of_a_step_count_it_once() -> None:
         np.testing.assert_array_equal(
             getattr(split, name).numpy(), getattr(whole, name).numpy(), err_msg=name
         )
+
+
+def test_the_estimate_layer_round_trips_through_its_config() -> None:
+    layer = CandidateFrequency(7, alpha=0.05, name="candidate_frequency")
+    again = CandidateFrequency.from_config(layer.get_config())
+    assert (again.vocab_size, again.alpha, again.name) == (7, 0.05, "candidate_frequency")
