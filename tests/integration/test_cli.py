@@ -330,6 +330,8 @@ OTHER_CONFIGS = [
     "two_tower_synthetic",
     "two_tower_retrieval",
 ]
+# What a config needs beside SHORT: the class-balanced sampler's P x K must be the batch (16).
+CONFIG_EXTRA = {"triplet_digits_mined": ["--set", "data.sampler.examples_per_class=2"]}
 
 
 def _train_argv(run: Path, name: str, *extra: str) -> list[str]:
@@ -361,7 +363,10 @@ def background_jobs(root: Path) -> dict[str, Callable[[], tuple[Path, Any]]]:
         "cli/bad_norm": lambda run: _train_short(run, "siamese_digits", *BAD_NORM),
     }
     for name in OTHER_CONFIGS:
-        trainings[f"cli/{name}"] = lambda run, name=name: _train_short(run, name)
+        extra = CONFIG_EXTRA.get(name, [])
+        trainings[f"cli/{name}"] = lambda run, name=name, extra=extra: _train_short(
+            run, name, *extra
+        )
     return {key: _in_run_dir(train, root / key) for key, train in trainings.items()}
 
 
@@ -392,7 +397,7 @@ def test_default_config_trains_locally(siamese_run: Path) -> None:
 def test_every_other_config_trains_a_few_steps_locally(name: str) -> None:
     run, out = background.result(f"cli/{name}")
     assert out.returncode == 0, out.stdout + out.stderr
-    _check_run(run, CONFIGS / f"{name}.yaml", [], "local")
+    _check_run(run, CONFIGS / f"{name}.yaml", CONFIG_EXTRA.get(name, []), "local")
 
 
 @pytest.mark.slow
