@@ -354,7 +354,13 @@ class HorovodStrategy(Strategy):
         self.hvd.allreduce(tf.constant(0.0), name="dist_share_barrier")
 
     def sync_non_trainable(self, variables: list[Any]) -> None:
-        floats = [v for v in tf_variables(variables) if v.dtype.is_floating]
+        # A variable every replica updates alike (aggregation ONLY_FIRST_REPLICA, e.g. the
+        # logQ frequency estimate) is already identical: averaging could round it.
+        floats = [
+            v
+            for v in tf_variables(variables)
+            if v.dtype.is_floating and v.aggregation != tf.VariableAggregation.ONLY_FIRST_REPLICA
+        ]
         if floats and self.world_size > 1:
             averaged = self.hvd.grouped_allreduce(
                 [tf.convert_to_tensor(v) for v in floats],
