@@ -52,11 +52,12 @@ def arrays_dataset_fn(
         ctx = ctx or tf.distribute.InputContext()
         if split == "train" and balanced is not None:
             ds = balanced_rows()
-        else:
+        elif split == "train":
             ds = tf.data.Dataset.from_tensor_slices((dict(feats), labels))
-        if split == "train" and balanced is None:
             buffer = min(n, int(shuffle_buffer))
             ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((dict(feats), labels))
         if ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
         per_replica = ctx.get_per_replica_batch_size(global_batch_size)

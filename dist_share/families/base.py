@@ -56,7 +56,7 @@ class Family:
         """The dtype a stream is fed as (``.npz`` arrays are cast to it)."""
         return "float32"
 
-    def labels_dtype(self, data: DataConfig) -> str:
+    def dtype_of_labels(self, data: DataConfig) -> str:
         """The dtype labels are fed as."""
         return self.label_dtype
 
@@ -157,7 +157,7 @@ class TowerFamily(Family):
     def streams(self, data: DataConfig) -> list[str]:
         return [ITEM] if data.labels == "classes" else super().streams(data)
 
-    def labels_dtype(self, data: DataConfig) -> str:
+    def dtype_of_labels(self, data: DataConfig) -> str:
         return "int32" if data.labels == "classes" else self.label_dtype
 
     def check_labels(self, labels: np.ndarray, where: str, data: DataConfig) -> None:

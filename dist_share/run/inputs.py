@@ -123,7 +123,7 @@ def _read_npz(path: Path, key: str, data: DataConfig) -> Arrays:
             )
         check_stream(path, name, a)  # strings, NaN and inf, named before training
         feats[name] = a.astype(family.stream_dtype(name), copy=False)
-    return feats, labels.astype(family.labels_dtype(data), copy=False)
+    return feats, labels.astype(family.dtype_of_labels(data), copy=False)
 
 
 # -- what the trainer and the model builder ask for -----------------------------------------
@@ -272,7 +272,7 @@ def record_source(data: DataConfig, split: str) -> RecordSource:
             f"{key}: the shards hold streams {have} but family {data.family} with this config "
             f"needs {want} (converted from another config?)"
         )
-    label, dtype = source.manifest.label, family.labels_dtype(data)
+    label, dtype = source.manifest.label, family.dtype_of_labels(data)
     if label.shape or label.dtype != dtype:
         raise DataError(
             f"{key}: the shards' labels are {label.describe()}, family {data.family} with this "
