@@ -214,6 +214,13 @@ BAD_CONFIGS = {
         "data.sampler.examples_per_class: classes_per_batch x examples_per_class = 4 x 4 = 16, "
         "but training.batch_size is 64",
     ),
+    "sampler_over_streamed_shards": (
+        "model: {family: triplet, loss: {type: triplet, mining: batch_hard}}\n"
+        "data:\n  source: tfrecord\n  tfrecord: {train: shards}\n"
+        "  sampler: {type: class_balanced, classes_per_batch: 8, examples_per_class: 8}\n",
+        [],
+        "data.sampler.type: class_balanced picks rows by class from memory; source tfrecord",
+    ),
     "labels_against_the_loss": (
         "model: {family: triplet}\ndata: {labels: classes}\n",
         [],
