@@ -44,10 +44,12 @@ def _two_tower_world(split_seed, num_users, num_items, num_clusters, preferred, 
     return item_cluster, weight, members, cluster_p, prefs, draw(hist_clusters)
 
 
-def synthetic_interactions(data: DataConfig, split: str, n: int) -> Arrays:
-    """``n`` two-tower examples of the synthetic world."""
+def two_tower_world(data: DataConfig) -> tuple:
+    """The planted structure of ``data``'s synthetic world (cached per its settings): item
+    clusters, popularity weights, cluster members and their draw probabilities, each user's
+    preferred clusters, and each user's history."""
     s = data.synthetic
-    _, weight, members, cluster_p, prefs, histories = _two_tower_world(
+    return _two_tower_world(
         int(data.split_seed),
         s.num_users,
         s.num_items,
@@ -56,6 +58,12 @@ def synthetic_interactions(data: DataConfig, split: str, n: int) -> Arrays:
         s.history_length,
         float(s.zipf_exponent),
     )
+
+
+def synthetic_interactions(data: DataConfig, split: str, n: int) -> Arrays:
+    """``n`` two-tower examples of the synthetic world."""
+    s = data.synthetic
+    _, weight, members, cluster_p, prefs, histories = two_tower_world(data)
     rng = split_rng(data.split_seed, 5, SPLITS.index(split))
     users = rng.integers(0, s.num_users, n)
     relevant = rng.random(n) < s.positive_fraction

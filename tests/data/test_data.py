@@ -9,7 +9,7 @@ import pytest
 
 from dist_share.config.schema import DataConfig
 from dist_share.data.digits import digits_with_labels
-from dist_share.data.synthetic import _two_tower_world
+from dist_share.data.synthetic import two_tower_world
 from dist_share.data.types import SPLITS
 from dist_share.errors import ConfigError, DataError
 from dist_share.families.registry import get_family
@@ -91,15 +91,7 @@ def test_two_tower_synthetic_has_the_planted_structure() -> None:
     cfg = _cfg("two_tower", train_examples=4000)
     s = cfg.synthetic
     feats, labels = load_arrays(cfg, "train")
-    item_cluster, _, _, _, prefs, histories = _two_tower_world(
-        cfg.split_seed,
-        s.num_users,
-        s.num_items,
-        s.num_clusters,
-        s.preferred_clusters,
-        s.history_length,
-        float(s.zipf_exponent),
-    )
+    item_cluster, _, _, _, prefs, histories = two_tower_world(cfg)
     users, items = feats["query_user"], feats["candidate_item"]
     relevant = np.array([item_cluster[i] in prefs[u] for u, i in zip(users, items, strict=True)])
     np.testing.assert_array_equal(relevant, labels == 1.0)

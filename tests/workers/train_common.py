@@ -250,11 +250,12 @@ def make_dataset_fn(
     with_ids: bool = False,
     drop_remainder: bool = True,
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    if family in CONFIG_MODELS and _reads_as_run(config_of(family).data):
+    data = config_of(family).data if family in CONFIG_MODELS else None
+    if data is not None and _reads_as_run(data):
         from dist_share.run.inputs import make_dataset_fn as run_dataset_fn
 
         split = "train" if drop_remainder else "eval"
-        return run_dataset_fn(config_of(family).data, split, global_batch, seed)
+        return run_dataset_fn(data, split, global_batch, seed)
     feats, labels = arrays(family)
     if with_ids:
         feats = {"id": np.arange(len(labels), dtype="int32")}
