@@ -28,6 +28,7 @@ FLOORS = {
     "families": 3,
     "distribute": 4,
     "train": 5,
+    "retrieval": 5,
     "run": 6,
     "cli": 7,
 }

@@ -1,0 +1,1 @@
+"""Using trained towers: exact top-k over a corpus, retrieval metrics, embedding shards, an approximate index."""

@@ -1,0 +1,151 @@
+"""Exact top-k over a corpus streamed in chunks: each replica scores its share, the shares merge once.
+
+Memory is the queries, one chunk of the corpus and a running ``[queries, k]`` best list per
+replica, whatever the corpus size. The order is documented (docs/RETRIEVAL.md): higher score
+first; equal scores by lower id. It is exact because each replica sees its rows in ascending id
+order (the corpus is sharded row-interleaved and read in order), so `tf.math.top_k`'s "lower
+index first" among equal values is "lower id first", and the final merge sorts by (score, id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from dist_share.data.types import DatasetFn
+from dist_share.distribute.strategies import Strategy
+from dist_share.model.cross_replica import current_group
+
+# How a query and a corpus vector are compared; a larger score ranks first.
+SIMILARITIES = ("dot", "l2")
+NO_ID = np.iinfo(np.int64).max  # fills a result list the corpus could not fill
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+    """The k best corpus ids of each query, best first, with their scores (``-inf``: none)."""
+
+    scores: np.ndarray  # float32 [Q, k]
+    ids: np.ndarray  # int64 [Q, k]
+
+
+def similarity(queries: tf.Tensor, vectors: tf.Tensor, kind: str) -> tf.Tensor:
+    """``[Q, C]`` scores: the dot product, or the negative squared Euclidean distance."""
+    dots = tf.matmul(queries, vectors, transpose_b=True)
+    if kind == "dot":
+        return dots
+    q2 = tf.reduce_sum(tf.square(queries), axis=1, keepdims=True)
+    c2 = tf.reduce_sum(tf.square(vectors), axis=1)[None, :]
+    return 2.0 * dots - q2 - c2
+
+
+def merge_sorted(scores: tf.Tensor, ids: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """The k best of each row of candidates in any order: by score, then by lower id."""
+    by_id = tf.argsort(ids, axis=1, stable=True)
+    scores, ids = (tf.gather(t, by_id, batch_dims=1) for t in (scores, ids))
+    by_score = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)[:, :k]
+    return tf.gather(scores, by_score, batch_dims=1), tf.gather(ids, by_score, batch_dims=1)
+
+
+class ExactTopK:
+    """Brute-force top-k of ``queries`` over a corpus, distributed over a strategy's replicas.
+
+    Args:
+        strategy: every process of the job calls `search` with the same queries.
+        queries: float32 ``[Q, d]`` query vectors (every replica scores all of them).
+        k: results per query.
+        kind: one of `SIMILARITIES`.
+        query_ids: ``[Q]`` the corpus id of each query, excluded from its own results (a
+            gallery searched with its own items); None: nothing excluded.
+        encode: maps a chunk's features to ``[C, d]`` vectors (a tower); None: the features
+            are the vectors.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        queries: np.ndarray,
+        k: int,
+        kind: str,
+        query_ids: np.ndarray | None = None,
+        encode: Callable[[Any], tf.Tensor] | None = None,
+    ) -> None:
+        if kind not in SIMILARITIES:
+            raise ValueError(f"similarity {kind!r}: expected one of {SIMILARITIES}")
+        self.strategy = strategy
+        self.queries = tf.constant(np.asarray(queries, np.float32))
+        self.k = int(k)
+        self.kind = kind
+        ids = np.full(len(queries), -1) if query_ids is None else np.asarray(query_ids)
+        self.query_ids = tf.constant(ids.astype(np.int64))
+        self.encode = encode or (lambda features: features)
+
+    def _empty(self) -> tuple[tf.Tensor, tf.Tensor]:
+        q = tf.shape(self.queries)[0]
+        return (
+            tf.fill([q, self.k], tf.constant(-np.inf, tf.float32)),
+            tf.fill([q, self.k], tf.constant(NO_ID, tf.int64)),
+        )
+
+    def _update(self, best: tuple, features: Any, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        best_scores, best_ids = best
+
+        def scored() -> tuple[tf.Tensor, tf.Tensor]:
+            vectors = tf.cast(self.encode(features), tf.float32)
+            scores = similarity(self.queries, vectors, self.kind)
+            own = tf.equal(self.query_ids[:, None], ids[None, :])
+            scores = tf.where(own, tf.constant(-np.inf, tf.float32), scores)
+            # Running best first: its ids are lower than the chunk's (see the module docstring).
+            both = tf.concat([best_scores, scores], axis=1)
+            both_ids = tf.concat(
+                [best_ids, tf.broadcast_to(ids[None, :], tf.shape(scores))], axis=1
+            )
+            top, where = tf.math.top_k(both, k=self.k)
+            return top, tf.gather(both_ids, where, batch_dims=1)
+
+        # A replica past the end of its share gets zero rows: keep what it has.
+        return tf.cond(tf.size(ids) > 0, scored, lambda: (best_scores, best_ids))
+
+    def _merge(self, best: tuple) -> tuple[tf.Tensor, tf.Tensor]:
+        group = current_group()
+        scores, ids = (group.gather_values(t) for t in best)  # [R*Q, k], replica-major
+        replicas = tf.shape(scores)[0] // tf.shape(self.queries)[0]
+
+        def per_query(t: tf.Tensor) -> tf.Tensor:
+            t = tf.reshape(t, [replicas, -1, self.k])
+            return tf.reshape(tf.transpose(t, [1, 0, 2]), [tf.shape(t)[1], -1])
+
+        return merge_sorted(per_query(scores), per_query(ids), self.k)
+
+    def search(self, corpus_fn: DatasetFn) -> TopK:
+        """The exact top-k over the corpus ``corpus_fn`` yields as ``(features, ids)`` chunks.
+
+        ``corpus_fn(ctx)`` must give each input pipeline its share of the rows in ascending id
+        order, batched per replica (`ids_dataset_fn` does). Every process gets the same result.
+        """
+        strategy = self.strategy
+        best = strategy.run(tf.function(self._empty))
+        update = tf.function(lambda b, chunk: strategy.run(self._update, (b, *chunk)))
+        for chunk in strategy.distribute_dataset(corpus_fn):
+            best = update(best, chunk)
+        scores, ids = strategy.local_results(strategy.run(tf.function(self._merge), (best,)))[0]
+        return TopK(scores=scores.numpy(), ids=ids.numpy())
+
+
+def ids_dataset_fn(
+    features: Any, ids: np.ndarray, chunk: int
+) -> Callable[[tf.distribute.InputContext | None], tf.data.Dataset]:
+    """A corpus of in-memory rows as ``(features, ids)`` chunks of ``chunk`` rows per replica,
+    each input pipeline taking every n-th row (ids must ascend)."""
+
+    def fn(ctx: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((features, np.asarray(ids, np.int64)))
+        if ctx is not None and ctx.num_input_pipelines > 1:
+            ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+        return ds.batch(chunk).prefetch(2)
+
+    return fn
