@@ -26,9 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dist_share import files
 from dist_share.config.loading import dump
-from dist_share.config.schema import STRATEGIES, Config
+from dist_share.config.schema import STRATEGIES
 from dist_share.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -159,72 +158,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from dist_share.run import directory as rundir
-    from dist_share.run.session import Run
+    from dist_share.run.export import export_model, export_tower
 
     run_dir = Path(args.run_dir)
-    # float32 weights for portable serving, on one local replica.
-    cfg = rundir.read_config(
-        run_dir,
-        [
-            "strategy.name=local",
-            "strategy.num_cpu_devices=null",
-            "checkpoint.resume=true",
-            "training.mixed_precision=false",
-        ],
-    )
-    if _latest_checkpoint(run_dir) is None:
-        raise UsageError(
-            f"{run_dir} has no checkpoint to export (expected {run_dir / 'checkpoints'})"
-        )
-    run = Run(cfg)
-    trainer = run.trainer(run_dir)  # restore() reads the run; nothing here writes metrics
-    step = trainer.restore()
-    model = trainer.model
-    features, _ = next(iter(run.inputs.eval_fn(None)))
-    expected = np.asarray(model(features, training=False))
-    with files.atomic_directory(run_dir / "export") as tmp:
-        model.export(str(tmp / "saved_model"), verbose=False)
-        model.save(str(tmp / "model.keras"))
-        diff = _verify_export(tmp, features, expected)
-        files.atomic_write_text(
-            tmp / "README.txt", _export_readme(cfg, step, run.inputs.specs, diff)
-        )
-    print(
-        f"exported step {step} to {run_dir / 'export'} (saved_model/, model.keras); "
-        f"reloaded predictions match (max abs diff {diff:.2e})"
-    )
+    out = Path(args.out) if args.out else None
+    if args.tower is None:
+        if out is not None:
+            raise UsageError("--out is for a tower export (--tower NAME)")
+        print(export_model(run_dir))
+    else:
+        print(export_tower(run_dir, args.tower, out))
     return EXIT_OK
-
-
-def _verify_export(path: Path, features: Any, expected: Any) -> float:
-    """Reload both formats and compare predictions: an export that does not round-trip is a failure."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    loaded = tf.saved_model.load(str(path / "saved_model"))  # keep it alive: it owns the variables
-    served = loaded.serve(features)
-    reloaded = keras.models.load_model(str(path / "model.keras"))(features, training=False)
-    diff = max(float(np.max(np.abs(np.asarray(o) - expected))) for o in (served, reloaded))
-    if not diff <= 1e-4:
-        raise RuntimeError(f"exported model disagrees with the trained one (max abs diff {diff})")
-    return diff
-
-
-def _export_readme(cfg: Config, step: int, specs: dict, diff: float) -> str:
-    inputs = "\n".join(
-        f"  {k}: {v.dtype.name} {[None, *v.shape.as_list()]}" for k, v in specs.items()
-    )
-    return (
-        f"dist_share export of a {cfg.model.family} model at step {step}.\n"
-        f"saved_model/: tf.saved_model.load(path).serve(inputs_dict)\n"
-        f"model.keras:  keras.models.load_model(path) after `import dist_share.model.towers, dist_share.model.heads, dist_share.model.sampling`\n"
-        f"inputs (a dict):\n{inputs}\n"
-        f"round-trip check: max abs difference {diff:.2e}\n"
-    )
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
@@ -390,9 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
-        "export", help="export a run's last checkpoint to RUN_DIR/export (SavedModel and .keras)"
+        "export",
+        help="export a run's last checkpoint to RUN_DIR/export (SavedModel and .keras), or one "
+        "tower alone to RUN_DIR/towers/NAME",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--tower",
+        metavar="NAME",
+        help="export this tower alone: its streams in, its embedding out (two_tower: query, "
+        "candidate; siamese, triplet, multiview: a stream's name)",
+    )
+    p.add_argument("--out", help="with --tower: where (default RUN_DIR/towers/NAME)")
     add_verbose(p)
     p.set_defaults(func=cmd_export)
 

@@ -69,3 +69,7 @@ class PeerLost(JobError):
     """Another rank of the job died or stopped answering; this rank aborts (exit 3)."""
 
     exit_code = EXIT_PEER_LOST
+
+
+class OutputWriteError(JobError):
+    """An export or embedding shard could not be written (full disk, read-only directory)."""

@@ -9,7 +9,7 @@ so that a config's other sections are checked before TensorFlow starts.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,29 @@ from dist_share.errors import ConfigError
 
 # The stream of a tower family whose rows are single labelled items (labels: classes).
 ITEM = "item"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """One tower of a trained model, alone: what `dist-share export --tower`, `embed` and
+    retrieval evaluation use.
+
+    Attributes:
+        name: the tower's name (`Family.tower_names`).
+        model: a Keras model whose inputs are this tower's streams only (a dict by stream name)
+            and whose output is the embedding the model compares, sharing the trained weights.
+        streams: its input streams.
+        similarity: how two embeddings compare (`retrieval.topk.SIMILARITIES`): ``dot``, or
+            ``l2`` (a smaller distance is closer).
+        reference: the full model's embedding of this tower, from a batch of every stream;
+            the export is checked against it.
+    """
+
+    name: str
+    model: Any
+    streams: tuple[str, ...]
+    similarity: str
+    reference: Callable[[Mapping[str, Any]], Any]
 
 
 class Family:
@@ -136,6 +159,22 @@ class Family:
         """(output tensor, {metric name: per-example metric}) from the model's Keras inputs."""
         raise NotImplementedError
 
+    # -- towers ----------------------------------------------------------------------------
+    def tower_names(self, model: ModelConfig, streams: list[str]) -> list[str]:
+        """The towers a trained model of this family can be cut into (``streams``: its inputs)."""
+        raise NotImplementedError
+
+    def retrieval_towers(self, model: ModelConfig, streams: list[str]) -> tuple[str, str]:
+        """(the tower that embeds queries, the tower that embeds the corpus)."""
+        raise NotImplementedError
+
+    def build_tower(
+        self, keras_model: Any, model: ModelConfig, streams: list[str], name: str
+    ) -> Tower:
+        """Tower ``name`` (one of `tower_names`) of a built model whose inputs are ``streams``
+        in the model's order, sharing its weights."""
+        raise NotImplementedError
+
 
 class TowerFamily(Family):
     """Families whose streams all go through one `SharedTower` (siamese, triplet, multiview).
@@ -216,6 +255,37 @@ class TowerFamily(Family):
                 f"is only used with sharing: grouped (sharing is {tower.sharing!r}); set it to null",
             )
         return model
+
+    def tower_names(self, model: ModelConfig, streams: list[str]) -> list[str]:
+        """One tower per stream: the weight set that stream goes through (for shared weights,
+        every name is the same tower under its stream's name)."""
+        return list(streams)
+
+    def retrieval_towers(self, model: ModelConfig, streams: list[str]) -> tuple[str, str]:
+        # Queries take the first stream's weights, the corpus the second's: what the loss
+        # compares (left with right, anchor with positive); one stream: itself.
+        return streams[0], streams[min(1, len(streams) - 1)]
+
+    def build_tower(
+        self, keras_model: Any, model: ModelConfig, streams: list[str], name: str
+    ) -> Tower:
+        import keras
+
+        layer = keras_model.get_layer("tower")
+        index = streams.index(name)
+        source = keras_model.get_layer(name).output
+        x = keras.Input(shape=source.shape[1:], dtype=source.dtype, name=name)
+        y = layer.apply_stream(x, index, training=False)
+        cosine = model.head == "cosine"
+        if cosine:
+            y = keras.layers.UnitNormalization(name="unit_norm")(y)
+        tower_model = keras.Model({name: x}, y, name=f"{name}_tower")
+
+        def reference(features: Mapping[str, Any]) -> Any:
+            out = layer([features[s] for s in streams], training=False)[index]
+            return keras.ops.normalize(out, axis=-1) if cosine else out
+
+        return Tower(name, tower_model, (name,), "dot" if cosine else "l2", reference)
 
     def build_tower_outputs(self, model: ModelConfig, inputs: dict[str, Any]) -> list:
         from dist_share.model.towers import SharedTower

@@ -12,7 +12,7 @@ from dist_share.data.checks import check_binary_labels
 from dist_share.data.synthetic import synthetic_interactions
 from dist_share.data.types import Arrays
 from dist_share.errors import ConfigError, hint
-from dist_share.families.base import Family
+from dist_share.families.base import Family, Tower
 
 
 class TwoTowerFamily(Family):
@@ -181,3 +181,25 @@ class TwoTowerFamily(Family):
         if self.labels_for(model) == "candidate_ids":
             del metrics["binary_accuracy"]  # the labels are ids, not 0/1
         return StackPair(name="pair")(embeddings), metrics
+
+    def tower_names(self, model: ModelConfig, streams: list[str]) -> list[str]:
+        return list(self.SIDES)
+
+    def retrieval_towers(self, model: ModelConfig, streams: list[str]) -> tuple[str, str]:
+        return self.SIDES[0], self.SIDES[1]
+
+    def build_tower(
+        self, keras_model: Any, model: ModelConfig, streams: list[str], name: str
+    ) -> Tower:
+        import keras
+
+        own = tuple(getattr(model, name).features)
+        inputs = {s: keras_model.get_layer(s).output for s in own}
+        output = keras_model.get_layer(f"{name}_tower").output
+        side = self.SIDES.index(name)
+
+        def reference(features: Any) -> Any:
+            return keras_model(features, training=False)[:, side]  # StackPair: [B, 2, d]
+
+        tower_model = keras.Model(inputs, output, name=f"{name}_tower_model")
+        return Tower(name, tower_model, own, "dot", reference)

@@ -354,6 +354,22 @@ class SharedTower(keras.layers.Layer):
         extra = [self.projections[set_index]] if self.projections else []
         return [self.blocks[set_index], *extra]
 
+    def stream_weight_set(self, stream: int) -> int:
+        """The weight set stream `stream` goes through now (for ``switchable``: by the flag's
+        current value)."""
+        if self.sharing == "switchable":
+            shared = self.use_shared is None or bool(self.use_shared.numpy())
+            return 0 if shared else stream + 1
+        return self._first_set_of(stream)
+
+    def _first_set_of(self, stream: int) -> int:
+        return next(i for i in range(len(self.blocks)) if stream in self._set_streams(i))
+
+    def apply_stream(self, x: Any, stream: int, training: Any = None) -> Any:
+        """Stream `stream`'s weight set on ``x`` alone: one stream in, its embedding out (the
+        tower of an export, `families.base.Tower`)."""
+        return self._call_set(self.stream_weight_set(stream), x, 1, training)
+
     def _set_streams(self, set_index: int) -> list[int]:
         """Streams that go through weight set `set_index`."""
         if self.sharing == "shared":
@@ -558,7 +574,7 @@ class SharedTower(keras.layers.Layer):
             per_stream = [(input_shape[0],) + tuple(input_shape[2:])] * self.num_streams
         outs = []
         for s, shape in enumerate(per_stream):
-            set_index = next(i for i in range(len(self.blocks)) if s in self._set_streams(i))
+            set_index = self._first_set_of(s)
             if not self.user_blocks:
                 outs.append(tuple(self.blocks[set_index].compute_output_shape(shape)))
             elif self.projections:
@@ -585,7 +601,7 @@ class SharedTower(keras.layers.Layer):
         )
         outs = []
         for s, x in enumerate(per_stream):
-            set_index = next(i for i in range(len(self.blocks)) if s in self._set_streams(i))
+            set_index = self._first_set_of(s)
             y = self.blocks[set_index].compute_output_spec(x)
             if self.projections:
                 y = self.projections[set_index].compute_output_spec(y)
