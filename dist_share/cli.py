@@ -171,6 +171,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _strategy_overrides(args: argparse.Namespace) -> list[str]:
+    """--set and --strategy; without --strategy, one local process (not the run's strategy,
+    which may need a launcher)."""
+    if getattr(args, "strategy", None):
+        return _overrides(args)
+    return ["strategy.name=local", "strategy.num_cpu_devices=null", *_overrides(args)]
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from dist_share.run.embedding import EmbedOptions, embed
+
+    options = EmbedOptions(
+        split=args.split,
+        part_size=args.part_size,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+    summary = embed(
+        Path(args.run_dir), Path(args.out), args.tower, args.corpus, options,
+        _strategy_overrides(args),
+    )  # fmt: skip
+    print(summary, flush=True)
+    return EXIT_OK
+
+
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from dist_share.run.inputs import convert
     from dist_share.run.resolve import load_config
@@ -348,6 +373,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --tower: where (default RUN_DIR/towers/NAME)")
     add_verbose(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "embed",
+        help="embed a corpus with one tower of a run: (id, vector) parts + manifest.json",
+        description="Writes OUT/part-NNNNN-of-NNNNN.npz (ids, vectors, classes) and "
+        "OUT/manifest.json, each part atomically. Under horovodrun, mpirun or multi-worker "
+        "each process embeds its share of the parts; a rerun after a crash skips the parts "
+        "already written (docs/RETRIEVAL.md).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--tower",
+        metavar="NAME",
+        help="which tower (default: the one that embeds the corpus in retrieval: two_tower's "
+        "candidate, the second stream of siamese and triplet)",
+    )
+    p.add_argument(
+        "--corpus",
+        metavar="PATH",
+        help="an .npz with one array per stream of the tower (and optional 'ids', 'classes'), "
+        "or a directory of shards from `dist-share data convert` (default: the run's own data)",
+    )
+    p.add_argument("--split", choices=("train", "eval"), default="eval")
+    p.add_argument("--part-size", type=int, default=65536, help="rows per output part")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass")
+    p.add_argument("--strategy", choices=STRATEGIES, help="default: local (one process)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace another run's embeddings in OUT"
+    )
+    add_set(p)
+    add_verbose(p)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("data", help="data tools: convert a config's data into TFRecord shards")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

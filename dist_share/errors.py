@@ -73,3 +73,10 @@ class PeerLost(JobError):
 
 class OutputWriteError(JobError):
     """An export or embedding shard could not be written (full disk, read-only directory)."""
+
+
+def reason_of(error: BaseException) -> str:
+    """The first line of an I/O error's message (TensorFlow's ``message``, the OS's text)."""
+    text = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(error).__name__

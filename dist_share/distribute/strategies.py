@@ -252,6 +252,10 @@ class MultiWorkerStrategy(TFDistributeStrategy):
     def world_size(self) -> int:
         return self._num_workers
 
+    def barrier(self) -> None:
+        zero = self.tf_strategy.run(lambda: tf.constant(0.0))
+        self.tf_strategy.reduce(tf.distribute.ReduceOp.SUM, zero, axis=None)
+
     def checkpoint_dir(self, directory: str) -> str | None:
         # Every worker must take part in save() (variables may need a collective read), but only
         # the chief's files are kept: the others write to a private scratch dir and delete it.

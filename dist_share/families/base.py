@@ -47,6 +47,33 @@ class Tower:
     reference: Callable[[Mapping[str, Any]], Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Rows of a corpus as one tower reads them: its streams, each row's id (ascending), and
+    each row's class where the rows have one."""
+
+    features: dict[str, np.ndarray]
+    ids: np.ndarray
+    classes: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalTask:
+    """Queries, a corpus, and which corpus ids are relevant to each query (docs/RETRIEVAL.md).
+
+    Relevance is either by class (``queries.classes`` and ``corpus.classes``) or by list:
+    query q's relevant ids are ``relevant_ids[relevant_offsets[q]:relevant_offsets[q + 1]]``.
+    ``exclude_self``: the queries are corpus rows (``queries.ids``), each left out of its own
+    results and of its relevant items.
+    """
+
+    queries: Rows
+    corpus: Rows
+    exclude_self: bool = False
+    relevant_offsets: np.ndarray | None = None
+    relevant_ids: np.ndarray | None = None
+
+
 class Family:
     """What one model family is. Subclasses fill in the class attributes and the hooks."""
 
@@ -175,6 +202,18 @@ class Family:
         in the model's order, sharing its weights."""
         raise NotImplementedError
 
+    def corpus_rows(
+        self, data: DataConfig, model: ModelConfig, split: str, arrays: Arrays, tower: Tower
+    ) -> Rows:
+        """The rows of ``split`` (its ``arrays``) that ``tower`` embeds as a corpus."""
+        raise NotImplementedError
+
+    def retrieval_task(
+        self, data: DataConfig, model: ModelConfig, split: str, arrays: Arrays, towers: tuple
+    ) -> RetrievalTask:
+        """What retrieval over ``split`` asks, for ``towers`` = (query tower, corpus tower)."""
+        raise NotImplementedError
+
 
 class TowerFamily(Family):
     """Families whose streams all go through one `SharedTower` (siamese, triplet, multiview).
@@ -286,6 +325,39 @@ class TowerFamily(Family):
             return keras.ops.normalize(out, axis=-1) if cosine else out
 
         return Tower(name, tower_model, (name,), "dot" if cosine else "l2", reference)
+
+    def corpus_rows(
+        self, data: DataConfig, model: ModelConfig, split: str, arrays: Arrays, tower: Tower
+    ) -> Rows:
+        """Single labelled items: the split's items; digits: every image of the split once,
+        with its class; other pairs or triplets: the tower's stream of every row, no class."""
+        (stream,) = tower.streams
+        if data.labels == "classes":
+            feats, labels = arrays
+            images, classes = feats[ITEM], labels
+        elif data.source == "digits":
+            images, classes, _ = digits_with_labels(data, split, salt=0)
+        else:
+            images, classes = arrays[0][stream], None
+        return Rows({stream: images}, np.arange(len(images), dtype=np.int64), classes)
+
+    def retrieval_task(
+        self, data: DataConfig, model: ModelConfig, split: str, arrays: Arrays, towers: tuple
+    ) -> RetrievalTask:
+        """The split's labelled items are the gallery and each of them a query: relevant are
+        the other items of its class."""
+        query_tower, corpus_tower = towers
+        corpus = self.corpus_rows(data, model, split, arrays, corpus_tower)
+        if corpus.classes is None:
+            raise ConfigError(
+                "data.source",
+                f"retrieval over {self.name} rows needs classes: {data.source} pairs or "
+                "triplets have none (use digits, or items with class labels: a mining loss)",
+            )
+        (q_stream,) = query_tower.streams
+        (c_stream,) = corpus_tower.streams
+        queries = Rows({q_stream: corpus.features[c_stream]}, corpus.ids, corpus.classes)
+        return RetrievalTask(queries, corpus, exclude_self=True)
 
     def build_tower_outputs(self, model: ModelConfig, inputs: dict[str, Any]) -> list:
         from dist_share.model.towers import SharedTower

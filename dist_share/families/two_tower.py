@@ -12,7 +12,7 @@ from dist_share.data.checks import check_binary_labels
 from dist_share.data.synthetic import synthetic_interactions
 from dist_share.data.types import Arrays
 from dist_share.errors import ConfigError, hint
-from dist_share.families.base import Family, Tower
+from dist_share.families.base import Family, RetrievalTask, Rows, Tower
 
 
 class TwoTowerFamily(Family):
@@ -203,3 +203,47 @@ class TwoTowerFamily(Family):
 
         tower_model = keras.Model(inputs, output, name=f"{name}_tower_model")
         return Tower(name, tower_model, own, "dot", reference)
+
+    def corpus_rows(
+        self, data: DataConfig, model: ModelConfig, split: str, arrays: Arrays, tower: Tower
+    ) -> Rows:
+        """The candidate tower: the catalogue, every id of its table once. The query tower:
+        each distinct user of the split, with the features of its first row."""
+        feats, _ = arrays
+        if tower.name == "candidate":
+            if tower.streams != (self.CANDIDATE_ID,):
+                raise ConfigError(
+                    "model.candidate.features",
+                    f"the catalogue is the ids of stream {self.CANDIDATE_ID}; a candidate "
+                    f"tower fed by {list(tower.streams)} has no catalogue to embed (give a "
+                    "corpus file)",
+                )
+            table = model.tables[self.table_of(model, self.CANDIDATE_ID)]
+            ids = np.arange(table.vocab_size, dtype=np.int64)
+            return Rows({self.CANDIDATE_ID: ids.astype(np.int32)}, ids)
+        users, first = np.unique(feats["query_user"], return_index=True)
+        rows = {s: feats[s][first] for s in tower.streams}
+        return Rows(rows, users.astype(np.int64))
+
+    def retrieval_task(
+        self, data: DataConfig, model: ModelConfig, split: str, arrays: Arrays, towers: tuple
+    ) -> RetrievalTask:
+        """Every item of the catalogue is a candidate; the queries are the users with a
+        relevant row in the split, and their relevant items the candidates of those rows."""
+        query_tower, corpus_tower = towers
+        feats, labels = arrays
+        corpus = self.corpus_rows(data, model, split, arrays, corpus_tower)
+        positive = np.asarray(labels) > 0.5
+        users = feats["query_user"][positive]
+        items = feats[self.CANDIDATE_ID][positive].astype(np.int64)
+        order = np.lexsort((items, users))
+        users, items = users[order], items[order]
+        keep = np.ones(len(users), bool)
+        keep[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])  # each pair once
+        users, items = users[keep], items[keep]
+        query_users, starts = np.unique(users, return_index=True)
+        offsets = np.append(starts, len(users)).astype(np.int64)
+        all_queries = self.corpus_rows(data, model, split, arrays, query_tower)
+        take = np.searchsorted(all_queries.ids, query_users)
+        queries = Rows({s: v[take] for s, v in all_queries.features.items()}, query_users)
+        return RetrievalTask(queries, corpus, relevant_offsets=offsets, relevant_ids=items)

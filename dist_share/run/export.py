@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +12,14 @@ import numpy as np
 import tensorflow as tf
 
 from dist_share import files
-from dist_share.errors import OutputWriteError
 from dist_share.run.restored import ONE_PROCESS, RestoredRun
+from dist_share.run.writes import write_or_explain
 
 # The full model's predictions reload within this of the trained model's; a tower's within
 # TOWER_TOLERANCE of the full model's embedding of it.
 MODEL_TOLERANCE = 1e-4
 TOWER_TOLERANCE = 1e-6
 CUSTOM_LAYERS = "dist_share.model.towers, dist_share.model.heads, dist_share.model.sampling"
-
-
-def write_or_explain(what: str, path: Path, kept: str, write: Callable[[], None]) -> None:
-    """Run ``write``; a full disk or unwritable directory becomes one line naming ``path`` and
-    what is kept (the writes are atomic, so nothing partial is left)."""
-    try:
-        write()
-    except (OSError, tf.errors.OpError) as e:
-        reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
-        reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
-        raise OutputWriteError(
-            f"could not write {what} to {path}: {reason}. Nothing partial is left; {kept}."
-        ) from None
 
 
 def _kept(path: Path, what: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from dist_share.errors import CheckpointWriteError
+from dist_share.errors import CheckpointWriteError, reason_of
 
 
 def remove_partial_checkpoints(directory: str | os.PathLike) -> list[str]:
@@ -43,8 +43,7 @@ def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> str:
     except (tf.errors.OpError, OSError) as e:
         directory = Path(manager.directory)
         remove_partial_checkpoints(directory)
-        reason = getattr(e, "message", None) or str(e)
-        reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
+        reason = reason_of(e)
         previous = tf.train.latest_checkpoint(str(directory))
         kept = (
             f"the previous checkpoint {Path(previous).name} is intact; rerun to resume from it"
