@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{run_dir} has no checkpoint to evaluate (expected {run_dir / 'checkpoints'})"
         )
     run = Run(cfg)
-    trainer = run.trainer(run_dir)
+    trainer = run.trainer(run_dir, retrieval=args.retrieval)
     try:
         step = trainer.restore()
         if run_dir is None:
@@ -354,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="RUN_DIR|CONFIG")
     p.add_argument("--strategy", choices=STRATEGIES)
     p.add_argument("--run-dir", help="with a CONFIG: the run whose checkpoint to evaluate")
+    p.add_argument(
+        "--retrieval",
+        action="store_true",
+        help="also retrieval over the whole eval split: recall@1/5/10/100, hit rate, mAP@100, "
+        "NDCG@10 (docs/RETRIEVAL.md)",
+    )
     add_set(p)
     add_verbose(p)
     p.set_defaults(func=cmd_evaluate)

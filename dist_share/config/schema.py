@@ -194,6 +194,8 @@ class TrainingConfig:
     log_every: int = option(50, positive=True)
     eval_every: int = option(200, minimum=0)
     eval_batches: int | None = option(None, positive=True)
+    # Also retrieval metrics over the whole eval split at every evaluation (docs/RETRIEVAL.md).
+    retrieval_eval: bool = False
     deterministic: bool = False
     seed: int = 0
     # Seconds without a peer's heartbeat before the job is ended (exit 3; watchdog.py). Below

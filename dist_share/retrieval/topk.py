@@ -43,12 +43,10 @@ def similarity(queries: tf.Tensor, vectors: tf.Tensor, kind: str) -> tf.Tensor:
     return 2.0 * dots - q2 - c2
 
 
-def merge_sorted(scores: tf.Tensor, ids: tf.Tensor, k: int) -> tuple[tf.Tensor, tf.Tensor]:
+def merge_sorted(scores: np.ndarray, ids: np.ndarray, k: int) -> TopK:
     """The k best of each row of candidates in any order: by score, then by lower id."""
-    by_id = tf.argsort(ids, axis=1, stable=True)
-    scores, ids = (tf.gather(t, by_id, batch_dims=1) for t in (scores, ids))
-    by_score = tf.argsort(scores, axis=1, direction="DESCENDING", stable=True)[:, :k]
-    return tf.gather(scores, by_score, batch_dims=1), tf.gather(ids, by_score, batch_dims=1)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return TopK(np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1))
 
 
 class ExactTopK:
@@ -110,16 +108,12 @@ class ExactTopK:
         # A replica past the end of its share gets zero rows: keep what it has.
         return tf.cond(tf.size(ids) > 0, scored, lambda: (best_scores, best_ids))
 
-    def _merge(self, best: tuple) -> tuple[tf.Tensor, tf.Tensor]:
+    def _gather(self, best: tuple) -> tuple[tf.Tensor, tf.Tensor]:
+        """Every replica's best lists, ``[R * Q, k]`` replica-major. They are rearranged and
+        merged on the host: an int64 transpose or sort in a graph makes oneDNN log an error
+        line on CPUs without AVX-512."""
         group = current_group()
-        scores, ids = (group.gather_values(t) for t in best)  # [R*Q, k], replica-major
-        replicas = tf.shape(scores)[0] // tf.shape(self.queries)[0]
-
-        def per_query(t: tf.Tensor) -> tf.Tensor:
-            t = tf.reshape(t, [replicas, -1, self.k])
-            return tf.reshape(tf.transpose(t, [1, 0, 2]), [tf.shape(t)[1], -1])
-
-        return merge_sorted(per_query(scores), per_query(ids), self.k)
+        return group.gather_values(best[0]), group.gather_values(best[1])
 
     def search(self, corpus_fn: DatasetFn) -> TopK:
         """The exact top-k over the corpus ``corpus_fn`` yields as ``(features, ids)`` chunks.
@@ -132,8 +126,13 @@ class ExactTopK:
         update = tf.function(lambda b, chunk: strategy.run(self._update, (b, *chunk)))
         for chunk in strategy.distribute_dataset(corpus_fn):
             best = update(best, chunk)
-        scores, ids = strategy.local_results(strategy.run(tf.function(self._merge), (best,)))[0]
-        return TopK(scores=scores.numpy(), ids=ids.numpy())
+        gathered = strategy.local_results(strategy.run(tf.function(self._gather), (best,)))[0]
+        q = len(self.queries)
+
+        def per_query(t: tf.Tensor) -> np.ndarray:  # [R*Q, k] -> [Q, R*k]
+            return t.numpy().reshape(-1, q, self.k).transpose(1, 0, 2).reshape(q, -1)
+
+        return merge_sorted(*(per_query(t) for t in gathered), self.k)
 
 
 def ids_dataset_fn(

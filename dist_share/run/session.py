@@ -10,6 +10,7 @@ from dist_share.config.schema import Config
 from dist_share.distribute.strategies import Strategy, get_strategy
 from dist_share.families.build import ModelSpec, build_model
 from dist_share.run.inputs import RunInputs
+from dist_share.run.retrieval import RetrievalPass
 from dist_share.train.trainer import Trainer
 
 
@@ -31,8 +32,14 @@ class Run:
         """The model builder the trainer calls inside the strategy's scope."""
         return lambda: build_model(self.cfg.model, self.inputs.specs)
 
-    def trainer(self, run_dir: Path | None) -> Trainer:
-        return Trainer(self.build_spec, self.strategy, self.cfg, run_dir)
+    def trainer(self, run_dir: Path | None, retrieval: bool = False) -> Trainer:
+        """The trainer; its evaluations add retrieval metrics with ``retrieval`` or
+        ``training.retrieval_eval``."""
+        extra = None
+        if retrieval or self.cfg.training.retrieval_eval:
+            key = "--retrieval" if retrieval else "training.retrieval_eval"
+            extra = RetrievalPass(self.cfg, self.strategy, key)
+        return Trainer(self.build_spec, self.strategy, self.cfg, run_dir, extra_evaluation=extra)
 
     @contextmanager
     def input_errors(self) -> Iterator[None]:

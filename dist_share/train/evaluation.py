@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
@@ -23,12 +24,20 @@ class Evaluator:
     Args:
         state: whose model is evaluated.
         eval_batches: stop after this many batches per input pipeline; None: the whole split.
+        extra: more metrics after each pass, from the model and its stream names (retrieval
+            over the whole split, `run.retrieval.RetrievalPass`); every process calls it.
     """
 
-    def __init__(self, state: TrainState, eval_batches: int | None = None) -> None:
+    def __init__(
+        self,
+        state: TrainState,
+        eval_batches: int | None = None,
+        extra: Callable[[Any, list[str]], dict[str, float]] | None = None,
+    ) -> None:
         self.state = state
         self.strategy = state.strategy
         self.eval_batches = eval_batches
+        self.extra = extra
         self._eval_fn = None
 
     def _replica_eval_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -77,7 +86,10 @@ class Evaluator:
         state = self.eval_begin()
         for batch in self.strategy.in_lockstep(self.strategy.distribute_dataset(fn)):
             state = self.eval_step(batch, state)
-        return self.eval_end(state)
+        metrics = self.eval_end(state)
+        if self.extra is not None:
+            metrics.update(self.extra(self.state.model, list(names)))
+        return metrics
 
 
 def _one_row_if_empty(t: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
@@ -42,6 +42,7 @@ class Trainer:
         run_dir: where checkpoints, metrics.jsonl and TensorBoard go; None keeps nothing.
         loop: the loop class, if not the one ``training.loop`` names (e.g. a `CustomLoop`
             subclass that overrides a hook).
+        extra_evaluation: more metrics at each evaluation (`Evaluator`'s ``extra``).
 
     Raises:
         ConfigError: the global batch does not split over the replicas and micro-batches.
@@ -54,6 +55,7 @@ class Trainer:
         config: Config,
         run_dir: str | os.PathLike | None = None,
         loop: type | None = None,
+        extra_evaluation: Callable[[Any, list[str]], dict[str, float]] | None = None,
     ) -> None:
         check_batch(config.training, strategy.num_replicas)
         configure_process(config.training)
@@ -67,7 +69,7 @@ class Trainer:
             tensorboard=config.logging.tensorboard,
             progress=config.logging.progress_bar,
         )
-        self.evaluator = Evaluator(self.state, config.training.eval_batches)
+        self.evaluator = Evaluator(self.state, config.training.eval_batches, extra_evaluation)
         loop_cls = loop or loop_class(config)
         self.loop = loop_cls(self.state, self.logger, self.evaluator, config)
 

@@ -1,0 +1,60 @@
+"""Retrieval quality of a query tower and a corpus tower: exact top-k over the whole corpus, then metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from dist_share.distribute.strategies import Strategy
+from dist_share.families.base import RetrievalTask, Tower
+from dist_share.retrieval.metrics import DEPTH, class_relevance, ranking_metrics, set_relevance
+from dist_share.retrieval.topk import ExactTopK, TopK, ids_dataset_fn
+
+
+def embed_rows(tower: Tower, features: dict[str, np.ndarray], batch_size: int = 1024) -> np.ndarray:
+    """``[n, d]`` float32 embeddings of in-memory rows, in this process."""
+    forward = tf.function(lambda f: tower.model(f, training=False), reduce_retracing=True)
+    ds = tf.data.Dataset.from_tensor_slices(features).batch(batch_size)
+    return np.concatenate([np.asarray(forward(batch), np.float32) for batch in ds])
+
+
+def search(
+    strategy: Strategy, task: RetrievalTask, query: Tower, corpus: Tower, chunk: int = 4096
+) -> TopK:
+    """The exact top `DEPTH` corpus ids of every query; each replica embeds and scores its share
+    of the corpus (every process embeds all queries)."""
+    queries = embed_rows(query, task.queries.features)
+    search = ExactTopK(
+        strategy,
+        queries,
+        DEPTH,
+        corpus.similarity,
+        query_ids=task.queries.ids if task.exclude_self else None,
+        encode=lambda features: corpus.model(features, training=False),
+    )
+    return search.search(ids_dataset_fn(task.corpus.features, task.corpus.ids, chunk))
+
+
+def relevance(task: RetrievalTask, top: TopK) -> tuple[np.ndarray, np.ndarray]:
+    """(hits, relevant counts) of the ranked ids under the task's relevance."""
+    if task.relevant_offsets is not None:
+        return set_relevance(top.ids, task.relevant_offsets, task.relevant_ids)
+    classes = np.full(int(task.corpus.ids.max()) + 1, -1, np.int64)
+    classes[task.corpus.ids] = task.corpus.classes
+    return class_relevance(top.ids, task.queries.classes, classes, task.exclude_self)
+
+
+def evaluate_retrieval(
+    strategy: Strategy, task: RetrievalTask, query: Tower, corpus: Tower, chunk: int = 4096
+) -> dict[str, Any]:
+    """recall@k, hit rate@k, mAP@100 and NDCG@10 over the whole corpus, the same on every
+    process, with the corpus size and the seconds it took."""
+    t0 = time.perf_counter()
+    top = search(strategy, task, query, corpus, chunk)
+    metrics = ranking_metrics(*relevance(task, top))
+    metrics["corpus"] = float(len(task.corpus.ids))
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics
