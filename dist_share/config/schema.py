@@ -23,7 +23,7 @@ SECTIONS = ("model", "data", "optimizer", "training", "strategy", "checkpoint", 
 _COMMON_MODEL_KEYS = ("family", "embedding_dim", "loss")
 _TOWER_MODEL_KEYS = (*_COMMON_MODEL_KEYS, "head", "tower")
 MODEL_KEYS = {
-    "siamese": _TOWER_MODEL_KEYS,
+    "siamese": (*_TOWER_MODEL_KEYS, "head_threshold"),
     "triplet": _TOWER_MODEL_KEYS,
     "multiview": (*_TOWER_MODEL_KEYS, "num_classes"),
     "two_tower": (*_COMMON_MODEL_KEYS, "tables", "query", "candidate"),
@@ -83,6 +83,8 @@ class ModelConfig:
     embedding_dim: int = option(32, positive=True)
     loss: dict | None = None
     head: str | None = None
+    # siamese pairs: pair_accuracy's threshold, half the margin or calibrated at each evaluation
+    head_threshold: str = option("half_margin", choices=("half_margin", "calibrated"))
     num_classes: int = option(10, positive=True)
     tower: TowerConfig = dataclasses.field(default_factory=TowerConfig)
     tables: dict[str, TableConfig] | None = None

@@ -118,6 +118,10 @@ class Strategy:
         """Sum host-side numbers over processes (eval totals after uneven loops)."""
         return dict(values)
 
+    def eval_gather(self, per_replica: Any) -> Any:
+        """Inside an eval step: every replica's rows of a per-replica tensor, concatenated."""
+        return per_replica
+
     def in_lockstep(self, batches: Any) -> Iterator[Any]:
         """The batches of a one-pass (eval) data set, so that every process runs the same number
         of steps: an eval step may hold a collective (a metric over the global batch), and a
@@ -197,6 +201,9 @@ class TFDistributeStrategy(Strategy):
 
     def eval_sum(self, per_replica: Any) -> Any:
         return self.reduce_sum(per_replica)
+
+    def eval_gather(self, per_replica: Any) -> Any:
+        return self.tf_strategy.gather(per_replica, axis=0)
 
     def local_results(self, per_replica: Any) -> list[Any]:
         return list(self.tf_strategy.experimental_local_results(per_replica))
@@ -338,6 +345,9 @@ class HorovodStrategy(Strategy):
         vec = tf.constant([float(values[k]) for k in keys], tf.float64)
         total = self.hvd.allreduce(vec, op=self.hvd.Sum, name="dist_share_host_sum").numpy()
         return {k: float(v) for k, v in zip(keys, total, strict=True)}
+
+    def eval_gather(self, per_replica: Any) -> Any:
+        return self.hvd.allgather(per_replica)
 
     def in_lockstep(self, batches: Any) -> Iterator[Any]:
         # Each step first asks whether any process still has a batch (one scalar allreduce);

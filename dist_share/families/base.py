@@ -186,6 +186,10 @@ class Family:
         """(output tensor, {metric name: per-example metric}) from the model's Keras inputs."""
         raise NotImplementedError
 
+    def calibrates(self, model: ModelConfig) -> bool:
+        """The model's output is a pair distance whose threshold evaluation calibrates."""
+        return False
+
     # -- towers ----------------------------------------------------------------------------
     def tower_names(self, model: ModelConfig, streams: list[str]) -> list[str]:
         """The towers a trained model of this family can be cut into (``streams``: its inputs)."""

@@ -20,6 +20,7 @@ from dist_share.errors import ConfigError
 from dist_share.families.base import Family, TowerFamily
 from dist_share.families.registry import get_family
 from dist_share.model.blocks.spec import check_block_input
+from dist_share.model.heads import DecisionThreshold
 from dist_share.model.losses import get_loss
 
 
@@ -31,6 +32,10 @@ class ModelSpec:
     loss: Callable[[Any, Any], Any]
     metrics: dict[str, Callable[[Any, Any], Any]]
     stream_names: list[str]
+    # Pair distances: evaluation calibrates a threshold on them (`model.calibration`), and
+    # sets this variable to it (``model.head_threshold: calibrated``) if there is one.
+    calibrates: bool = False
+    threshold: Any = None
 
 
 def _shape_dtype(spec: Any) -> tuple[tuple, str]:
@@ -128,4 +133,12 @@ def build_model(model_cfg: ModelConfig, input_specs: Mapping[str, Any]) -> Model
     loss = get_loss(model_cfg.loss, "model.loss")
     output, metrics = family.build_output(model_cfg, inputs, loss)
     model = keras.Model(inputs=inputs, outputs=output, name=f"{family.name}_model")
-    return ModelSpec(model=model, loss=loss, metrics=metrics, stream_names=list(names))
+    decision = [layer for layer in model.layers if isinstance(layer, DecisionThreshold)]
+    return ModelSpec(
+        model=model,
+        loss=loss,
+        metrics=metrics,
+        stream_names=list(names),
+        calibrates=family.calibrates(model_cfg),
+        threshold=decision[0].threshold if decision else None,
+    )

@@ -37,7 +37,7 @@ class SiameseFamily(TowerFamily):
             check_binary_labels(labels, where, self.name)
 
     def build_output(self, model: ModelConfig, inputs: dict[str, Any], loss: Any) -> tuple:
-        from dist_share.model.heads import CosineSimilarity, L2Distance
+        from dist_share.model.heads import CosineSimilarity, DecisionThreshold, L2Distance
         from dist_share.model.metrics import PairAccuracy
 
         if self.labels_for(model) == "classes":
@@ -49,4 +49,11 @@ class SiameseFamily(TowerFamily):
             else CosineSimilarity(as_distance=True, name="distance")
         )
         threshold = getattr(loss, "margin", 1.0) / 2
-        return layer(outs), {"pair_accuracy": PairAccuracy(threshold=threshold)}
+        distance = layer(outs)
+        if model.head_threshold == "calibrated":
+            decision = DecisionThreshold(threshold, name="decision_threshold")
+            return decision(distance), {"pair_accuracy": PairAccuracy(decision.threshold)}
+        return distance, {"pair_accuracy": PairAccuracy(threshold=threshold)}
+
+    def calibrates(self, model: ModelConfig) -> bool:
+        return self.labels_for(model) == "given"

@@ -202,3 +202,30 @@ class StackPair(_PairHead):
 
     def compute_output_shape(self, input_shape: Any) -> tuple:
         return (input_shape[0][0], 2, input_shape[0][-1])
+
+
+@register
+class DecisionThreshold(keras.layers.Layer):
+    """The distance below which a pair is "same", kept with the model: a non-trainable weight
+    (saved in checkpoints and exports) that evaluation sets to the calibrated threshold
+    (``model.head_threshold: calibrated``). The layer passes its input through."""
+
+    def __init__(self, initial: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.initial = float(initial)
+        self.threshold = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial),
+            trainable=False,
+            dtype="float32",
+            name="threshold",
+        )
+
+    def call(self, inputs: Any) -> Any:
+        return inputs
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "initial": self.initial}

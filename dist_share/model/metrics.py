@@ -21,18 +21,19 @@ def _f32(x: Any) -> Any:
 
 @register
 class PairAccuracy(PerExample):
-    """Siamese: predicted 'same' when the distance is below ``threshold``."""
+    """Siamese: predicted 'same' when the distance is below ``threshold`` (a number, or a
+    variable read at each call: `heads.DecisionThreshold`'s calibrated one)."""
 
-    def __init__(self, threshold: float = 0.5) -> None:
-        self.threshold = float(threshold)
+    def __init__(self, threshold: Any = 0.5) -> None:
+        self.threshold = threshold if hasattr(threshold, "assign") else float(threshold)
 
     def __call__(self, y_true: Any, y_pred: Any) -> Any:
         y = ops.reshape(_f32(y_true), (-1,)) > 0.5
-        same = ops.reshape(_f32(y_pred), (-1,)) < self.threshold
+        same = ops.reshape(_f32(y_pred), (-1,)) < _f32(self.threshold)
         return _f32(ops.equal(y, same))
 
     def get_config(self) -> dict:
-        return {"threshold": self.threshold}
+        return {"threshold": float(ops.convert_to_numpy(self.threshold))}
 
 
 @register

@@ -82,6 +82,17 @@ def _model_readme(restored: RestoredRun, diff: float) -> str:
         f"model.keras:  keras.models.load_model(path) after `import {CUSTOM_LAYERS}`\n"
         f"inputs (a dict):\n{_inputs_text(restored.run.inputs.specs)}\n"
         f"round-trip check: max abs difference {diff:.2e}\n"
+        + _threshold_line(restored)
+    )
+
+
+def _threshold_line(restored: RestoredRun) -> str:
+    threshold = restored.trainer.state.spec.threshold
+    if threshold is None:
+        return ""
+    return (
+        f"decision threshold (layer decision_threshold, calibrated on the eval pairs): "
+        f"same when the distance is below {float(threshold.numpy()):.6g}\n"
     )
 
 
@@ -139,6 +150,10 @@ def tower_description(restored: RestoredRun, tower: Any, diff: float | None = No
         "similarity": tower.similarity,
         "custom_layers": CUSTOM_LAYERS,
     }
+    threshold = restored.trainer.state.spec.threshold
+    if threshold is not None:
+        # The pair threshold calibrated by the evaluation before the checkpoint.
+        out["decision_threshold"] = float(threshold.numpy())
     if diff is not None:
         out["round_trip_max_abs_diff"] = diff
     return out

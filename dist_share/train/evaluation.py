@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tensorflow as tf
 
 from dist_share.data.pipeline import check_element_spec
 from dist_share.data.types import DatasetFn
 from dist_share.errors import DataError
+from dist_share.model.calibration import calibrate
 from dist_share.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -48,21 +50,34 @@ class Evaluator:
         inputs = tf.nest.map_structure(lambda t: _one_row_if_empty(t, rows), features)
         preds = self.state.spec.model(inputs, training=False)
         preds = tf.nest.map_structure(lambda p: p[:rows], preds)
-        return score(self.state.spec, labels, preds)[1]
+        sums = score(self.state.spec, labels, preds)[1]
+        if self.state.spec.calibrates:
+            return sums, tf.reshape(preds, [-1]), tf.reshape(tf.cast(labels, tf.float32), [-1])
+        return sums
 
     def eval_begin(self) -> dict[str, float]:
         if self._eval_fn is None:
+            strategy, calibrates = self.strategy, self.state.spec.calibrates
 
             @tf.function(reduce_retracing=True)
             def eval_fn(batch: Any) -> Any:
-                return self.strategy.eval_sum(self.strategy.run(self._replica_eval_step, batch))
+                out = strategy.run(self._replica_eval_step, batch)
+                if not calibrates:
+                    return strategy.eval_sum(out), ()
+                sums, distances, same = out
+                pairs = (strategy.eval_gather(distances), strategy.eval_gather(same))
+                return strategy.eval_sum(sums), pairs
 
             self._eval_fn = eval_fn
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
         return {}
 
     def eval_step(self, batch: Any, state: dict[str, float]) -> dict[str, float]:
-        for k, v in self._eval_fn(batch).items():
+        sums, pairs = self._eval_fn(batch)
+        for k, v in sums.items():
             state[k] = state.get(k, 0.0) + float(v)
+        if pairs:
+            self._pairs.append(tuple(np.asarray(t) for t in pairs))
         return state
 
     def eval_end(self, state: dict[str, float]) -> dict[str, float]:
@@ -70,7 +85,16 @@ class Evaluator:
         count = state.pop("count", 0.0)
         if not count:
             raise DataError("evaluation saw no examples (empty eval split or eval_batches=0)")
-        return {k: v / count for k, v in state.items()}
+        metrics = {k: v / count for k, v in state.items()}
+        if self._pairs:
+            # Every process gathered every pair: each computes the same calibration.
+            distances, same = (np.concatenate(t) for t in zip(*self._pairs, strict=True))
+            metrics.update(calibrate(distances, same))
+            threshold = self.state.spec.threshold
+            if threshold is not None and "calibrated_threshold" in metrics:
+                # Used by pair_accuracy from the next evaluation on (and saved with the model).
+                threshold.assign(metrics["calibrated_threshold"])
+        return metrics
 
     def evaluate(self, eval_dataset_fn: DatasetFn) -> dict[str, float]:
         """One pass over the split; every process must call it (it reduces across them)."""
