@@ -141,7 +141,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{run_dir} has no checkpoint to evaluate (expected {run_dir / 'checkpoints'})"
         )
     run = Run(cfg)
-    trainer = run.trainer(run_dir, retrieval=args.retrieval)
+    if args.index and not args.retrieval:
+        raise UsageError("--index compares an approximate index with --retrieval's exact search")
+    trainer = run.trainer(run_dir, retrieval=args.retrieval, index=args.index)
     try:
         step = trainer.restore()
         if run_dir is None:
@@ -359,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also retrieval over the whole eval split: recall@1/5/10/100, hit rate, mAP@100, "
         "NDCG@10 (docs/RETRIEVAL.md)",
+    )
+    p.add_argument(
+        "--index",
+        choices=("faiss",),
+        help="with --retrieval: also an approximate faiss HNSW index, its recall@10 against "
+        "the exact search and its queries per second",
     )
     add_set(p)
     add_verbose(p)

@@ -27,14 +27,16 @@ class RetrievalPass:
             judge a gallery by (`families.base.Family.retrieval_task`).
     """
 
-    def __init__(self, cfg: Config, strategy: Strategy, key: str = "--retrieval") -> None:
+    def __init__(
+        self, cfg: Config, strategy: Strategy, key: str = "--retrieval", index: str | None = None
+    ) -> None:
         if cfg.data.source == "tfrecord":
             raise ConfigError(
                 key,
                 "retrieval evaluation reads the eval split into memory; data.source tfrecord "
                 "is streamed (embed it with `dist-share embed` instead)",
             )
-        self.cfg, self.strategy = cfg, strategy
+        self.cfg, self.strategy, self.index = cfg, strategy, index
         self.family = get_family(cfg.model.family)
         self.arrays = load_arrays(cfg.data, "eval")
         self._task: RetrievalTask | None = None
@@ -52,5 +54,5 @@ class RetrievalPass:
             self._task = self.family.retrieval_task(
                 self.cfg.data, self.cfg.model, "eval", self.arrays, towers
             )
-        metrics = evaluate_retrieval(self.strategy, self._task, *towers)
+        metrics = evaluate_retrieval(self.strategy, self._task, *towers, index=self.index)
         return {PREFIX + k: v for k, v in metrics.items()}

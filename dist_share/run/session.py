@@ -32,13 +32,15 @@ class Run:
         """The model builder the trainer calls inside the strategy's scope."""
         return lambda: build_model(self.cfg.model, self.inputs.specs)
 
-    def trainer(self, run_dir: Path | None, retrieval: bool = False) -> Trainer:
+    def trainer(
+        self, run_dir: Path | None, retrieval: bool = False, index: str | None = None
+    ) -> Trainer:
         """The trainer; its evaluations add retrieval metrics with ``retrieval`` or
-        ``training.retrieval_eval``."""
+        ``training.retrieval_eval`` (and an approximate ``index`` judged against them)."""
         extra = None
         if retrieval or self.cfg.training.retrieval_eval:
             key = "--retrieval" if retrieval else "training.retrieval_eval"
-            extra = RetrievalPass(self.cfg, self.strategy, key)
+            extra = RetrievalPass(self.cfg, self.strategy, key, index)
         return Trainer(self.build_spec, self.strategy, self.cfg, run_dir, extra_evaluation=extra)
 
     @contextmanager
