@@ -112,6 +112,7 @@ def embed_parts(
             already written stay, and a rerun finishes the others.
     """
     mode = check_output(out, plan, overwrite)
+    strategy.barrier()  # every process has looked before the chief writes
     if strategy.is_chief:
         if mode == "overwrite":
             _clear(out)
