@@ -291,6 +291,10 @@ def test_retrieval_metrics_are_the_same_under_every_strategy(runs: dict[str, Pat
         for name in RETRIEVAL_KEYS:
             assert got_mirrored[f"retrieval/{name}"] == want[f"retrieval/{name}"], (key, name)
             assert got_horovod[f"retrieval/{name}"] == want[f"retrieval/{name}"], (key, name)
+        if key == "siamese":  # and the pair calibration, over every eval pair
+            for name in ("roc_auc", "eer", "calibrated_threshold", "calibrated_accuracy"):
+                for got in (got_mirrored, got_horovod):
+                    assert got[name] == pytest.approx(want[name], abs=1e-6), name
 
 
 def test_retrieval_with_a_faiss_index_reports_its_recall_against_exact(
