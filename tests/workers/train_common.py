@@ -10,13 +10,14 @@ the per-replica batch size.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from dist_share.families.build import ModelSpec
 
 STREAMS = {
     "shared": ["a", "b", "c"],
@@ -84,12 +85,8 @@ def run_config(**sections: dict):
     return validate({"model": {"family": "siamese"}, **sections})
 
 
-@dataclasses.dataclass
-class Spec:
-    model: keras.Model
-    loss: Callable
-    metrics: dict
-    stream_names: list
+# The trainer's contract: a model, a per-example loss and metrics, the stream names.
+Spec = ModelSpec
 
 
 def squared_error(y, pred):
