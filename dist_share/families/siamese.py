@@ -10,6 +10,7 @@ from dist_share.config.schema import DataConfig, ModelConfig
 from dist_share.data.checks import check_binary_labels
 from dist_share.data.digits import digits_for, other_class, same_class
 from dist_share.data.types import Arrays
+from dist_share.errors import ConfigError
 from dist_share.families.base import TowerFamily
 
 
@@ -54,6 +55,16 @@ class SiameseFamily(TowerFamily):
             decision = DecisionThreshold(threshold, name="decision_threshold")
             return decision(distance), {"pair_accuracy": PairAccuracy(decision.threshold)}
         return distance, {"pair_accuracy": PairAccuracy(threshold=threshold)}
+
+    def check_model(self, model: ModelConfig, num_views: int | None) -> ModelConfig:
+        model = super().check_model(model, num_views)
+        if model.head_threshold == "calibrated" and not self.calibrates(model):
+            raise ConfigError(
+                "model.head_threshold",
+                "calibrated thresholds a pair distance; with model.loss.mining the model "
+                "embeds single items and has none (use half_margin)",
+            )
+        return model
 
     def calibrates(self, model: ModelConfig) -> bool:
         return self.labels_for(model) == "given"

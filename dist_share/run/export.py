@@ -81,8 +81,7 @@ def _model_readme(restored: RestoredRun, diff: float) -> str:
         f"saved_model/: tf.saved_model.load(path).serve(inputs_dict)\n"
         f"model.keras:  keras.models.load_model(path) after `import {CUSTOM_LAYERS}`\n"
         f"inputs (a dict):\n{_inputs_text(restored.run.inputs.specs)}\n"
-        f"round-trip check: max abs difference {diff:.2e}\n"
-        + _threshold_line(restored)
+        f"round-trip check: max abs difference {diff:.2e}\n" + _threshold_line(restored)
     )
 
 

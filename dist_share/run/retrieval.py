@@ -5,15 +5,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from dist_share.config.schema import Config
+from dist_share.data.types import Arrays
 from dist_share.distribute.strategies import Strategy
-from dist_share.errors import ConfigError
 from dist_share.families.base import RetrievalTask, Tower
 from dist_share.families.registry import get_family
 from dist_share.retrieval.evaluate import evaluate_retrieval
-from dist_share.run.inputs import load_arrays
+from dist_share.run.inputs import load_arrays, record_source
 
 PREFIX = "retrieval/"
+
+
+def eval_arrays(cfg: Config) -> Arrays:
+    """The eval split in memory (TFRecord shards read once, in file order)."""
+    if cfg.data.source != "tfrecord":
+        return load_arrays(cfg.data, "eval")
+    source = record_source(cfg.data, "eval")
+    batches = list(source.dataset_fn(4096, training=False)(None).as_numpy_iterator())
+    features = {k: np.concatenate([f[k] for f, _ in batches]) for k in batches[0][0]}
+    return features, np.concatenate([labels for _, labels in batches])
 
 
 class RetrievalPass:
@@ -23,22 +35,14 @@ class RetrievalPass:
     passed in, so the pass can run at every evaluation of a training run.
 
     Raises:
-        ConfigError: the eval split is streamed from TFRecord shards, or has no classes to
-            judge a gallery by (`families.base.Family.retrieval_task`).
+        ConfigError: the eval split has no classes to judge a gallery by
+            (`families.base.Family.retrieval_task`).
     """
 
-    def __init__(
-        self, cfg: Config, strategy: Strategy, key: str = "--retrieval", index: str | None = None
-    ) -> None:
-        if cfg.data.source == "tfrecord":
-            raise ConfigError(
-                key,
-                "retrieval evaluation reads the eval split into memory; data.source tfrecord "
-                "is streamed (embed it with `dist-share embed` instead)",
-            )
+    def __init__(self, cfg: Config, strategy: Strategy, index: str | None = None) -> None:
         self.cfg, self.strategy, self.index = cfg, strategy, index
         self.family = get_family(cfg.model.family)
-        self.arrays = load_arrays(cfg.data, "eval")
+        self.arrays = eval_arrays(cfg)
         self._task: RetrievalTask | None = None
 
     def towers(self, model: Any, streams: list[str]) -> tuple[Tower, Tower]:

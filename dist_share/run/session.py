@@ -39,8 +39,7 @@ class Run:
         ``training.retrieval_eval`` (and an approximate ``index`` judged against them)."""
         extra = None
         if retrieval or self.cfg.training.retrieval_eval:
-            key = "--retrieval" if retrieval else "training.retrieval_eval"
-            extra = RetrievalPass(self.cfg, self.strategy, key, index)
+            extra = RetrievalPass(self.cfg, self.strategy, index)
         return Trainer(self.build_spec, self.strategy, self.cfg, run_dir, extra_evaluation=extra)
 
     @contextmanager

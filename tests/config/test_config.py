@@ -170,6 +170,27 @@ def test_override_errors_name_the_key(tmp_path: Path) -> None:
         ),
         ({"model": {"family": "siamese", "head": "dot"}}, "model.head", ["'dot'", "l2, cosine"]),
         (
+            {"model": {"family": "siamese", "head_threshold": "best"}},
+            "model.head_threshold",
+            ["'best'", "half_margin, calibrated"],
+        ),
+        (
+            {"model": {"family": "triplet", "head_threshold": "calibrated"}},
+            "model.head_threshold",
+            ["unknown key"],
+        ),
+        (
+            {
+                "model": {
+                    "family": "siamese",
+                    "head_threshold": "calibrated",
+                    "loss": {"type": "contrastive", "mining": "batch_hard"},
+                }
+            },
+            "model.head_threshold",
+            ["single items"],
+        ),
+        (
             {"model": {"family": "siamese", "loss": {"type": "triplet"}}},
             "model.loss.type",
             ["'triplet'", "contrastive"],

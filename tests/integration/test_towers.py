@@ -39,7 +39,9 @@ RUNS = {
         ["left", "right"],
     ),
     "triplet_mined": (
-        "triplet_digits_mined", ["--set", "data.sampler.examples_per_class=2"], ["item"]
+        "triplet_digits_mined",
+        ["--set", "data.sampler.examples_per_class=2", "--set", "training.retrieval_eval=true"],
+        ["item"],
     ),
     "multiview": (
         "multiview_digits",
@@ -65,6 +67,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _last_eval(run: Path) -> dict:
     return metrics(run, "eval")[-1]
+
+
+def test_training_can_evaluate_retrieval_at_every_evaluation(runs: dict[str, Path]) -> None:
+    (first, *_) = metrics(runs["triplet_mined"], "eval")
+    assert first["step"] == 3 and first["retrieval/corpus"] == 64  # data.eval_examples digits
+    assert 0 < first["retrieval/hit_rate@10"] <= 1 and first["retrieval/seconds"] > 0
+    (plain, *_) = metrics(runs["two_tower"], "eval")
+    assert not [k for k in plain if k.startswith("retrieval/")]  # off by default
 
 
 # -- export --tower --------------------------------------------------------------------------
