@@ -7,12 +7,14 @@ combined output is kept so that a failure shows what the workers printed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tests.helpers.paths import EXE, ROOT
 __all__ = [
     "JobResult",
     "dist_share_launch",
+    "kill_when",
     "local_horovodrun_command",
     "local_mpirun_command",
     "run_job",
@@ -178,6 +181,33 @@ def run_local_multiworker(
         for p in procs:
             if p.poll() is None:
                 kill_process_group(p)
+
+
+def kill_when(
+    argv: Sequence[str],
+    ready: Callable[[], bool],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> None:
+    """Start `argv` in its own process group, SIGKILL the group once ``ready()`` holds, and
+    wait for it. Fails if the process ends first or ``ready()`` does not hold in `timeout` s.
+    (Its output is dropped, so that a full pipe never stalls it; what it printed to stderr
+    is shown if it ends early.)"""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=worker_env(env), cwd=cwd, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"ended before it could be killed:\n{proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not ready to be killed after {timeout:.0f} s")
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def run_on_two_replicas(script: Path, launcher: str, out: Path, timeout: float) -> list[dict]:

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dist_share.retrieval.embed import read_embeddings
+from tests.helpers import background
 from tests.helpers.paths import CONFIGS, EXE, ROOT, WORKERS
 from tests.helpers.processes import (
+    kill_when,
     local_horovodrun_command,
     run_job,
     run_local_multiworker,
@@ -55,14 +55,20 @@ RUNS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("towers")
-    out = {}
-    for key, (config, extra, _) in RUNS.items():
+
+    def train(key: str) -> Path:
+        config, extra, _ = RUNS[key]
         run = root / key
         done = dist_share("train", str(CONFIGS / f"{config}.yaml"), "--run-dir", str(run),
                           *SHORT, *extra, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr
-        out[key] = run
-    return out
+        return run
+
+    # Two at a time: most of a short run is TensorFlow's start on one core.
+    keys = list(RUNS)
+    for pair in (keys[:2], keys[2:]):
+        background.concurrently(*(lambda k=k: train(k) for k in pair))
+    return {key: root / key for key in keys}
 
 
 def _last_eval(run: Path) -> dict:
@@ -190,20 +196,7 @@ def test_a_killed_embed_job_reruns_without_redoing_finished_parts(
     out = tmp_path / "emb"
     argv = [EXE, "embed", str(runs["siamese"]), "--out", str(out), "--corpus", str(corpus),
             "--part-size", "2000"]  # fmt: skip
-    job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           start_new_session=True, cwd=ROOT)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while len(list(out.glob("part-*.npz"))) < 3:
-            assert job.poll() is None, job.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=30)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait(timeout=30)
+    kill_when(argv, lambda: len(list(out.glob("part-*.npz"))) >= 3, timeout=240, cwd=ROOT)
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.npz")}
     assert 3 <= len(finished) < 150, "the job was killed midway"
     assert not (out / "manifest.json").exists()

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -158,28 +154,11 @@ def test_sigkill_then_resume_ends_like_uninterrupted_run(tmp_path: Path, run: st
     a run that was never interrupted. The logQ frequency estimate (two_tower_corrected) is
     restored and continued exactly."""
     args = ["--strategy", "local", "--runs", run, "--steps", "12", "--ckpt-every", "3"]
-    env = processes.worker_env()
     killed_dir = tmp_path / "killed"
     cmd = [*train_jobs.WORKER, *args, "--run-dir", str(killed_dir), "--out", str(tmp_path / "k")]
-    proc = subprocess.Popen(
-        [*cmd, "--step-delay", "0.5"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    processes.kill_when(
+        [*cmd, "--step-delay", "0.5"], lambda: _checkpoint_count(killed_dir) >= 2, 300
     )
-    try:
-        deadline = time.monotonic() + 300
-        while _checkpoint_count(killed_dir) < 2:
-            assert proc.poll() is None, "worker ended before it could be killed"
-            assert time.monotonic() < deadline, "no second checkpoint in time"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     assert not (tmp_path / "k.rank0.json").exists()
 
     state = tf.train.get_checkpoint_state(str(killed_dir / "checkpoints"))
