@@ -68,7 +68,9 @@ def _say(strategy: Any, text: str) -> None:
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+    """The loss first, then the metrics by name."""
+    order = sorted(metrics, key=lambda k: (k != "loss", k))
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in order)
 
 
 def _latest_checkpoint(run_dir: Path) -> str | None:

@@ -78,9 +78,16 @@ class ExactTopK:
         self.queries = tf.constant(np.asarray(queries, np.float32))
         self.k = int(k)
         self.kind = kind
+        self.excludes = query_ids is not None
         ids = np.full(len(queries), -1) if query_ids is None else np.asarray(query_ids)
         self.query_ids = tf.constant(ids.astype(np.int64))
         self.encode = encode or (lambda features: features)
+        # Traced once per instance (a search per evaluation re-uses them).
+        self._start = tf.function(self._empty)
+        self._step = tf.function(
+            lambda best, chunk: strategy.run(self._update, (best, *chunk)), reduce_retracing=True
+        )
+        self._finish = tf.function(self._gather)
 
     def _empty(self) -> tuple[tf.Tensor, tf.Tensor]:
         q = tf.shape(self.queries)[0]
@@ -95,15 +102,16 @@ class ExactTopK:
         def scored() -> tuple[tf.Tensor, tf.Tensor]:
             vectors = tf.cast(self.encode(features), tf.float32)
             scores = similarity(self.queries, vectors, self.kind)
-            own = tf.equal(self.query_ids[:, None], ids[None, :])
-            scores = tf.where(own, tf.constant(-np.inf, tf.float32), scores)
+            if self.excludes:
+                own = tf.equal(self.query_ids[:, None], ids[None, :])
+                scores = tf.where(own, tf.constant(-np.inf, tf.float32), scores)
             # Running best first: its ids are lower than the chunk's (see the module docstring).
-            both = tf.concat([best_scores, scores], axis=1)
-            both_ids = tf.concat(
-                [best_ids, tf.broadcast_to(ids[None, :], tf.shape(scores))], axis=1
-            )
-            top, where = tf.math.top_k(both, k=self.k)
-            return top, tf.gather(both_ids, where, batch_dims=1)
+            top, where = tf.math.top_k(tf.concat([best_scores, scores], axis=1), k=self.k)
+            # Positions below k are the running list's, the others the chunk's (no [Q, C] id
+            # matrix is built).
+            kept = tf.gather(best_ids, tf.minimum(where, self.k - 1), batch_dims=1)
+            new = tf.gather(ids, tf.maximum(where - self.k, 0))
+            return top, tf.where(where < self.k, kept, new)
 
         # A replica past the end of its share gets zero rows: keep what it has.
         return tf.cond(tf.size(ids) > 0, scored, lambda: (best_scores, best_ids))
@@ -122,11 +130,10 @@ class ExactTopK:
         order, batched per replica (`ids_dataset_fn` does). Every process gets the same result.
         """
         strategy = self.strategy
-        best = strategy.run(tf.function(self._empty))
-        update = tf.function(lambda b, chunk: strategy.run(self._update, (b, *chunk)))
+        best = strategy.run(self._start)
         for chunk in strategy.distribute_dataset(corpus_fn):
-            best = update(best, chunk)
-        gathered = strategy.local_results(strategy.run(tf.function(self._gather), (best,)))[0]
+            best = self._step(best, chunk)
+        gathered = strategy.local_results(strategy.run(self._finish, (best,)))[0]
         q = len(self.queries)
 
         def per_query(t: tf.Tensor) -> np.ndarray:  # [R*Q, k] -> [Q, R*k]

@@ -42,7 +42,8 @@ class Evaluator:
         self.extra = extra
         self._eval_fn = None
 
-    def _replica_eval_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _replica_eval_step(self, features: Any, labels: tf.Tensor) -> tuple[dict, tuple]:
+        """(summed loss, metrics and count; the pairs' distances and labels, for calibration)"""
         # A replica past the end of the split gets zero rows (and still takes part in the step's
         # collectives). TensorFlow's oneDNN convolution returns the wrong shape for an empty
         # batch, so the model sees one row of zeros instead, and its output is cut to none.
@@ -51,22 +52,18 @@ class Evaluator:
         preds = self.state.spec.model(inputs, training=False)
         preds = tf.nest.map_structure(lambda p: p[:rows], preds)
         sums = score(self.state.spec, labels, preds)[1]
-        if self.state.spec.calibrates:
-            return sums, tf.reshape(preds, [-1]), tf.reshape(tf.cast(labels, tf.float32), [-1])
-        return sums
+        if not self.state.spec.calibrates:
+            return sums, ()
+        return sums, (tf.reshape(preds, [-1]), tf.reshape(tf.cast(labels, tf.float32), [-1]))
 
     def eval_begin(self) -> dict[str, float]:
         if self._eval_fn is None:
-            strategy, calibrates = self.strategy, self.state.spec.calibrates
+            strategy = self.strategy
 
             @tf.function(reduce_retracing=True)
             def eval_fn(batch: Any) -> Any:
-                out = strategy.run(self._replica_eval_step, batch)
-                if not calibrates:
-                    return strategy.eval_sum(out), ()
-                sums, distances, same = out
-                pairs = (strategy.eval_gather(distances), strategy.eval_gather(same))
-                return strategy.eval_sum(sums), pairs
+                sums, pairs = strategy.run(self._replica_eval_step, batch)
+                return strategy.eval_sum(sums), tuple(strategy.eval_gather(t) for t in pairs)
 
             self._eval_fn = eval_fn
         self._pairs: list[tuple[np.ndarray, np.ndarray]] = []

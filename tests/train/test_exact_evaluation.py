@@ -118,7 +118,8 @@ def test_a_replica_past_the_end_of_the_split_evaluates_zero_rows_of_a_conv_tower
         iter(tc.make_dataset_fn("siamese_cfg", 8)(tf.distribute.InputContext()))
     )
     step = tf.function(trainer.evaluator._replica_eval_step)
-    full = step(features, labels)
-    empty = step(tf.nest.map_structure(lambda t: t[:0], features), labels[:0])
+    full, pairs = step(features, labels)
+    empty, empty_pairs = step(tf.nest.map_structure(lambda t: t[:0], features), labels[:0])
+    assert [len(t) for t in pairs] == [8, 8] and [len(t) for t in empty_pairs] == [0, 0]
     assert float(full["count"]) == 8 and float(empty["count"]) == 0
     assert all(float(v) == 0 for v in empty.values())
