@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,21 +12,27 @@ import tensorflow as tf
 from dist_share.data.records.codec import parse_fn
 from dist_share.data.records.source import RecordSource
 
+Batch = tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]
+
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """Rows ``first_id`` ... ``first_id + count - 1`` of a corpus; ``batches(size)`` yields
-    ``(features, ids, classes)`` batches of them in id order (classes: -1 where unknown)."""
+    """Rows of a corpus (``count`` of them, the first with id ``first_id``); ``batches(size)``
+    yields ``(features, ids, classes)`` NumPy batches of them in id order (classes: -1 where
+    unknown)."""
 
     index: int
     count: int
     first_id: int
-    batches: Callable[[int], tf.data.Dataset]
+    batches: Callable[[int], Iterator[Batch]]
 
 
 def _from_rows(features: Mapping[str, np.ndarray], ids: np.ndarray, classes: np.ndarray):
-    def batches(size: int) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices((dict(features), ids, classes)).batch(size)
+    def batches(size: int) -> Iterator[Batch]:
+        # Slices of the arrays: no per-row work (a tf.data slice-then-batch would be).
+        for start in range(0, len(ids), size):
+            end = start + size
+            yield {k: v[start:end] for k, v in features.items()}, ids[start:end], classes[start:end]
 
     return batches
 
@@ -58,7 +64,9 @@ def record_parts(source: RecordSource, streams: Sequence[str], with_classes: boo
     for index, (path, info) in enumerate(zip(source.files, source.shards, strict=True)):
         first = info.first_example
 
-        def batches(size: int, index: int = index, path: str = path, first: int = first) -> Any:
+        def batches(
+            size: int, index: int = index, path: str = path, first: int = first
+        ) -> Iterator[Batch]:
             records = tf.data.TFRecordDataset(path, compression_type=compression)
             numbered = tf.data.Dataset.zip(
                 (
@@ -73,7 +81,7 @@ def record_parts(source: RecordSource, streams: Sequence[str], with_classes: boo
                 classes = tf.cast(labels, tf.int64) if with_classes else -tf.ones_like(positions)
                 return {s: features[s] for s in streams}, positions + first, classes
 
-            return numbered.map(pick)
+            return numbered.map(pick).prefetch(2).as_numpy_iterator()
 
         parts.append(Part(index, info.examples, first, batches))
     return parts

@@ -131,8 +131,8 @@ def embed_parts(
         ids, vectors, classes = [], [], []
         for features, batch_ids, batch_classes in part.batches(batch_size):
             vectors.append(np.asarray(forward(features), np.float32))
-            ids.append(batch_ids.numpy())
-            classes.append(batch_classes.numpy())
+            ids.append(batch_ids)
+            classes.append(batch_classes)
         got = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         if len(got) != part.count:
             raise DataError(

@@ -3,7 +3,7 @@
 Memory is the queries, one chunk of the corpus and a running ``[queries, k]`` best list per
 replica, whatever the corpus size. The order is documented (docs/RETRIEVAL.md): higher score
 first; equal scores by lower id. It is exact because each replica sees its rows in ascending id
-order (the corpus is sharded row-interleaved and read in order), so `tf.math.top_k`'s "lower
+order (the corpus is dealt out chunk by chunk and read in order), so `tf.math.top_k`'s "lower
 index first" among equal values is "lower id first", and the final merge sorts by (score, id).
 """
 
@@ -135,6 +135,8 @@ class ExactTopK:
             best = self._step(best, chunk)
         gathered = strategy.local_results(strategy.run(self._finish, (best,)))[0]
         q = len(self.queries)
+        if len(gathered[0]) == q:  # one replica: top_k already ordered it by (score, id)
+            return TopK(gathered[0].numpy(), gathered[1].numpy())
 
         def per_query(t: tf.Tensor) -> np.ndarray:  # [R*Q, k] -> [Q, R*k]
             return t.numpy().reshape(-1, q, self.k).transpose(1, 0, 2).reshape(q, -1)
@@ -145,13 +147,20 @@ class ExactTopK:
 def ids_dataset_fn(
     features: Any, ids: np.ndarray, chunk: int
 ) -> Callable[[tf.distribute.InputContext | None], tf.data.Dataset]:
-    """A corpus of in-memory rows as ``(features, ids)`` chunks of ``chunk`` rows per replica,
-    each input pipeline taking every n-th row (ids must ascend)."""
+    """A corpus of in-memory rows as ``(features, ids)`` chunks of ``chunk`` rows, each input
+    pipeline taking every n-th chunk (ids must ascend)."""
+    ids = np.asarray(ids, np.int64)
+    count = -(-len(ids) // chunk)
 
     def fn(ctx: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((features, np.asarray(ids, np.int64)))
+        rows = tf.nest.map_structure(tf.constant, (features, ids))
+
+        def take(i: tf.Tensor) -> Any:  # a slice of the arrays: no per-row work
+            return tf.nest.map_structure(lambda t: t[i * chunk : (i + 1) * chunk], rows)
+
+        ds = tf.data.Dataset.range(count)
         if ctx is not None and ctx.num_input_pipelines > 1:
             ds = ds.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-        return ds.batch(chunk).prefetch(2)
+        return ds.map(take).prefetch(2)
 
     return fn
