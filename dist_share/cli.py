@@ -73,12 +73,6 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={metrics[k]:.4f}" for k in order)
 
 
-def _latest_checkpoint(run_dir: Path) -> str | None:
-    import tensorflow as tf
-
-    return tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-
-
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_share.run import directory as rundir
@@ -128,6 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_share.run import directory as rundir
     from dist_share.run.resolve import load_config
+    from dist_share.run.restored import latest_checkpoint
     from dist_share.run.session import Run
 
     target = Path(args.target)
@@ -138,7 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(target, overrides)
         run_dir = Path(args.run_dir) if args.run_dir else None
-    if run_dir is not None and _latest_checkpoint(run_dir) is None:
+    if run_dir is not None and latest_checkpoint(run_dir) is None:
         raise UsageError(
             f"{run_dir} has no checkpoint to evaluate (expected {run_dir / 'checkpoints'})"
         )

@@ -44,13 +44,19 @@ class RetrievalPass:
         self.family = get_family(cfg.model.family)
         self.arrays = eval_arrays(cfg)
         self._task: RetrievalTask | None = None
+        self._towers: tuple[Any, tuple] | None = None
 
     def towers(self, model: Any, streams: list[str]) -> tuple[Tower, Tower]:
-        names = self.family.retrieval_towers(self.cfg.model, streams)
-        with self.strategy.scope():
-            return tuple(  # type: ignore[return-value]
-                self.family.build_tower(model, self.cfg.model, streams, n) for n in names
-            )
+        """The query and corpus towers of ``model``, cut once per model (they share its
+        weights, so a training run's later evaluations see the trained values)."""
+        if self._towers is None or self._towers[0] is not model:
+            names = self.family.retrieval_towers(self.cfg.model, streams)
+            with self.strategy.scope():
+                cut = tuple(
+                    self.family.build_tower(model, self.cfg.model, streams, n) for n in names
+                )
+            self._towers = (model, cut)
+        return self._towers[1]  # type: ignore[return-value]
 
     def __call__(self, model: Any, streams: list[str]) -> dict[str, float]:
         towers = self.towers(model, streams)
