@@ -123,8 +123,9 @@ class MetricsLogger:
         if self._writer is not None:
             with self._writer.as_default():
                 for k, v in values.items():
-                    # tf.summary.scalar needs the tensorboard package; the scalar plugin's
-                    # metadata written by hand gives TensorBoard the same event without it.
+                    # The scalar plugin's metadata written by hand gives TensorBoard the
+                    # event tf.summary.scalar writes, without importing the tensorboard
+                    # package into every training process.
                     tf.summary.write(
                         f"{split}/{k}", tf.constant(float(v)), step=step, metadata=_SCALAR_METADATA
                     )
