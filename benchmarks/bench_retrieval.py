@@ -22,7 +22,7 @@ NAME = "retrieval"
 # quick: (corpus sizes, queries, faiss corpus, embed rows, timeout)
 SIZES = {
     False: ((10_000, 100_000, 1_000_000), 1000, 100_000, 200_000, 1200),
-    True: ((2_000, 20_000), 50, 5_000, 5_000, 300),
+    True: ((2_000,), 50, 2_000, 2_000, 300),
 }
 
 
@@ -50,7 +50,8 @@ def run(quick: bool = False) -> dict:
     approximate = run_worker("retrieval_scale", args, timeout)[0]
     with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as tmp:
         run_dir = Path(tmp) / "siamese"
-        train_run(REPO / "configs" / "siamese_digits.yaml", run_dir, [], 20, timeout)
+        train_run(REPO / "configs" / "siamese_digits.yaml", run_dir, [], 2 if quick else 20,
+                  timeout)  # fmt: skip
         embed = run_worker("retrieval_scale", ["embed", str(run_dir), str(rows)], timeout)[0]
     return {
         "name": NAME,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,13 +88,18 @@ def test_training_can_evaluate_retrieval_at_every_evaluation(runs: dict[str, Pat
 def test_every_tower_export_reloads_and_matches_the_full_model(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
-    targets = []
-    for key, (_, _, towers) in RUNS.items():
-        for tower in towers:
-            done = dist_share("export", str(runs[key]), "--tower", tower)
-            assert done.returncode == 0, done.stderr
-            assert f"exported the {tower} tower of step 3" in done.stdout
-            targets.append(f"{runs[key]}:{tower}")
+    targets = [(key, tower) for key, (_, _, towers) in RUNS.items() for tower in towers]
+
+    def export(key: str, tower: str) -> None:
+        done = dist_share("export", str(runs[key]), "--tower", tower)
+        assert done.returncode == 0, done.stderr
+        assert f"exported the {tower} tower of step 3" in done.stdout
+
+    # Two at a time (each export is mostly TensorFlow's start on one core); different runs'
+    # or different towers' directories, so they never write the same place.
+    for pair in (targets[i : i + 2] for i in range(0, len(targets), 2)):
+        background.concurrently(*(lambda k=k, t=t: export(k, t) for k, t in pair))
+    targets = [f"{runs[key]}:{tower}" for key, tower in targets]
     result = tmp_path / "check.json"
     subprocess.run([sys.executable, str(WORKERS / "tower_export_check.py"), str(result), *targets],
                    check=True, timeout=300, env=worker_env())  # fmt: skip
@@ -271,25 +277,37 @@ def test_a_full_disk_while_exporting_or_embedding_is_one_line_and_keeps_what_was
 
 
 # -- evaluate --retrieval ----------------------------------------------------------------------
+def _evaluate(run: Path, *args: str) -> None:
+    done = dist_share("evaluate", str(run), "--retrieval", *args)
+    assert done.returncode == 0, done.stderr
+
+
 RETRIEVAL_KEYS = ("recall@1", "recall@10", "recall@100", "hit_rate@1", "map@100", "ndcg@10")
 
 
 @pytest.mark.multiprocess
-def test_retrieval_metrics_are_the_same_under_every_strategy(runs: dict[str, Path]) -> None:
+def test_retrieval_metrics_are_the_same_under_every_strategy(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
     for key in ("siamese", "two_tower"):
-        run = runs[key]
-        local = dist_share("evaluate", str(run), "--retrieval")
-        assert local.returncode == 0, local.stderr
-        want = _last_eval(run)
-        mirrored = dist_share("evaluate", str(run), "--retrieval", "--strategy", "mirrored",
-                              "--set", "strategy.num_cpu_devices=2")  # fmt: skip
-        assert mirrored.returncode == 0, mirrored.stderr
-        got_mirrored = _last_eval(run)
+        # A copy of the run per strategy: the evaluations append to their own metrics.jsonl.
+        copies = {}
+        for strategy in ("local", "mirrored", "horovod"):
+            copies[strategy] = tmp_path / f"{key}_{strategy}"
+            shutil.copytree(runs[key], copies[strategy])
+
+        background.concurrently(
+            lambda copies=copies: _evaluate(copies["local"]),
+            lambda copies=copies: _evaluate(copies["mirrored"], "--strategy", "mirrored",
+                                            "--set", "strategy.num_cpu_devices=2"),
+        )  # fmt: skip
         command = local_horovodrun_command(
-            2, [EXE, "evaluate", str(run), "--retrieval", "--strategy", "horovod"]
+            2, [EXE, "evaluate", str(copies["horovod"]), "--retrieval", "--strategy", "horovod"]
         )
         run_job(command, timeout=300, cwd=ROOT).check()
-        got_horovod = _last_eval(run)
+        want, got_mirrored, got_horovod = (
+            _last_eval(copies[s]) for s in ("local", "mirrored", "horovod")
+        )
         assert want["retrieval/queries"] > 10
         for name in RETRIEVAL_KEYS:
             assert got_mirrored[f"retrieval/{name}"] == want[f"retrieval/{name}"], (key, name)
