@@ -23,11 +23,10 @@ def embed_rows(tower: Tower, features: dict[str, np.ndarray], batch_size: int = 
 
 
 def search(
-    strategy: Strategy, task: RetrievalTask, query: Tower, corpus: Tower, chunk: int = 4096
+    strategy: Strategy, task: RetrievalTask, queries: np.ndarray, corpus: Tower, chunk: int = 4096
 ) -> TopK:
-    """The exact top `DEPTH` corpus ids of every query; each replica embeds and scores its share
-    of the corpus (every process embeds all queries)."""
-    queries = embed_rows(query, task.queries.features)
+    """The exact top `DEPTH` corpus ids of the embedded ``queries``; each replica embeds and
+    scores its share of the corpus."""
     search = ExactTopK(
         strategy,
         queries,
@@ -61,19 +60,24 @@ def evaluate_retrieval(
     index's recall@10 against the exact search and both searches' queries per second (over
     embedded vectors, in each process)."""
     t0 = time.perf_counter()
-    top = search(strategy, task, query, corpus, chunk)
+    queries = embed_rows(query, task.queries.features)  # every process embeds all queries
+    top = search(strategy, task, queries, corpus, chunk)
     metrics = ranking_metrics(*relevance(task, top))
     metrics["corpus"] = float(len(task.corpus.ids))
     metrics["seconds"] = time.perf_counter() - t0
     if index is not None:
-        metrics.update(_compare_index(strategy, task, query, corpus, top, chunk))
+        metrics.update(_compare_index(strategy, task, queries, corpus, top, chunk))
     return metrics
 
 
 def _compare_index(
-    strategy: Strategy, task: RetrievalTask, query: Tower, corpus: Tower, top: TopK, chunk: int
+    strategy: Strategy,
+    task: RetrievalTask,
+    queries: np.ndarray,
+    corpus: Tower,
+    top: TopK,
+    chunk: int,
 ) -> dict[str, float]:
-    queries = embed_rows(query, task.queries.features)
     vectors = embed_rows(corpus, task.corpus.features)
     own = task.queries.ids if task.exclude_self else None
     exact = ExactTopK(strategy, queries, DEPTH, corpus.similarity, own)
