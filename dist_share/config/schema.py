@@ -184,6 +184,17 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """``training.profile``: a TF profiler trace of steps start_step + 1 ... start_step + steps,
+    on the chief (docs/MONITORING.md); ``steps: 0`` (the default) profiles nothing."""
+
+    start_step: int = option(0, minimum=0)
+    steps: int = option(0, minimum=0)
+    # Also Horovod's timeline of the same steps (strategy horovod only).
+    horovod_timeline: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """``training``: the loop. ``batch_size`` is the GLOBAL batch over all replicas."""
 
@@ -205,6 +216,7 @@ class TrainingConfig:
     stall_timeout: float = option(20.0, minimum=5.0)
     # What a non-finite loss or reduced gradient does (nonfinite.py): end the run, or skip it.
     on_nonfinite: str = option("stop", choices=("stop", "skip"))
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -122,6 +122,17 @@ class Strategy:
         """Inside an eval step: every replica's rows of a per-replica tensor, concatenated."""
         return per_replica
 
+    def process_values(self, value: float) -> list[float]:
+        """Every process's ``value``, indexed by rank (a collective: every process calls it)."""
+        return [float(value)]
+
+    def start_timeline(self, path: str) -> None:
+        """Record the collective library's own timeline into ``path`` (Horovod only)."""
+        raise NotImplementedError(f"strategy {self.name!r} has no collective timeline")
+
+    def stop_timeline(self) -> None:
+        raise NotImplementedError(f"strategy {self.name!r} has no collective timeline")
+
     def in_lockstep(self, batches: Any) -> Iterator[Any]:
         """The batches of a one-pass (eval) data set, so that every process runs the same number
         of steps: an eval step may hold a collective (a metric over the global batch), and a
@@ -263,6 +274,16 @@ class MultiWorkerStrategy(TFDistributeStrategy):
         zero = self.tf_strategy.run(lambda: tf.constant(0.0))
         self.tf_strategy.reduce(tf.distribute.ReduceOp.SUM, zero, axis=None)
 
+    def process_values(self, value: float) -> list[float]:
+        # Each replica puts the value in its process's slot; the sum counts it once per local
+        # replica, which the division takes back out.
+        slots = tf.one_hot(self.rank, self.world_size, on_value=float(value), dtype=tf.float64)
+        local = self.num_replicas // self.world_size
+        summed = self.tf_strategy.reduce(
+            tf.distribute.ReduceOp.SUM, self.tf_strategy.run(lambda: slots), axis=None
+        )
+        return [float(v) / local for v in summed.numpy()]
+
     def checkpoint_dir(self, directory: str) -> str | None:
         # Every worker must take part in save() (variables may need a collective read), but only
         # the chief's files are kept: the others write to a private scratch dir and delete it.
@@ -302,9 +323,19 @@ class HorovodStrategy(Strategy):
     logs_are_per_process = True
     gradient_backend = "horovod"
 
-    def __init__(self, options: GradientOptions) -> None:
+    def __init__(self, options: GradientOptions, timeline: bool = False) -> None:
         import horovod.tensorflow as hvd  # the only place Horovod is imported
 
+        if timeline:
+            # Horovod records a timeline started mid-run only in its dynamic mode, chosen
+            # before init; a file named here would record the whole run instead.
+            given = os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
+            if given != "DYNAMIC":
+                raise ConfigError(
+                    "training.profile.horovod_timeline",
+                    f"HOROVOD_TIMELINE={given} already records the whole run; unset it to "
+                    "record the profiler window's steps only",
+                )
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
@@ -367,6 +398,18 @@ class HorovodStrategy(Strategy):
     def barrier(self) -> None:
         self.hvd.allreduce(tf.constant(0.0), name="dist_share_barrier")
 
+    def process_values(self, value: float) -> list[float]:
+        gathered = self.hvd.allgather(tf.constant([value], tf.float64), name="dist_share_values")
+        return [float(v) for v in gathered.numpy()]
+
+    def start_timeline(self, path: str) -> None:
+        """Record Horovod's timeline (its collectives, rank by rank) into ``path`` from now on;
+        every process calls it, the coordinator writes the file."""
+        self.hvd.start_timeline(path, mark_cycles=False)
+
+    def stop_timeline(self) -> None:
+        self.hvd.stop_timeline()
+
     def sync_non_trainable(self, variables: list[Any]) -> None:
         # A variable every replica updates alike (aggregation ONLY_FIRST_REPLICA, e.g. the
         # logQ frequency estimate) is already identical: averaging could round it.
@@ -391,11 +434,12 @@ def _empty_batch(spec: tf.TensorSpec) -> tf.Tensor:
 
 
 # -- construction ---------------------------------------------------------------------------
-def get_strategy(cfg: StrategyConfig | None = None) -> Strategy:
+def get_strategy(cfg: StrategyConfig | None = None, horovod_timeline: bool = False) -> Strategy:
     """Build the strategy named by ``strategy.name`` (call before any other TF op runs).
 
     Args:
         cfg: the ``strategy`` section; None means the default (local).
+        horovod_timeline: Horovod may record its timeline for a while (``start_timeline``).
 
     Raises:
         ConfigError: multiworker without a cluster to join, or logical CPU devices requested
@@ -413,7 +457,7 @@ def get_strategy(cfg: StrategyConfig | None = None) -> Strategy:
     if cfg.name == "multiworker":
         return MultiWorkerStrategy(options)
     if cfg.name == "horovod":
-        return HorovodStrategy(options)
+        return HorovodStrategy(options, timeline=horovod_timeline)
     return LocalStrategy(options)
 
 

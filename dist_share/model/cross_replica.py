@@ -16,6 +16,8 @@ Horovod strategy); otherwise one replica, for which both operations are the iden
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow as tf
@@ -24,6 +26,7 @@ from dist_share.model.trace_flags import TraceFlag
 
 _local = TraceFlag()
 _process_group: ReplicaGroup | None = None
+_waits = threading.local()  # per replica thread, like TraceFlag
 
 
 class ReplicaGroup:
@@ -64,30 +67,42 @@ class CollectiveGroup(ReplicaGroup):
     def _index(self) -> tf.Tensor:
         raise NotImplementedError
 
+    def _timed(self, collective: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor) -> tf.Tensor:
+        """``collective(x)``; inside `collective_waits`, also how long this replica spent in it."""
+        log = getattr(_waits, "log", None)
+        if log is None:
+            return collective(x)
+        with tf.control_dependencies([x]):
+            arrived = tf.timestamp()
+        y = collective(x)
+        with tf.control_dependencies([y]):
+            log.append(tf.timestamp() - arrived)
+        return y
+
     def gather_rows(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         rows = tf.shape(x)[0]
-        counts = self._gather(tf.reshape(rows, [1]))
+        counts = self._timed(self._gather, tf.reshape(rows, [1]))
         start = tf.reduce_sum(counts[: self._index()])
         group = self
 
         @tf.custom_gradient
         def gather(value: tf.Tensor) -> Any:
             def grad(upstream: tf.Tensor) -> tf.Tensor:
-                return group._sum(upstream)[start : start + rows]
+                return group._timed(group._sum, upstream)[start : start + rows]
 
-            return group._gather(value), grad
+            return group._timed(group._gather, value), grad
 
         return gather(x), start
 
     def gather_values(self, x: tf.Tensor) -> tf.Tensor:
-        return self._gather(tf.stop_gradient(x))
+        return self._timed(self._gather, tf.stop_gradient(x))
 
     def all_sum(self, x: tf.Tensor) -> tf.Tensor:
         group = self
 
         @tf.custom_gradient
         def total(value: tf.Tensor) -> Any:
-            return group._sum(value), lambda upstream: group._sum(upstream)
+            return group._timed(group._sum, value), lambda up: group._timed(group._sum, up)
 
         return total(x)
 
@@ -113,6 +128,21 @@ def set_process_group(group: ReplicaGroup | None) -> None:
     """Make ``group`` the replicas of this process's job outside tf.distribute (Horovod)."""
     global _process_group
     _process_group = group
+
+
+@contextlib.contextmanager
+def collective_waits(enabled: bool = True) -> Iterator[list[tf.Tensor]]:
+    """Inside (while a replica's step is traced), every collective of a group records the
+    seconds this replica spent in it, from its input being ready to the result (float64
+    tensors, in the yielded list). Off (``enabled=False``) the list stays empty: reading the
+    clock is an op that op determinism forbids."""
+    outer = getattr(_waits, "log", None)
+    log: list[tf.Tensor] = []
+    _waits.log = log if enabled else None
+    try:
+        yield log
+    finally:
+        _waits.log = outer
 
 
 def local_only() -> contextlib.AbstractContextManager[None]:

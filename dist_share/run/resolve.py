@@ -18,6 +18,7 @@ from dist_share.config.schema import (
     SideConfig,
     TableConfig,
     TowerConfig,
+    TrainingConfig,
 )
 from dist_share.errors import ConfigError, hint
 from dist_share.families.base import Family
@@ -123,6 +124,38 @@ def check_sampler(data: DataConfig, global_batch_size: int) -> None:
         )
 
 
+def check_profile(training: TrainingConfig, strategy: str) -> None:
+    """The profiler window lies inside the run, and a Horovod timeline has Horovod to record.
+
+    Raises:
+        ConfigError: naming the ``training.profile`` key at fault.
+    """
+    window, steps = training.profile, training.steps
+    if window.horovod_timeline and strategy != "horovod":
+        raise ConfigError(
+            "training.profile.horovod_timeline",
+            f"records Horovod's collectives, but strategy.name is {strategy!r}",
+        )
+    if not window.steps:
+        if window.horovod_timeline:
+            raise ConfigError(
+                "training.profile.horovod_timeline",
+                "needs a profiler window: set training.profile.steps",
+            )
+        return
+    if window.start_step >= steps:
+        raise ConfigError(
+            "training.profile.start_step",
+            f"{window.start_step} is past the end of the run (training.steps is {steps})",
+        )
+    end = window.start_step + window.steps
+    if end > steps:
+        raise ConfigError(
+            "training.profile.steps",
+            f"the window ends at step {end}, past the end of the run (training.steps is {steps})",
+        )
+
+
 def validate(raw: Any) -> Config:
     """Fill defaults and check every key of raw config data; returns the `Config`."""
     if not isinstance(raw, Mapping):
@@ -135,6 +168,7 @@ def validate(raw: Any) -> Config:
     rest = {
         name: parse_section(type_hints(Config)[name], raw.get(name), name) for name in SECTIONS[2:]
     }
+    check_profile(rest["training"], rest["strategy"].name)
     model_raw = raw.get("model")
     data_raw = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
     views = data_raw.get("num_views", DataConfig.num_views)

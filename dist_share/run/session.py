@@ -24,7 +24,9 @@ class Run:
     def __init__(self, cfg: Config, inputs: RunInputs | None = None) -> None:
         self.cfg = cfg
         # First TF call of the process: MirroredStrategy may still create logical CPU devices.
-        self.strategy: Strategy = get_strategy(cfg.strategy)
+        self.strategy: Strategy = get_strategy(
+            cfg.strategy, horovod_timeline=cfg.training.profile.horovod_timeline
+        )
         self.inputs = inputs or RunInputs(cfg.data, cfg.training.batch_size, cfg.training.seed)
 
     @property

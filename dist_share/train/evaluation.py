@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,10 @@ class Evaluator:
         self.eval_batches = eval_batches
         self.extra = extra
         self._eval_fn = None
+        self._count = 0.0
+        # The last pass's time and throughput, logged beside its metrics (not among them: they
+        # differ from run to run).
+        self.timing: dict[str, float] = {}
 
     def _replica_eval_step(self, features: Any, labels: tf.Tensor) -> tuple[dict, tuple]:
         """(summed loss, metrics and count; the pairs' distances and labels, for calibration)"""
@@ -79,7 +84,7 @@ class Evaluator:
 
     def eval_end(self, state: dict[str, float]) -> dict[str, float]:
         state = self.strategy.allreduce_host_sum(state)
-        count = state.pop("count", 0.0)
+        count = self._count = state.pop("count", 0.0)
         if not count:
             raise DataError("evaluation saw no examples (empty eval split or eval_batches=0)")
         metrics = {k: v / count for k, v in state.items()}
@@ -103,6 +108,7 @@ class Evaluator:
             check_element_spec(ds.element_spec, names)
             return ds.take(limit) if limit is not None else ds
 
+        t0 = time.perf_counter()
         self.strategy.sync_non_trainable(self.state.model.non_trainable_variables)
         state = self.eval_begin()
         for batch in self.strategy.in_lockstep(self.strategy.distribute_dataset(fn)):
@@ -110,6 +116,8 @@ class Evaluator:
         metrics = self.eval_end(state)
         if self.extra is not None:
             metrics.update(self.extra(self.state.model, list(names)))
+        seconds = time.perf_counter() - t0
+        self.timing = {"seconds": seconds, "examples_per_sec": self._count / max(seconds, 1e-9)}
         return metrics
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorflow.core.framework import summary_pb2
 
 from dist_share.files import atomic_write_text
@@ -20,6 +22,50 @@ from dist_share.files import atomic_write_text
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
 ).SerializeToString()
+# The tag under which TensorBoard's HParams dashboard looks for a run's hyperparameters.
+_HPARAMS_TAG = "_hparams_/session_start_info"
+
+HParam = bool | int | float | str
+
+
+def flat_hparams(tree: Mapping[str, Any], prefix: str = "") -> dict[str, HParam]:
+    """A nested config as HParams: dotted keys, and values TensorBoard can show (booleans,
+    numbers, strings; lists and None as their YAML-like text)."""
+    out: dict[str, HParam] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
+
+
+def _hparams_metadata(hparams: Mapping[str, HParam]) -> bytes:
+    """The HParams plugin's session-start record (the event `hp.hparams` writes), built from its
+    protos alone: the plugin's summary module would import TensorBoard's TensorFlow shim."""
+    info = plugin_data_pb2.SessionStartInfo(
+        group_name=hashlib.sha256(
+            json.dumps(dict(hparams), sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest(),
+        start_time_secs=time.time(),
+    )
+    for name in sorted(hparams):
+        value = hparams[name]
+        if isinstance(value, bool):
+            info.hparams[name].bool_value = value
+        elif isinstance(value, (int, float)):
+            info.hparams[name].number_value = value
+        else:
+            info.hparams[name].string_value = value
+    content = plugin_data_pb2.HParamsPluginData(version=0, session_start_info=info)
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(
+            plugin_name="hparams", content=content.SerializeToString()
+        )
+    ).SerializeToString()
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -41,6 +87,8 @@ class MetricsLogger:
         tensorboard: write TensorBoard scalars.
         progress: show progress on the console.
         stream: the console (default sys.stdout); decides between the bar and plain lines.
+        rank: shown at the start of each console line.
+        hparams: the run's settings, for TensorBoard's HParams dashboard (`flat_hparams`).
     """
 
     def __init__(
@@ -52,6 +100,7 @@ class MetricsLogger:
         progress: bool = True,
         stream: Any = None,
         rank: int | None = None,
+        hparams: Mapping[str, HParam] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.is_chief = is_chief
@@ -60,6 +109,8 @@ class MetricsLogger:
         self.progress = progress and is_chief
         self.stream = stream if stream is not None else sys.stdout
         self.prefix = f"[rank {rank}] " if rank is not None else ""
+        self.hparams = dict(hparams or {})
+        self._graph_written = False
         self._file = None
         self._writer = None
         self._opened = False
@@ -86,6 +137,14 @@ class MetricsLogger:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
         if self.tensorboard:
             self._writer = tf.summary.create_file_writer(str(self.run_dir / "tensorboard"))
+            if self.hparams:
+                with self._writer.as_default():
+                    tf.summary.write(
+                        _HPARAMS_TAG,
+                        tf.zeros([0]),
+                        step=0,
+                        metadata=_hparams_metadata(self.hparams),
+                    )
 
     @staticmethod
     def _drop_records_after(path: Path, step: int) -> None:
@@ -129,6 +188,19 @@ class MetricsLogger:
                     tf.summary.write(
                         f"{split}/{k}", tf.constant(float(v)), step=step, metadata=_SCALAR_METADATA
                     )
+
+    def log_graph(self, graph: tf.Graph) -> None:
+        """The training step's graph, for TensorBoard's Graphs tab (once per run)."""
+        if self._writer is None or self._graph_written:
+            return
+        self._graph_written = True
+        with self._writer.as_default():
+            tf.summary.graph(graph)
+
+    def note(self, line: str) -> None:
+        """One line on the chief's console, whatever the progress settings."""
+        if self.is_chief:
+            print(f"{self.prefix}{line}", file=self.stream, flush=True)
 
     def show_progress(self, step: int, logs: Mapping[str, float], interval_end: bool) -> None:
         """The console: the bar on every update, a plain line at the end of each interval."""

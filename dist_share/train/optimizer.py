@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # disable_op_determinism
 
 if TYPE_CHECKING:
     from dist_share.config.schema import OptimizerConfig, TrainingConfig
@@ -39,6 +40,10 @@ def configure_process(training: TrainingConfig) -> None:
     """
     if training.deterministic:
         tf.config.experimental.enable_op_determinism()
+    else:
+        # An earlier run in this process (a notebook, a worker running several) may have turned
+        # it on; it also forbids reading the clock inside a step (`signals.StepTimes`).
+        tf_config.disable_op_determinism()
     keras.utils.set_random_seed(training.seed)
     keras.mixed_precision.set_global_policy(
         "mixed_float16" if training.mixed_precision else "float32"

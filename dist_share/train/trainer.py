@@ -17,7 +17,7 @@ from dist_share.distribute.strategies import Strategy
 from dist_share.errors import ConfigError
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import watchdog
-from dist_share.train.logs import MetricsLogger
+from dist_share.train.logs import MetricsLogger, flat_hparams
 from dist_share.train.loops.custom import CustomLoop
 from dist_share.train.loops.elastic import ElasticLoop
 from dist_share.train.loops.fit import FitLoop
@@ -68,6 +68,7 @@ class Trainer:
             config.training.steps,
             tensorboard=config.logging.tensorboard,
             progress=config.logging.progress_bar,
+            hparams=flat_hparams(config.to_dict()),
         )
         self.evaluator = Evaluator(self.state, config.training.eval_batches, extra_evaluation)
         loop_cls = loop or loop_class(config)
@@ -133,7 +134,8 @@ class Trainer:
         """Evaluate the current model and log the result at ``step`` (default: the current one)."""
         self.logger.open(self.state.step, resume=False)
         metrics = self.evaluator.evaluate(eval_dataset_fn)
-        self.logger.log("eval", self.state.step if step is None else step, metrics)
+        step = self.state.step if step is None else step
+        self.logger.log("eval", step, {**metrics, **self.evaluator.timing})
         return metrics
 
     def restore(self) -> int:

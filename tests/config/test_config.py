@@ -333,3 +333,25 @@ def test_family_registry_answers_for_config_data_and_models() -> None:
         assert set(cfg.to_dict()["model"]) == set(fam.model_keys)
     with pytest.raises(ConfigError, match="did you mean 'siamese'"):
         get_family("siames")
+
+
+@pytest.mark.parametrize(
+    ("profile", "key", "says"),
+    [
+        ({"start_step": 600, "steps": 5}, "training.profile.start_step", "past the end"),
+        ({"start_step": 598, "steps": 5}, "training.profile.steps", "ends at step 603"),
+        ({"start_step": 10, "steps": -1}, "training.profile.steps", ">= 0"),
+        ({"start_step": -3, "steps": 2}, "training.profile.start_step", ">= 0"),
+        ({"steps": 2, "horovod_timeline": True}, "training.profile.horovod_timeline", "'local'"),
+    ],
+)
+def test_a_bad_profiler_window_is_one_line_naming_its_key(
+    profile: dict, key: str, says: str
+) -> None:
+    error = _error({"model": {"family": "siamese"}, "training": {"profile": profile}})
+    assert error.path == key and says in str(error) and "\n" not in str(error)
+
+
+def test_the_profiler_is_off_unless_a_window_is_asked_for() -> None:
+    window = validate({"model": {"family": "siamese"}}).training.profile
+    assert (window.start_step, window.steps, window.horovod_timeline) == (0, 0, False)

@@ -48,7 +48,7 @@ LAUNCHES = {
         "shared,two_tower,two_tower_sum,two_tower_fp16,two_tower_naive,shared_fit,two_tower_fit,"
         f"shared_resume,shared_bn,shared_k3,shared_k3_resume,user_tower,{COUPLED},{COUPLED_FIT},"
         f"{COUPLED_SUM},{ACCUM}",
-        "horovod_collectives,dense_switch,records",
+        "horovod_collectives,dense_switch,records,signals",
     ),
     "horovod_mpirun": (f"shared,two_tower,{COUPLED}", "horovod_collectives"),
     "multiworker": (

@@ -26,6 +26,7 @@ EXPECTED_COLUMNS = {
     "mining": {"objective", "triplet_accuracy", "recall_at_1"},
     "corrections": {"variant", "recall_at_10", "recall_at_100"},
     "objective_cost": {"option", "ratio", "added_ms", "predicted_added_ms"},
+    "logging": {"case", "on_over_off", "profiled_outside_over_on", "profiled_inside_over_on"},
 }
 
 
@@ -75,7 +76,7 @@ def test_discover_finds_every_bench_module() -> None:
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
 def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
-    # Fourteen benchmarks, several of them starting 2-process jobs (each pays TensorFlow's start).
+    # Fifteen benchmarks, several of them starting 2-process jobs (each pays TensorFlow's start).
     # Quick mode proves the harness, not the numbers, so the benchmarks run as two `--only`
     # halves side by side (one run alone leaves a core idle while a process starts); a third
     # run of `comm` then writes the docs, taking the others' tables from the results directory.
@@ -83,7 +84,7 @@ def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "benchmarks.run_all", "--quick", "--results-dir", str(results)]
     halves = [
         "coupled_cost,corrections,input,mining,overhead,retrieval,roofline",
-        "batched_sets,folding,negatives,objective_cost,scaling,scaling_model",
+        "batched_sets,folding,logging,negatives,objective_cost,scaling,scaling_model",
     ]
     assert sorted(",".join([*halves, "comm"]).split(",")) == run_all.discover()
     logs = [tmp_path / f"half{i}.log" for i in range(2)]

@@ -122,6 +122,12 @@ def _model_families(strategy: Any, a: argparse.Namespace) -> dict:
     return towers_mirrored.check(strategy.tf_strategy)
 
 
+def _signals(strategy: Any, a: argparse.Namespace) -> dict:
+    from tests.workers import signals_check
+
+    return signals_check.check(strategy, os.path.join(os.path.dirname(a.out), "signals"))
+
+
 # name -> check(strategy, args) -> JSON-able result (see the modules for what each checks).
 CHECKS: dict[str, Callable[[Any, argparse.Namespace], dict]] = {
     "horovod_collectives": _horovod_collectives,
@@ -129,6 +135,7 @@ CHECKS: dict[str, Callable[[Any, argparse.Namespace], dict]] = {
     "dense_switch": _dense_switch,
     "records": _records,
     "model_families": _model_families,
+    "signals": _signals,
 }
 
 

@@ -89,7 +89,8 @@ def _add(a: Any, b: Any) -> Any:
     return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
 
 
-def _tensors(grads: list[Any]) -> list[tf.Tensor]:
+def tensors_of(grads: list[Any]) -> list[tf.Tensor]:
+    """The tensors of a gradient list (a sparse one's values and indices), for control deps."""
     out = []
     for g in grads:
         if isinstance(g, tf.IndexedSlices):
@@ -118,7 +119,7 @@ def per_example(
     outputs, values = [], []
     for i, (features, labels) in enumerate(micro):
         with (
-            tf.control_dependencies(_tensors(grads)),
+            tf.control_dependencies(tensors_of(grads)),
             tf.GradientTape() as tape,
             _within_step(i),
         ):
@@ -164,7 +165,7 @@ def grad_cache(
     grads: list[Any] = [None] * len(tvars)
     for i, (features, _) in enumerate(micro):
         with (
-            tf.control_dependencies(_tensors(grads) + d_flat),
+            tf.control_dependencies(tensors_of(grads) + d_flat),
             tf.GradientTape() as tape,
             same_step(),
         ):

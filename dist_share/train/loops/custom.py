@@ -8,15 +8,19 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import keras
 import tensorflow as tf
 
 from dist_share.data.pipeline import train_input
 from dist_share.data.types import DatasetFn
 from dist_share.distribute.gradients import take_over_reduction
+from dist_share.model import cross_replica
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import nonfinite, preemption
 from dist_share.train.logs import MetricsLogger
 from dist_share.train.loops import accumulate
+from dist_share.train.profiling import ProfileWindow
+from dist_share.train.signals import StepTimes, global_norm
 from dist_share.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -69,6 +73,7 @@ class CustomLoop:
         # the scale); that is normal, so the guard then watches the loss only.
         self._guard_gradients = not tc.mixed_precision
         self.nonfinite_skipped = 0
+        self.collective_wait = 0.0  # seconds this process waited in the last call's all-reduces
         self.stop_requested = False
         self.preemption = preemption.PreemptionGuard(self.strategy)
         self._train_fn: Any = None  # the compiled step, bound to one input iterator
@@ -80,6 +85,8 @@ class CustomLoop:
         self._stop_flag: tf.Variable | None = None
         self._inputs = (1, False)  # what the two variables hold
         self.last_logs: dict[str, float] = {}
+        self.step_times = StepTimes(self.strategy, per_rank=not tc.deterministic)
+        self.profile = ProfileWindow(tc.profile, state.run_dir, self.strategy)
 
     # -- replica computations ------------------------------------------------------------
     def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -89,10 +96,21 @@ class CustomLoop:
         def loss_of(per_example: tf.Tensor) -> tf.Tensor:
             return optimizer.scale_loss(tf.reduce_sum(per_example) / self._loss_denominator)
 
-        grads, totals = accumulate.gradients(
-            self.state.spec, features, labels, self.grad_accum, tvars, loss_of
-        )
+        # This replica's time in collectives: those of batch-coupled layers and losses, and
+        # the gradients' all-reduce (StepTimes says why). Op determinism forbids the clock.
+        clock = self.step_times.per_rank
+        with cross_replica.collective_waits(clock) as waits:
+            grads, totals = accumulate.gradients(
+                self.state.spec, features, labels, self.grad_accum, tvars, loss_of
+            )
+        with tf.control_dependencies(accumulate.tensors_of(grads)):
+            ready = tf.timestamp() if clock else tf.constant(0.0, tf.float64)
         reduced, nbytes = self.strategy.reduce_gradients(grads)
+        with tf.control_dependencies(accumulate.tensors_of(reduced)):
+            waited = tf.add_n([tf.timestamp() - ready, *waits]) if clock else ready
+        norm = global_norm(reduced)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            norm = norm / tf.cast(optimizer.dynamic_scale, tf.float32)  # read before apply
         # The reduced gradient is the same on every replica, so every replica decides alike.
         bad = (
             nonfinite.first_nonfinite(reduced)
@@ -106,9 +124,12 @@ class CustomLoop:
             # says why the update is not held back).
             optimizer.apply(reduced, tvars)
         flagged = bad >= 0
+        totals["grad_norm"] = norm
+        totals["norm_steps"] = tf.constant(1.0)
         if self.on_nonfinite == "skip":
             # A skipped step (or one whose local loss overflowed) is left out of the logged means.
             drop = tf.logical_or(flagged, tf.logical_not(tf.math.is_finite(totals["loss"])))
+            drop = tf.logical_or(drop, tf.logical_not(tf.math.is_finite(norm)))
             totals = {k: tf.where(drop, tf.zeros_like(v), v) for k, v in totals.items()}
         # Ride along the logs' reduction (no extra collective): summed over the replicas, these
         # say whether the step was flagged and which variable was first (index + 1), and whether
@@ -117,13 +138,25 @@ class CustomLoop:
         totals["nonfinite_variable"] = tf.cast(bad + 1, tf.float32)
         totals["stop_requested"] = self._stop_flag.read_value()  # this process's flag
         totals["comm_bytes_per_step"] = tf.cast(nbytes, tf.float32)
+        totals["collective_wait"] = tf.cast(waited, tf.float32)
         return totals
 
     def _one_step(self, iterator: Any) -> dict[str, tf.Tensor]:
         features, labels = next(iterator)
-        out = self.strategy.reduce_sum(
-            self.strategy.run(self._replica_train_step, (features, labels))
-        )
+        per_replica = self.strategy.run(self._replica_train_step, (features, labels))
+        # This process's own wait, not summed over the job: the longest of its replicas', and
+        # its wait in the logs' reduction.
+        waits = self.strategy.local_results(per_replica.pop("collective_wait"))
+        wait = tf.reduce_max(tf.stack(waits))
+        if self.step_times.per_rank:
+            local = tf.nest.flatten([self.strategy.local_results(v) for v in per_replica.values()])
+            with tf.control_dependencies(local):
+                arrived = tf.timestamp()
+        out = self.strategy.reduce_sum(per_replica)
+        if self.step_times.per_rank:
+            with tf.control_dependencies(tf.nest.flatten(out)):
+                wait += tf.cast(tf.timestamp() - arrived, wait.dtype)
+        out["collective_wait"] = tf.cast(wait, out["loss"].dtype)
         # Counted in the graph: a host-side assign per step costs more than the op.
         self.state.global_step.assign_add(1)
         return out
@@ -195,12 +228,14 @@ class CustomLoop:
         self.stop_requested = out.pop("stop_requested") > 0
         count = out.pop("count")
         nbytes = out.pop("comm_bytes_per_step")
+        self.collective_wait = out.pop("collective_wait")
+        norm, normed = out.pop("grad_norm"), out.pop("norm_steps")
         logs = {k: v / count if count else float("nan") for k, v in out.items()}
         logs["comm_bytes_per_step"] = nbytes / (replicas * num_steps)
+        logs["grad_norm"] = norm / normed if normed else float("nan")
         loss_ok = math.isfinite(out.get("loss", 0.0))
         if self.on_nonfinite == "skip":
             self.nonfinite_skipped += flagged
-            logs["nonfinite_skipped"] = float(self.nonfinite_skipped)
         elif flagged or not loss_ok:
             names = [v.path for v in self.state.model.trainable_variables]
             name = names[variable - 1] if flagged and 0 < variable <= len(names) else None
@@ -217,6 +252,7 @@ class CustomLoop:
     def train_loop_end(self) -> None:
         """Agree on local statistics, flush logs, and wait until the chief's final checkpoint
         is on disk before anyone reads it."""
+        self.profile.close()
         self.strategy.sync_non_trainable(self.state.model.non_trainable_variables)
         self.logger.flush()
         self.strategy.barrier()
@@ -225,7 +261,7 @@ class CustomLoop:
     def _next_boundary(self, step: int, eval_on: bool) -> int:
         """The next step at which something must happen outside the compiled loop."""
         tc, every = self.config.training, self.config.checkpoint.every
-        candidates = [self.steps, step + self.steps_per_loop]
+        candidates = [self.steps, step + self.steps_per_loop, *self.profile.boundaries(step)]
         for interval in (tc.log_every, tc.eval_every if eval_on else 0, every):
             if interval:
                 candidates.append((step // interval + 1) * interval)
@@ -239,6 +275,7 @@ class CustomLoop:
             with self.preemption:
                 return self._train(train_dataset_fn, eval_dataset_fn)
         finally:
+            self.profile.close()
             self.release_input()
 
     def release_input(self) -> None:
@@ -259,6 +296,9 @@ class CustomLoop:
         self.logger.open(start)
         result = self._train_from(start, train_dataset_fn, eval_dataset_fn)
         self.train_loop_end()
+        slowest = self.step_times.slowest_rank()
+        if slowest is not None:
+            self.logger.note(slowest)
         return result
 
     def step_boundary(self, step: int) -> None:
@@ -275,24 +315,29 @@ class CustomLoop:
         iterator = iter(dist)
         self.train_loop_begin()
         window: dict[str, float] = {}
-        n_window, t0 = 0, time.perf_counter()
+        n_window = 0
         result: dict[str, float] = {}
         step = start
         eval_on = eval_dataset_fn is not None
         while step < self.steps:
+            self.profile.at(step)
             n = self._next_boundary(step, eval_on) - step
-            logs = self.train_step(iterator, n)
+            t0 = time.perf_counter()
+            with self.profile.step(step):
+                logs = self.train_step(iterator, n)
+            self.step_times.add(time.perf_counter() - t0, self.collective_wait, n)
+            if step == start:
+                self.logger.log_graph(self.compiled_step(iterator).get_concrete_function().graph)
             step += n
             window = {k: window.get(k, 0.0) + v * n for k, v in logs.items()}
             n_window += n
             log_now = step % tc.log_every == 0 or step == self.steps
             self.logger.show_progress(step, logs, log_now)
             if log_now:
-                dt = time.perf_counter() - t0
                 self.last_logs = {k: v / n_window for k, v in window.items()}
-                self.last_logs["examples_per_sec"] = n_window * self.global_batch / max(dt, 1e-9)
+                self.last_logs.update(self.interval_logs())
                 self.logger.log("train", step, self.last_logs)
-                window, n_window, t0 = {}, 0, time.perf_counter()
+                window, n_window = {}, 0
             if eval_on and tc.eval_every and step % tc.eval_every == 0:
                 result = self.evaluate(eval_dataset_fn, step)
             every = self.config.checkpoint.every
@@ -305,11 +350,21 @@ class CustomLoop:
                 self.train_loop_end()  # nobody exits before the chief's checkpoint is on disk
                 raise stopped
             self.step_boundary(step)
+        self.profile.at(step)
         if eval_on and (not result or self.steps % max(tc.eval_every, 1)):
             result = self.evaluate(eval_dataset_fn, step)
         return result
 
+    def interval_logs(self) -> dict[str, float]:
+        """What a logging interval adds to the step's means: time and throughput (each rank's
+        own, under several processes), the learning rate, and the skipped steps so far."""
+        logs = self.step_times.interval()
+        logs["examples_per_sec"] = self.global_batch / max(logs["step_time"], 1e-9)
+        logs["learning_rate"] = float(tf.convert_to_tensor(self.state.optimizer.learning_rate))
+        logs["nonfinite_skipped"] = float(self.nonfinite_skipped)
+        return logs
+
     def evaluate(self, eval_dataset_fn: DatasetFn, step: int) -> dict[str, float]:
         metrics = self.evaluator.evaluate(eval_dataset_fn)
-        self.logger.log("eval", step, metrics)
+        self.logger.log("eval", step, {**metrics, **self.evaluator.timing})
         return metrics

@@ -7,6 +7,7 @@ gradients through the optimizer's hook: docs/DISTRIBUTED.md, "Custom loop vs mod
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -21,6 +22,7 @@ from dist_share.errors import ConfigError
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import nonfinite, preemption
 from dist_share.train.logs import MetricsLogger
+from dist_share.train.signals import StepTimes
 from dist_share.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -104,13 +106,27 @@ class RunCallback(keras.callbacks.Callback):
         self.eval_fn = eval_fn
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.preempted: preemption.Preempted | None = None
+        # fit's step gives no hook around its all-reduce, so there is no rank's own time here.
+        self.step_times = StepTimes(loop.strategy, per_rank=False)
+        self._t0 = 0.0
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         state, logger = self.loop.state, self.loop.logger
+        self.step_times.add(time.perf_counter() - self._t0, 0.0, 1)
         self.step = self.start + batch + 1
         state.global_step.assign(self.step)
         if self.step % self.log_every == 0 and logs:
             self.loop.last_logs = self._average(logs)
+            times = self.step_times.interval()
+            self.loop.last_logs.update(
+                times,
+                examples_per_sec=self.loop.config.training.batch_size
+                / max(times["step_time"], 1e-9),
+                learning_rate=float(tf.convert_to_tensor(state.optimizer.learning_rate)),
+            )
             logs.update(self.loop.last_logs)  # later (chief-only) callbacks see global values
             logger.log("train", self.step, self.loop.last_logs)
             if not logger.is_tty:  # on a terminal fit shows its own bar
@@ -118,7 +134,7 @@ class RunCallback(keras.callbacks.Callback):
         if self.eval_every and self.step % self.eval_every == 0:
             # Between steps, every process together: the evaluator's loop and reductions.
             metrics = self.loop.evaluator.evaluate(self.eval_fn)
-            logger.log("eval", self.step, metrics)
+            logger.log("eval", self.step, {**metrics, **self.loop.evaluator.timing})
             self.last_eval = (self.step, metrics)
         # fit runs no code of ours between a step's gradient and its update, so a non-finite
         # loss can only stop the run (TrainState.save keeps non-finite values off the disk).
@@ -243,7 +259,7 @@ class FitLoop:
         if run.last_eval is not None and run.last_eval[0] == steps:
             return run.last_eval[1]
         metrics = self.evaluator.evaluate(eval_dataset_fn)
-        self.logger.log("eval", steps, metrics)
+        self.logger.log("eval", steps, {**metrics, **self.evaluator.timing})
         return metrics
 
     def _fit(self, data: Any, steps: int, callbacks: list, verbose: int) -> None:

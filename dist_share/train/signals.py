@@ -1,0 +1,92 @@
+"""What a distributed job shows besides its loss: the gradient norm and each rank's step time."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from dist_share.distribute.strategies import Strategy
+
+# A rank this much slower than the median rank is named at the end of the run.
+SLOW_RANK_MARGIN = 0.10
+
+
+def global_norm(grads: Sequence[Any]) -> tf.Tensor:
+    """The L2 norm of all gradients together, as float32.
+
+    A sparse gradient may list a row more than once (one entry per lookup, or per replica after
+    an all-gather); its rows are summed first, so that the norm is that of the dense gradient.
+    """
+    squares = []
+    for g in grads:
+        if g is None:
+            continue
+        if isinstance(g, tf.IndexedSlices):
+            rows, index = tf.unique(g.indices)
+            g = tf.math.unsorted_segment_sum(g.values, index, tf.shape(rows)[0])
+        squares.append(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
+    return tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0)
+
+
+class StepTimes:
+    """Each step's time, and each rank's own share of it, over a logging interval.
+
+    A synchronous step ends at the same moment on every rank, so the ranks' wall times are
+    equal and cannot tell which rank held the others up. A rank's *own* time is its wall time
+    minus the time it waited inside the gradient all-reduce for the others: the slow rank waits
+    least. ``rank_step_time/<r>`` is rank r's median own time per step over the interval.
+
+    Args:
+        strategy: the run's strategy, whose processes are the ranks.
+        per_rank: log each rank's own time: the loop measures its waits in the collective
+            (not under ``training.deterministic``: op determinism forbids reading the clock
+            inside a step, nor in Keras fit, which has no hook around its all-reduce).
+    """
+
+    def __init__(self, strategy: Strategy, per_rank: bool = True) -> None:
+        self.strategy = strategy
+        self.per_rank = per_rank
+        self._wall = 0.0
+        self._steps = 0
+        self._own: list[float] = []
+        self.history: dict[int, list[float]] = {}  # rank -> its interval medians
+
+    def add(self, wall: float, waited: float, steps: int) -> None:
+        """One compiled call: its wall time, this process's wait in the collective, its steps."""
+        self._wall += wall
+        self._steps += steps
+        self._own.append(max(wall - waited, 0.0) / steps)
+
+    def interval(self) -> dict[str, float]:
+        """The interval's logs (a collective under several processes: every process calls it),
+        and a fresh interval. ``step_time`` counts training steps only, not evaluations or
+        checkpoints between them."""
+        logs = {"step_time": self._wall / max(self._steps, 1)}
+        if self.per_rank and self.strategy.world_size > 1:
+            own = statistics.median(self._own) if self._own else 0.0
+            ranks = self.strategy.process_values(own)
+            for rank, value in enumerate(ranks):
+                logs[f"rank_step_time/{rank}"] = value
+                self.history.setdefault(rank, []).append(value)
+            logs["rank_step_time_spread"] = max(ranks) - min(ranks)
+        self._wall, self._steps, self._own = 0.0, 0, []
+        return logs
+
+    def slowest_rank(self) -> str | None:
+        """One line naming the slowest rank of the run, if it was more than 10 % slower than
+        the median rank; None otherwise (or with one process)."""
+        if len(self.history) < 2:
+            return None
+        per_rank = {rank: statistics.median(values) for rank, values in self.history.items()}
+        median = statistics.median(per_rank.values())
+        rank, slowest = max(per_rank.items(), key=lambda item: item[1])
+        if median <= 0 or slowest <= median * (1 + SLOW_RANK_MARGIN):
+            return None
+        return (
+            f"slowest rank: {rank} took {slowest * 1e3:.1f} ms per step of its own work, "
+            f"{(slowest / median - 1) * 100:.0f}% more than the median rank "
+            f"({median * 1e3:.1f} ms; train/rank_step_time in TensorBoard)"
+        )
