@@ -80,6 +80,10 @@ class ProfileWindow:
     def _stop(self) -> None:
         self.active = False
         if self.strategy.is_chief:
-            tf.profiler.experimental.stop()
+            try:
+                tf.profiler.experimental.stop()
+            except Exception as e:  # noqa: BLE001 - a lost trace (a full disk) must not end the run
+                log.warning("the profiler's trace of steps %d to %d was not written: %s",
+                            self.start + 1, self.end, e)  # fmt: skip
         if self.timeline:
             self.strategy.stop_timeline()
