@@ -1,21 +1,23 @@
-"""Logging cost worker: the same run with TensorBoard off, with all of it on, and with a profiler window.
+"""Logging cost worker: the Trainer with all of its logging on, interleaved with bare steps of the same model.
 
-argv: OUT_DIR [--strategy local|horovod] [--rounds R] [--profile-start S] [--profile-steps N]
+argv: OUT_DIR [--strategy local|horovod] [--rounds R] [--profile-start S] [--profile-steps N] [--no-clock]
       [common options]
 
-Each round trains three fresh Trainers of one config in this process, one after the other:
-``off`` (metrics.jsonl only: no TensorBoard, no clock read inside the step, as under
-``training.deterministic``), ``on`` (the defaults: TensorBoard scalars every ``log_every`` steps,
-HParams, the step's graph, the gradient norm, each rank's own step time) and ``profiled`` (``on``
-with a ``training.profile`` window). Every run is timed in windows of ``--block`` steps
-(`wlib.make_timed_trainer`); a round's ratios are of medians over its windows, and rounds
-alternate the order of the variants so that a drift of the machine's load does not favour one.
-Each window's wall time and this process's CPU time are kept.
+One process (one per Horovod rank) builds two Trainers of one config. The ``bare`` one is only
+stepped: its compiled step without the clock read inside it (as under
+``training.deterministic``), called block by block with no logging around it, no TensorBoard,
+no metrics.jsonl. The other trains through its whole loop with everything on: TensorBoard
+scalars every ``log_every`` steps, HParams, the step's graph, each rank's own step time, the
+gradient norm, metrics.jsonl (``on``), or that and a ``training.profile`` window
+(``profiled``). After each timed window of ``--block`` steps of the full loop a block of bare
+steps runs (`wlib.make_timed_trainer`'s ``between``), so both see the same machine load: the
+noise between separately started runs, larger than the cost measured here, cancels.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 
 from benchmarks.workers.wlib import (
     bench_config,
@@ -26,20 +28,21 @@ from benchmarks.workers.wlib import (
     write_result,
 )
 
-VARIANTS = ("off", "on", "profiled")
-
 
 def main() -> None:
     p = common_args(__doc__)
     p.add_argument("--strategy", choices=("local", "horovod"), default="local")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--profile-start", type=int, default=150)
     p.add_argument("--profile-steps", type=int, default=100)
+    p.add_argument("--no-clock", action="store_true", help="the full loop without its clock too")
     args = p.parse_args()
     threads = setup_threads(args.intra, args.inter)
 
     from dist_share.config.schema import StrategyConfig
+    from dist_share.data.pipeline import train_input
     from dist_share.distribute.strategies import get_strategy
+    from dist_share.train.trainer import Trainer
 
     strategy = get_strategy(StrategyConfig(name=args.strategy))
     steps = (args.warmup + args.repeats) * args.block + 1  # the last step closes the last window
@@ -47,7 +50,7 @@ def main() -> None:
 
     def config(variant: str):
         overrides = [f"strategy.name={args.strategy}", *args.set]
-        if variant != "off":
+        if variant != "bare":
             overrides.append("logging.tensorboard=true")
         if variant == "profiled":
             overrides += [
@@ -56,23 +59,44 @@ def main() -> None:
             ]
         return bench_config(args.family, args.batch, steps, {"name": args.strategy}, overrides)
 
-    build_spec, dataset_fn = model_and_data(config("off"), args.batch)
-    timed = make_timed_trainer(args.block)
+    build_spec, dataset_fn = model_and_data(config("bare"), args.batch)
+    bare = Trainer(build_spec, strategy, config("bare"), None)
+    bare.loop.step_times.per_rank = False  # before its step is traced
+    bare.state.restore()
+    names = bare.state.spec.stream_names
+    bare_input = iter(strategy.distribute_dataset(train_input(dataset_fn, 0, names)))
+    bare_wall: list[float] = []
+    bare_cpu: list[float] = []
+
+    def bare_block() -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.block):
+            bare.loop.train_step(bare_input, 1)
+        bare_wall.append(time.perf_counter() - t0)
+        bare_cpu.append(time.process_time() - c0)
+
+    timed = make_timed_trainer(args.block, between=bare_block)
     rounds = []
-    for r in range(args.rounds):
-        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
-        seconds: dict[str, list[float]] = {}
-        cpu: dict[str, list[float]] = {}
-        for variant in order:
+    for _ in range(args.rounds):
+        for variant in ("on", "profiled"):
+            bare_wall.clear()
+            bare_cpu.clear()
             with tempfile.TemporaryDirectory() as run_dir:
                 trainer = timed(build_spec, strategy, config(variant), run_dir)
-                if variant == "off":
-                    trainer.loop.step_times.per_rank = False  # before the step is traced
+                if args.no_clock:
+                    trainer.loop.step_times.per_rank = False
                 trainer.train(dataset_fn)
                 trainer.close()
-            seconds[variant] = trainer.loop.windows
-            cpu[variant] = trainer.loop.cpu_windows
-        rounds.append({"wall": seconds, "cpu": cpu})
+            rounds.append(
+                {
+                    "variant": variant,
+                    "wall": trainer.loop.windows,
+                    "cpu": trainer.loop.cpu_windows,
+                    "bare_wall": list(bare_wall),
+                    "bare_cpu": list(bare_cpu),
+                }
+            )
+    bare.loop.release_input()
 
     result = {
         "strategy": args.strategy,
@@ -85,7 +109,7 @@ def main() -> None:
         "steps_per_run": steps,
         "profile_window": window,
         "threads": threads,
-        "rounds": rounds,
+        "runs": rounds,
     }
     write_result(args.out_dir, f"logging_{args.strategy}_rank{strategy.rank}", result)
 

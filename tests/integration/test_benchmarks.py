@@ -26,7 +26,7 @@ EXPECTED_COLUMNS = {
     "mining": {"objective", "triplet_accuracy", "recall_at_1"},
     "corrections": {"variant", "recall_at_10", "recall_at_100"},
     "objective_cost": {"option", "ratio", "added_ms", "predicted_added_ms"},
-    "logging": {"case", "on_over_off", "profiled_outside_over_on", "profiled_inside_over_on"},
+    "logging": {"case", "on_over_bare", "profiled_inside_over_bare", "profiled_after_over_bare"},
 }
 
 
