@@ -242,6 +242,10 @@ class SparseConfig:
 class StrategyConfig:
     name: str = option("local", choices=STRATEGIES)
     num_cpu_devices: int | None = option(None, positive=True)
+    # Each process takes the GPUs `distribute.devices` gives it; memory grows as needed
+    # rather than all of it taken at start, and two processes may share a GPU only if allowed.
+    gpu_memory_growth: bool = True
+    allow_shared_gpus: bool = False
     horovod: HorovodConfig = dataclasses.field(default_factory=HorovodConfig)
     sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
 

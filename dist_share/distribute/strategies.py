@@ -25,6 +25,7 @@ import tensorflow as tf
 from dist_share.config.schema import STRATEGIES, StrategyConfig
 from dist_share.data.types import DatasetFn
 from dist_share.distribute.cluster import discover_tf_config
+from dist_share.distribute.devices import NodeSlot, node_slot, place
 from dist_share.distribute.gradients import GradientOptions, reduce_gradients
 from dist_share.errors import ConfigError
 from dist_share.model.cross_replica import CollectiveGroup, set_process_group
@@ -236,7 +237,7 @@ class MultiWorkerStrategy(TFDistributeStrategy):
     name = "multiworker"
     fit_logs_need_rank = True
 
-    def __init__(self, options: GradientOptions) -> None:
+    def __init__(self, options: GradientOptions, gpus: StrategyConfig | None = None) -> None:
         if "TF_CONFIG" not in os.environ:
             tf_config = discover_tf_config(os.environ)
             if tf_config is None:
@@ -246,6 +247,7 @@ class MultiWorkerStrategy(TFDistributeStrategy):
                     "variables or horovodrun variables; none were found in the environment",
                 )
             os.environ["TF_CONFIG"] = json.dumps(tf_config)
+        _place(self.name, node_slot(os.environ), gpus)
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         implementation = (
             tf.distribute.experimental.CommunicationImplementation.AUTO
@@ -323,7 +325,9 @@ class HorovodStrategy(Strategy):
     logs_are_per_process = True
     gradient_backend = "horovod"
 
-    def __init__(self, options: GradientOptions, timeline: bool = False) -> None:
+    def __init__(
+        self, options: GradientOptions, timeline: bool = False, gpus: StrategyConfig | None = None
+    ) -> None:
         import horovod.tensorflow as hvd  # the only place Horovod is imported
 
         if timeline:
@@ -337,12 +341,7 @@ class HorovodStrategy(Strategy):
                     "record the profiler window's steps only",
                 )
         hvd.init()
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            # One GPU per local rank: processes on a host must not share a device.
-            for gpu in gpus:
-                tf.config.experimental.set_memory_growth(gpu, True)
-            tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
+        _place(self.name, NodeSlot(hvd.local_rank(), hvd.local_size()), gpus)
         self.hvd = hvd
         set_process_group(HorovodGroup(hvd))
         super().__init__(options)
@@ -452,13 +451,27 @@ def get_strategy(cfg: StrategyConfig | None = None, horovod_timeline: bool = Fal
             "strategy.name", f"got {cfg.name!r}, expected one of {', '.join(STRATEGIES)}"
         )
     options = GradientOptions.from_config(cfg)
+    if cfg.name == "multiworker":
+        return MultiWorkerStrategy(options, gpus=cfg)
+    if cfg.name == "horovod":
+        return HorovodStrategy(options, timeline=horovod_timeline, gpus=cfg)
+    _place(cfg.name, NodeSlot(), cfg)  # this process alone takes the machine's GPUs
     if cfg.name == "mirrored":
         return MirroredStrategy(options, num_cpu_devices=cfg.num_cpu_devices)
-    if cfg.name == "multiworker":
-        return MultiWorkerStrategy(options)
-    if cfg.name == "horovod":
-        return HorovodStrategy(options, timeline=horovod_timeline)
     return LocalStrategy(options)
+
+
+def _place(name: str, slot: NodeSlot, cfg: StrategyConfig | None) -> None:
+    """This process's GPUs (`devices.place`), before TensorFlow starts its devices."""
+    cfg = cfg or StrategyConfig(name=name)
+    place(
+        tf.config,
+        name,
+        slot,
+        memory_growth=cfg.gpu_memory_growth,
+        allow_shared=cfg.allow_shared_gpus,
+        num_cpu_devices=cfg.num_cpu_devices,
+    )
 
 
 def _logical_cpus(n: int) -> list[tf.config.LogicalDevice]:

@@ -51,6 +51,8 @@ def test_defaults_are_filled_from_a_minimal_config() -> None:
     assert cfg.to_dict()["strategy"] == {
         "name": "local",
         "num_cpu_devices": None,
+        "gpu_memory_growth": True,
+        "allow_shared_gpus": False,
         "horovod": {
             "compression": "none",
             "op": "average",
