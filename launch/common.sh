@@ -51,3 +51,31 @@ run_with_restarts() {
 }
 
 die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 2; }
+
+# Appends `-x NAME` to the array named by $1 for each variable every MPI rank needs that is set
+# (only those: Open MPI warns about the others), then every NCCL_* and HOROVOD_* variable sorted
+# by name, as dist_share/launch/commands.py does; with IFACE set, the two it passes by value are
+# left out.
+mpi_forward_env() {
+  local -n into="$1"
+  local var fixed=(PATH LD_LIBRARY_PATH PYTHONPATH NCCL_DEBUG TF_CPP_MIN_LOG_LEVEL CUDA_VISIBLE_DEVICES)
+  for var in "${fixed[@]}"; do
+    if [ -n "${!var+x}" ]; then into+=(-x "$var"); fi
+  done
+  while IFS= read -r var; do
+    case " ${fixed[*]} " in *" $var "*) continue ;; esac
+    if [ -n "${IFACE:-}" ] && { [ "$var" = NCCL_SOCKET_IFNAME ] || [ "$var" = HOROVOD_GLOO_IFACE ]; }; then
+      continue
+    fi
+    into+=(-x "$var")
+  done < <(compgen -e | grep -E '^(NCCL_|HOROVOD_)' | LC_ALL=C sort)
+}
+
+# The GPUs of this node (0 without nvidia-smi or a GPU): the default process count per node.
+gpus_on_this_node() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}

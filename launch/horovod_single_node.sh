@@ -6,7 +6,7 @@
 # Variables (environment):
 #   CONFIG     config file                    (default configs/siamese_digits.yaml)
 #   RUN_DIR    run directory                  (default runs/<config>-horovod)
-#   NP         processes = GPUs on this node  (default 2)
+#   NP         processes                      (default: the GPUs of this node, 2 without GPUs)
 #   TRANSPORT  gloo | mpi                     (default gloo: no MPI needed at run time)
 #   DRY_RUN=1  print the command instead of running it
 set -euo pipefail
@@ -16,7 +16,10 @@ if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
 
 CONFIG="${CONFIG:-configs/siamese_digits.yaml}"
 RUN_DIR="${RUN_DIR:-runs/$(basename "$CONFIG" .yaml)-horovod}"
-NP="${NP:-2}"
+if [ -z "${NP:-}" ]; then
+  NP="$(gpus_on_this_node)"
+  if [ "$NP" = 0 ]; then NP=2; fi
+fi
 TRANSPORT="${TRANSPORT:-gloo}"
 case "$TRANSPORT" in gloo|mpi) ;; *) die "TRANSPORT must be gloo or mpi, got '$TRANSPORT'" ;; esac
 

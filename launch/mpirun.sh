@@ -34,9 +34,7 @@ if [ -n "${IFACE:-}" ]; then
   mpi+=(-mca btl_tcp_if_include "$IFACE" -mca oob_tcp_if_include "$IFACE"
         -x "NCCL_SOCKET_IFNAME=$IFACE" -x "HOROVOD_GLOO_IFACE=$IFACE")
 fi
-# Forward what every rank needs (only variables that are set: Open MPI warns about the others).
-for var in PATH LD_LIBRARY_PATH PYTHONPATH NCCL_DEBUG TF_CPP_MIN_LOG_LEVEL; do
-  if [ -n "${!var+x}" ]; then mpi+=(-x "$var"); fi
-done
+# Forward what every rank needs, NCCL's and Horovod's settings included (common.sh).
+mpi_forward_env mpi
 
 run "${mpi[@]}" "$DIST_SHARE" train "$CONFIG" --strategy horovod --run-dir "$RUN_DIR" "$@"

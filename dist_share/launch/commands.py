@@ -16,8 +16,17 @@ from dist_share.errors import ConfigError
 from dist_share.launch.hosts import Host, check_np, is_local
 
 LAUNCHERS = ("horovodrun", "mpirun", "multiworker")
-# Environment every MPI rank needs to see (mpirun only forwards what it is told to).
-MPI_FORWARD_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG", "TF_CPP_MIN_LOG_LEVEL")
+# Environment every MPI rank needs to see (mpirun only forwards what it is told to): these, and
+# every variable with one of the prefixes (NCCL's and Horovod's settings), when set.
+MPI_FORWARD_ENV = (
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "NCCL_DEBUG",
+    "TF_CPP_MIN_LOG_LEVEL",
+    "CUDA_VISIBLE_DEVICES",
+)
+MPI_FORWARD_PREFIXES = ("NCCL_", "HOROVOD_")
 
 
 @dataclass(frozen=True)
@@ -114,7 +123,8 @@ def mpirun_command(
     ``-bind-to none -map-by slot``: Horovod processes use many threads, binding them to one core
     starves them. ``-mca pml ob1 -mca btl ^openib``: avoid the openib transport that hangs with
     fork()ing data loaders. Of ``forward_env`` only the variables set in ``env`` (default: this
-    process's environment) are forwarded, as Open MPI warns about the others.
+    process's environment) are forwarded, as Open MPI warns about the others; so is every
+    ``NCCL_*`` and ``HOROVOD_*`` variable set there, sorted by name.
     ``-mca mpi_yield_when_idle 1`` (``yield_when_idle``): a waiting rank yields its core.
     """
     env = os.environ if env is None else env
@@ -158,8 +168,10 @@ def mpirun_command(
             "-x",
             f"HOROVOD_GLOO_IFACE={network_interface}",
         ]
-    for name in forward_env:
-        if name in env:
+    given = {"NCCL_SOCKET_IFNAME", "HOROVOD_GLOO_IFACE"} if network_interface else set()
+    prefixed = sorted(k for k in env if k.startswith(MPI_FORWARD_PREFIXES))
+    for name in [*forward_env, *(k for k in prefixed if k not in forward_env)]:
+        if name in env and name not in given:
             argv += ["-x", name]
     return argv + list(command)
 

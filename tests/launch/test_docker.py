@@ -64,6 +64,20 @@ def test_dockerfiles_pass_hadolint_and_set_up_like_the_bootstrap(name: str) -> N
     assert (DOCKER / f"{name}.dockerignore").read_text().split()[:2] == [".git", ".venv"]
 
 
+def test_the_gpu_compose_file_gives_each_worker_its_own_gpu_and_shared_memory() -> None:
+    base = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())["services"]
+    gpu = yaml.safe_load((DOCKER / "docker-compose.gpu.yml").read_text())["services"]
+    assert set(gpu) == set(base)  # every service of the job runs the GPU image
+    assert {svc["image"] for svc in gpu.values()} == {"dist-share:gpu"}
+    devices = []
+    for name in ("worker0", "worker1"):
+        (device,) = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["capabilities"] == ["gpu"] and "count" not in device
+        devices += device["device_ids"]
+        assert gpu[name]["shm_size"] == "1gb"
+    assert devices == ["0", "1"]  # not `gpus: all`, with which both ranks would take GPU 0
+
+
 def test_compose_file_describes_a_two_rank_job_without_ssh() -> None:
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     services = compose["services"]

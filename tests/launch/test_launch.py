@@ -428,10 +428,16 @@ def test_mpijob_manifest_is_a_consistent_v2beta1_mpijob() -> None:
     assert cmd[cmd.index("--strategy") + 1] == "horovod"
     assert wc["command"] == ["/usr/sbin/sshd", "-De"]
     assert wc["resources"]["limits"]["nvidia.com/gpu"] == spec["slotsPerWorker"]
+    volumes = {v["name"]: v for v in worker["template"]["spec"]["volumes"]}
     claims = {
-        v["persistentVolumeClaim"]["claimName"] for v in worker["template"]["spec"]["volumes"]
+        v["persistentVolumeClaim"]["claimName"]
+        for v in volumes.values()
+        if "persistentVolumeClaim" in v
     }
     assert claims == {_manifest("pvc-runs.yaml")["metadata"]["name"]}
+    # NCCL's shared memory: /dev/shm is an in-memory volume, not the pod's default 64 MB.
+    (shm,) = [m["name"] for m in wc["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[shm]["emptyDir"]["medium"] == "Memory"
 
 
 def test_tfjob_manifest_is_a_multiworker_tfjob() -> None:
@@ -453,3 +459,64 @@ def test_tfjob_manifest_is_a_multiworker_tfjob() -> None:
     pvc = _manifest("pvc-runs.yaml")
     assert (pvc["apiVersion"], pvc["kind"]) == ("v1", "PersistentVolumeClaim")
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+# -- what GPU jobs need from the launch files -----------------------------------------------------
+GPU_ENV = {
+    "CUDA_VISIBLE_DEVICES": "0,1",
+    "NCCL_IB_DISABLE": "1",
+    "NCCL_SOCKET_IFNAME": "ib0",  # given by value with --network-interface: not forwarded twice
+    "HOROVOD_CYCLE_TIME": "0.5",
+    "HOROVOD_FUSION_THRESHOLD": "67108864",
+    "UNRELATED": "x",
+}
+
+
+def test_mpirun_forwards_nccl_horovod_and_cuda_variables() -> None:
+    argv = mpirun_command(
+        parse_hosts("a:2,b:2"), ["x"], network_interface="eth0", allow_run_as_root=False,
+        env={"PATH": "/bin", **GPU_ENV},
+    )  # fmt: skip
+    forwarded = [argv[i + 1] for i, a in enumerate(argv) if a == "-x" and "=" not in argv[i + 1]]
+    assert forwarded == [
+        "PATH", "CUDA_VISIBLE_DEVICES", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD",
+        "NCCL_IB_DISABLE",
+    ]  # fmt: skip
+    # The scripts forward the same, in the same order (their dry runs equal the CLI's).
+    # (The CLI sets TF_CPP_MIN_LOG_LEVEL for itself, so the script is given it too.)
+    env = {"PATH": os.environ["PATH"], "HOME": "/root", "TF_CPP_MIN_LOG_LEVEL": "2", **GPU_ENV}
+    out = _script(
+        "mpirun.sh", HOSTS="a:2,b:2", IFACE="eth0", RUN_DIR="runs/x", TF_CPP_MIN_LOG_LEVEL="2",
+        **GPU_ENV,
+    )  # fmt: skip
+    assert out.stdout.strip() == _cli_dry_run(
+        "--launcher", "mpirun", "--hosts", "a:2,b:2", "--network-interface", "eth0", "--",
+        *TRAIN, env=env,
+    )  # fmt: skip
+    sbatch = shlex.split(
+        _script("slurm_horovod.sbatch", LAUNCHER="mpirun", SLURM_NTASKS="4", **GPU_ENV).stdout
+    )
+    assert [sbatch[i + 1] for i, a in enumerate(sbatch) if a == "-x"][1:] == [
+        "CUDA_VISIBLE_DEVICES", "HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD",
+        "NCCL_IB_DISABLE", "NCCL_SOCKET_IFNAME",
+    ]  # fmt: skip
+
+
+def test_srun_passes_the_jobs_cpus_per_task_on() -> None:
+    for name in ("slurm_horovod.sbatch", "slurm_multiworker.sbatch"):
+        argv = shlex.split(_script(name, SLURM_CPUS_PER_TASK="8").stdout)
+        assert argv[0] == "srun" and "--cpus-per-task=8" in argv, argv
+        assert not [a for a in shlex.split(_script(name).stdout) if a.startswith("--cpus")]
+
+
+def test_the_single_node_script_starts_one_process_per_gpu(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"  # what `nvidia-smi -L` prints on a node with 4 GPUs
+    smi.write_text('#!/bin/sh\nfor i in 0 1 2 3; do echo "GPU $i: NVIDIA A100 (UUID: x)"; done\n')
+    smi.chmod(0o755)
+    path = f"{fake}:{os.environ['PATH']}"
+    argv = shlex.split(_script("horovod_single_node.sh", PATH=path).stdout)
+    assert argv[:5] == ["horovodrun", "-np", "4", "-H", "localhost:4"]
+    argv = shlex.split(_script("horovod_single_node.sh").stdout)  # no GPU here: 2
+    assert argv[:5] == ["horovodrun", "-np", "2", "-H", "localhost:2"]
