@@ -48,7 +48,7 @@ def check_output(out: Path, plan: dict, overwrite: bool) -> str:
         ConfigError: ``out`` holds another plan's embeddings (without ``overwrite``), or other
             files.
     """
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or (out.is_dir() and not _own_files(out)):
         return "new"
     if not out.is_dir():
         raise ConfigError("--out", f"{out} is a file, not a directory")
@@ -71,6 +71,19 @@ def check_output(out: Path, plan: dict, overwrite: bool) -> str:
         "--out",
         f"{out} holds other embeddings ({theirs}; {differ}); pass --overwrite to replace them",
     )
+
+
+def _stale_temporaries(out: Path) -> list[Path]:
+    """What a killed job left of the files it was writing (`files.atomic_write`'s temporaries):
+    a SIGKILL leaves no chance to remove them, so the next run does."""
+    names = ("part-*.npz", MANIFEST, PLAN)
+    return [path for name in names for path in out.glob(f".{name}.*.tmp")]
+
+
+def _own_files(out: Path) -> list[Path]:
+    """The files of ``out`` other than a killed job's temporaries."""
+    stale = set(_stale_temporaries(out))
+    return [path for path in out.iterdir() if path not in stale]
 
 
 def _clear(out: Path) -> None:
@@ -116,6 +129,9 @@ def embed_parts(
     if strategy.is_chief:
         if mode == "overwrite":
             _clear(out)
+        if out.is_dir():
+            for path in _stale_temporaries(out):
+                path.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         if mode != "resume":
             files.atomic_write_text(out / PLAN, json.dumps(plan, indent=2, sort_keys=True) + "\n")
