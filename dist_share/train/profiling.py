@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import tensorflow as tf
@@ -13,6 +12,7 @@ from dist_share.config.schema import ProfileConfig
 from dist_share.distribute.strategies import Strategy
 
 log = logging.getLogger(__name__)
+_NO_MARKER = contextlib.nullcontext()  # outside the window: nothing made per step
 
 
 class ProfileWindow:
@@ -53,15 +53,12 @@ class ProfileWindow:
         elif step >= self.end and self.active:
             self._stop()
 
-    @contextlib.contextmanager
-    def step(self, step: int) -> Iterator[None]:
+    def step(self, step: int) -> contextlib.AbstractContextManager:
         """Around one compiled call that begins after ``step``: inside the window, a marker
         numbered with the call's first step, which the profile tab's step view reads."""
         if not self.active:
-            yield
-            return
-        with tf.profiler.experimental.Trace("train", step_num=step + 1, _r=1):
-            yield
+            return _NO_MARKER
+        return tf.profiler.experimental.Trace("train", step_num=step + 1, _r=1)
 
     def close(self) -> None:
         """Stop a window still open (a run that ended or failed inside it)."""

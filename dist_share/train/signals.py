@@ -41,13 +41,15 @@ class StepTimes:
 
     Args:
         strategy: the run's strategy, whose processes are the ranks.
+        global_batch: examples per step over all replicas (for ``examples_per_sec``).
         per_rank: log each rank's own time: the loop measures its waits in the collective
             (not under ``training.deterministic``: op determinism forbids reading the clock
             inside a step, nor in Keras fit, which has no hook around its all-reduce).
     """
 
-    def __init__(self, strategy: Strategy, per_rank: bool = True) -> None:
+    def __init__(self, strategy: Strategy, global_batch: int, per_rank: bool = True) -> None:
         self.strategy = strategy
+        self.global_batch = global_batch
         self.per_rank = per_rank
         self._wall = 0.0
         self._steps = 0
@@ -64,7 +66,11 @@ class StepTimes:
         """The interval's logs (a collective under several processes: every process calls it),
         and a fresh interval. ``step_time`` counts training steps only, not evaluations or
         checkpoints between them."""
-        logs = {"step_time": self._wall / max(self._steps, 1)}
+        step_time = self._wall / max(self._steps, 1)
+        logs = {
+            "step_time": step_time,
+            "examples_per_sec": self.global_batch / max(step_time, 1e-9),
+        }
         if self.per_rank and self.strategy.world_size > 1:
             own = statistics.median(self._own) if self._own else 0.0
             ranks = self.strategy.process_values(own)
@@ -90,3 +96,9 @@ class StepTimes:
             f"{(slowest / median - 1) * 100:.0f}% more than the median rank "
             f"({median * 1e3:.1f} ms; train/rank_step_time in TensorBoard)"
         )
+
+
+def learning_rate(optimizer: Any) -> float:
+    """The optimizer's current learning rate (a schedule's value at its step; a variable of a
+    tf.distribute scope read from the host)."""
+    return float(tf.convert_to_tensor(optimizer.learning_rate))

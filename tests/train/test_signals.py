@@ -43,14 +43,14 @@ class _Ranks(Strategy):
 
 
 def test_a_rank_is_named_only_when_more_than_10_percent_slower_than_the_median() -> None:
-    even = StepTimes(_Ranks(0.0105))
+    even = StepTimes(_Ranks(0.0105), global_batch=64)
     even.add(wall=0.05, waited=0.04, steps=1)  # own time 10 ms
     logs = even.interval()
     assert logs["rank_step_time/0"] == pytest.approx(0.010)
     assert logs["rank_step_time_spread"] == pytest.approx(0.0005)
     assert even.slowest_rank() is None
 
-    slow = StepTimes(_Ranks(0.010, 0.020))
+    slow = StepTimes(_Ranks(0.010, 0.020), global_batch=64)
     slow.add(wall=0.04, waited=0.03, steps=1)
     slow.add(wall=0.05, waited=0.04, steps=1)
     slow.add(wall=0.90, waited=0.0, steps=1)  # the median, not the mean: a hiccup is not counted
@@ -61,11 +61,12 @@ def test_a_rank_is_named_only_when_more_than_10_percent_slower_than_the_median()
 
 
 def test_steps_of_one_call_share_its_time() -> None:
-    times = StepTimes(_Ranks(), per_rank=True)
+    times = StepTimes(_Ranks(), global_batch=64, per_rank=True)
     times.add(wall=0.3, waited=0.0, steps=3)
     times.add(wall=0.1, waited=0.0, steps=1)
     logs = times.interval()
-    assert logs == {"step_time": pytest.approx(0.1)}  # one process: no per-rank entries
+    # One process: no per-rank entries.
+    assert logs == {"step_time": pytest.approx(0.1), "examples_per_sec": pytest.approx(640)}
     assert times.interval()["step_time"] == 0.0  # a new interval
 
 

@@ -20,7 +20,7 @@ from dist_share.train.guards import nonfinite, preemption
 from dist_share.train.logs import MetricsLogger
 from dist_share.train.loops import accumulate
 from dist_share.train.profiling import ProfileWindow
-from dist_share.train.signals import StepTimes, global_norm
+from dist_share.train.signals import StepTimes, global_norm, learning_rate
 from dist_share.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class CustomLoop:
         self._stop_flag: tf.Variable | None = None
         self._inputs = (1, False)  # what the two variables hold
         self.last_logs: dict[str, float] = {}
-        self.step_times = StepTimes(self.strategy, per_rank=not tc.deterministic)
+        self.step_times = StepTimes(self.strategy, tc.batch_size, per_rank=not tc.deterministic)
         self.profile = ProfileWindow(tc.profile, state.run_dir, self.strategy)
 
     # -- replica computations ------------------------------------------------------------
@@ -359,8 +359,7 @@ class CustomLoop:
         """What a logging interval adds to the step's means: time and throughput (each rank's
         own, under several processes), the learning rate, and the skipped steps so far."""
         logs = self.step_times.interval()
-        logs["examples_per_sec"] = self.global_batch / max(logs["step_time"], 1e-9)
-        logs["learning_rate"] = float(tf.convert_to_tensor(self.state.optimizer.learning_rate))
+        logs["learning_rate"] = learning_rate(self.state.optimizer)
         logs["nonfinite_skipped"] = float(self.nonfinite_skipped)
         return logs
 

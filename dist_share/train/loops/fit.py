@@ -22,7 +22,7 @@ from dist_share.errors import ConfigError
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import nonfinite, preemption
 from dist_share.train.logs import MetricsLogger
-from dist_share.train.signals import StepTimes
+from dist_share.train.signals import StepTimes, learning_rate
 from dist_share.train.state import TrainState
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class RunCallback(keras.callbacks.Callback):
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.preempted: preemption.Preempted | None = None
         # fit's step gives no hook around its all-reduce, so there is no rank's own time here.
-        self.step_times = StepTimes(loop.strategy, per_rank=False)
+        self.step_times = StepTimes(loop.strategy, tc.batch_size, per_rank=False)
         self._t0 = 0.0
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
@@ -120,12 +120,8 @@ class RunCallback(keras.callbacks.Callback):
         state.global_step.assign(self.step)
         if self.step % self.log_every == 0 and logs:
             self.loop.last_logs = self._average(logs)
-            times = self.step_times.interval()
             self.loop.last_logs.update(
-                times,
-                examples_per_sec=self.loop.config.training.batch_size
-                / max(times["step_time"], 1e-9),
-                learning_rate=float(tf.convert_to_tensor(state.optimizer.learning_rate)),
+                self.step_times.interval(), learning_rate=learning_rate(state.optimizer)
             )
             logs.update(self.loop.last_logs)  # later (chief-only) callbacks see global values
             logger.log("train", self.step, self.loop.last_logs)
