@@ -17,6 +17,8 @@ FAMILIES = ("siamese", "triplet", "multiview", "two_tower")
 SOURCES = ("digits", "two_tower_synthetic", "npz", "random", "tfrecord")
 STRATEGIES = ("local", "mirrored", "multiworker", "horovod")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+CROSS_DEVICE_OPS = ("auto", "nccl", "hierarchical_copy", "reduction_to_one_device")
 SHARING_MODES = ("shared", "separate", "grouped", "switchable")
 SECTIONS = ("model", "data", "optimizer", "training", "strategy", "checkpoint", "logging")
 # The keys of ``model`` each family reads; the rest keep their defaults and are not saved.
@@ -202,7 +204,12 @@ class TrainingConfig:
     batch_size: int = option(64, positive=True)
     grad_accum_steps: int = option(1, positive=True)
     steps_per_loop: int = option(1, positive=True)
-    mixed_precision: bool = False
+    # The compute dtype policy; ``mixed_float16`` adds loss scaling (docs/GPU.md). The older
+    # ``mixed_precision: true`` is read as ``mixed_float16`` (resolve.py).
+    precision: str = option("float32", choices=PRECISIONS)
+    # XLA for each replica's forward and backward pass: ``auto`` compiles where it pays and can
+    # work (a GPU, not Horovod, no collective inside the pass); ``true`` insists.
+    jit_compile: str = option("auto", choices=("auto", "true", "false"))
     loop: str = option("custom", choices=("custom", "keras_fit"))
     log_every: int = option(50, positive=True)
     eval_every: int = option(200, minimum=0)
@@ -217,6 +224,11 @@ class TrainingConfig:
     # What a non-finite loss or reduced gradient does (nonfinite.py): end the run, or skip it.
     on_nonfinite: str = option("stop", choices=("stop", "skip"))
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
+
+    @property
+    def loss_scaled(self) -> bool:
+        """float16 gradients underflow without a loss scale; bfloat16 has float32's range."""
+        return self.precision == "mixed_float16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +258,12 @@ class StrategyConfig:
     # rather than all of it taken at start, and two processes may share a GPU only if allowed.
     gpu_memory_growth: bool = True
     allow_shared_gpus: bool = False
+    # How MirroredStrategy sums across its devices (multi-worker: auto or nccl); auto lets
+    # TensorFlow choose (NCCL on GPUs).
+    cross_device_ops: str = option("auto", choices=CROSS_DEVICE_OPS)
+    # Copy each batch to the process's GPU ahead of the step (local and Horovod; the
+    # tf.distribute strategies always do).
+    prefetch_to_device: bool = True
     horovod: HorovodConfig = dataclasses.field(default_factory=HorovodConfig)
     sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
 

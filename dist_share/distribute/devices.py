@@ -134,3 +134,9 @@ def place(
         for gpu in chosen:
             config.experimental.set_memory_growth(gpu, True)
     return chosen
+
+
+def prefetch_device(enabled: bool, gpus: Sequence[Any]) -> str | None:
+    """The device a one-replica process copies its batches to ahead of the step: its first
+    GPU (after `place`, the only ones it sees), or None on CPUs or when turned off."""
+    return gpus[0].name if enabled and gpus else None

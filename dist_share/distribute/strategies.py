@@ -25,7 +25,7 @@ import tensorflow as tf
 from dist_share.config.schema import STRATEGIES, StrategyConfig
 from dist_share.data.types import DatasetFn
 from dist_share.distribute.cluster import discover_tf_config
-from dist_share.distribute.devices import NodeSlot, node_slot, place
+from dist_share.distribute.devices import NodeSlot, node_slot, place, prefetch_device
 from dist_share.distribute.gradients import GradientOptions, reduce_gradients
 from dist_share.errors import ConfigError
 from dist_share.model.cross_replica import CollectiveGroup, set_process_group
@@ -51,6 +51,8 @@ class Strategy:
             must be averaged over processes before they are written (Horovod).
         fit_logs_need_rank: Keras 3 reduces ``fit`` logs across workers with
             ``reduce(MEAN, axis=0)``, which fails on scalars (MultiWorkerMirrored).
+        prefetch_to_device: copy batches to this process's GPU ahead of the step
+            (``strategy.prefetch_to_device``; tf.distribute strategies always do).
     """
 
     name: str = ""
@@ -59,8 +61,9 @@ class Strategy:
     fit_logs_need_rank: bool = False
     gradient_backend: str = "none"
 
-    def __init__(self, options: GradientOptions) -> None:
+    def __init__(self, options: GradientOptions, prefetch_to_device: bool = True) -> None:
         self.gradient_options = options
+        self.prefetch_to_device = prefetch_to_device
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -95,7 +98,11 @@ class Strategy:
             input_pipeline_id=self.rank,
             num_replicas_in_sync=self.num_replicas,
         )
-        return dataset_fn(ctx)
+        dataset = dataset_fn(ctx)
+        device = prefetch_device(self.prefetch_to_device, tf.config.list_logical_devices("GPU"))
+        if device is not None and isinstance(dataset, tf.data.Dataset):
+            dataset = dataset.apply(tf.data.experimental.prefetch_to_device(device))
+        return dataset
 
     # -- computation ----------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], args: tuple = ()) -> Any:
@@ -226,9 +233,17 @@ class MirroredStrategy(TFDistributeStrategy):
 
     name = "mirrored"
 
-    def __init__(self, options: GradientOptions, num_cpu_devices: int | None = None) -> None:
+    def __init__(
+        self,
+        options: GradientOptions,
+        num_cpu_devices: int | None = None,
+        cross_device_ops: str = "auto",
+    ) -> None:
         devices = [d.name for d in _logical_cpus(num_cpu_devices)] if num_cpu_devices else None
-        super().__init__(tf.distribute.MirroredStrategy(devices=devices), options)
+        ops = _mirrored_all_reduce(cross_device_ops)
+        super().__init__(
+            tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops), options
+        )
 
 
 class MultiWorkerStrategy(TFDistributeStrategy):
@@ -249,11 +264,12 @@ class MultiWorkerStrategy(TFDistributeStrategy):
             os.environ["TF_CONFIG"] = json.dumps(tf_config)
         _place(self.name, node_slot(os.environ), gpus)
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-        implementation = (
-            tf.distribute.experimental.CommunicationImplementation.AUTO
-            if tf.config.list_physical_devices("GPU")
-            else tf.distribute.experimental.CommunicationImplementation.RING
-        )
+        kinds = tf.distribute.experimental.CommunicationImplementation
+        if gpus is not None and gpus.cross_device_ops == "nccl":
+            _need_gpus("nccl")
+            implementation = kinds.NCCL
+        else:
+            implementation = kinds.AUTO if tf.config.list_physical_devices("GPU") else kinds.RING
         comm = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
         super().__init__(
             tf.distribute.MultiWorkerMirroredStrategy(
@@ -451,13 +467,21 @@ def get_strategy(cfg: StrategyConfig | None = None, horovod_timeline: bool = Fal
             "strategy.name", f"got {cfg.name!r}, expected one of {', '.join(STRATEGIES)}"
         )
     options = GradientOptions.from_config(cfg)
+    strategy = _build(cfg, options, horovod_timeline)
+    strategy.prefetch_to_device = cfg.prefetch_to_device
+    return strategy
+
+
+def _build(cfg: StrategyConfig, options: GradientOptions, horovod_timeline: bool) -> Strategy:
     if cfg.name == "multiworker":
         return MultiWorkerStrategy(options, gpus=cfg)
     if cfg.name == "horovod":
         return HorovodStrategy(options, timeline=horovod_timeline, gpus=cfg)
     _place(cfg.name, NodeSlot(), cfg)  # this process alone takes the machine's GPUs
     if cfg.name == "mirrored":
-        return MirroredStrategy(options, num_cpu_devices=cfg.num_cpu_devices)
+        return MirroredStrategy(
+            options, num_cpu_devices=cfg.num_cpu_devices, cross_device_ops=cfg.cross_device_ops
+        )
     return LocalStrategy(options)
 
 
@@ -472,6 +496,27 @@ def _place(name: str, slot: NodeSlot, cfg: StrategyConfig | None) -> None:
         allow_shared=cfg.allow_shared_gpus,
         num_cpu_devices=cfg.num_cpu_devices,
     )
+
+
+def _mirrored_all_reduce(choice: str) -> tf.distribute.CrossDeviceOps | None:
+    """``strategy.cross_device_ops`` for MirroredStrategy; None lets TensorFlow choose."""
+    if choice == "nccl":
+        _need_gpus("nccl")
+        return tf.distribute.NcclAllReduce()
+    if choice == "hierarchical_copy":
+        return tf.distribute.HierarchicalCopyAllReduce()
+    if choice == "reduction_to_one_device":
+        return tf.distribute.ReductionToOneDevice()
+    return None
+
+
+def _need_gpus(choice: str) -> None:
+    if not tf.config.list_logical_devices("GPU"):
+        raise ConfigError(
+            "strategy.cross_device_ops",
+            f"{choice} sums on GPUs and this process has none "
+            "(use auto, hierarchical_copy or reduction_to_one_device)",
+        )
 
 
 def _logical_cpus(n: int) -> list[tf.config.LogicalDevice]:

@@ -25,8 +25,15 @@ import tensorflow as tf
 from dist_share.model.trace_flags import TraceFlag
 
 _local = TraceFlag()
+_compiled = TraceFlag()
 _process_group: ReplicaGroup | None = None
 _waits = threading.local()  # per replica thread, like TraceFlag
+
+
+class CollectiveInCompiledPass(Exception):
+    """A collective was traced inside a pass XLA compiles (`compiled_pass`): it must stay
+    outside (a tf.distribute collective cannot be nested in a compiled function, and XLA
+    cannot compile Horovod's)."""
 
 
 class ReplicaGroup:
@@ -69,6 +76,11 @@ class CollectiveGroup(ReplicaGroup):
 
     def _timed(self, collective: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor) -> tf.Tensor:
         """``collective(x)``; inside `collective_waits`, also how long this replica spent in it."""
+        if _compiled.on:
+            raise CollectiveInCompiledPass(
+                f"the pass exchanges rows with the other {self.num_replicas - 1} replica(s) "
+                "(a batch-coupled loss, normalisation or metric)"
+            )
         log = getattr(_waits, "log", None)
         if log is None:
             return collective(x)
@@ -143,6 +155,11 @@ def collective_waits(enabled: bool = True) -> Iterator[list[tf.Tensor]]:
         yield log
     finally:
         _waits.log = outer
+
+
+def compiled_pass() -> contextlib.AbstractContextManager[None]:
+    """Inside, a collective of a group of several replicas raises `CollectiveInCompiledPass`."""
+    return _compiled.set()
 
 
 def local_only() -> contextlib.AbstractContextManager[None]:

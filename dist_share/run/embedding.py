@@ -106,7 +106,7 @@ def embed(
 ) -> str:
     """Embed a corpus with one tower of the run into ``out``; returns what was done (the
     chief's summary)."""
-    restored = RestoredRun(run_dir, "embed", [*overrides, "training.mixed_precision=false"])
+    restored = RestoredRun(run_dir, "embed", [*overrides, "training.precision=float32"])
     streams = restored.streams
     name = tower_name or restored.family.retrieval_towers(restored.cfg.model, streams)[1]
     tower = restored.tower(name)

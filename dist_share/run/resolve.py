@@ -10,12 +10,14 @@ from typing import Any
 from dist_share.config.fields import parse_section, type_hints
 from dist_share.config.loading import apply_overrides, load_yaml, merge
 from dist_share.config.schema import (
+    CROSS_DEVICE_OPS,
     FAMILIES,
     SECTIONS,
     Config,
     DataConfig,
     ModelConfig,
     SideConfig,
+    StrategyConfig,
     TableConfig,
     TowerConfig,
     TrainingConfig,
@@ -156,6 +158,64 @@ def check_profile(training: TrainingConfig, strategy: str) -> None:
         )
 
 
+def read_aliases(training: Any) -> Any:
+    """The ``training`` section with its older or YAML-typed spellings made current:
+    ``mixed_precision: true`` is ``precision: mixed_float16``, ``jit_compile: true`` is
+    ``"true"``.
+
+    Raises:
+        ConfigError: ``mixed_precision`` and ``precision`` both given and disagreeing.
+    """
+    if not isinstance(training, Mapping):
+        return training
+    out = dict(training)
+    if "mixed_precision" in out:
+        mixed = out.pop("mixed_precision")
+        if not isinstance(mixed, bool):
+            raise ConfigError("training.mixed_precision", f"expected true or false, got {mixed!r}")
+        implied = "mixed_float16" if mixed else "float32"
+        given = out.setdefault("precision", implied)
+        if given != implied and (mixed or given == "float32"):
+            raise ConfigError(
+                "training.mixed_precision",
+                f"is {str(mixed).lower()} but training.precision is {given!r}; "
+                "set only training.precision",
+            )
+    if isinstance(out.get("jit_compile"), bool):
+        out["jit_compile"] = str(out["jit_compile"]).lower()
+    return out
+
+
+def check_strategy_options(strategy: StrategyConfig, training: TrainingConfig) -> None:
+    """Options that only some strategies have.
+
+    Raises:
+        ConfigError: naming the key: a cross-device op the strategy lacks, XLA forced under
+            Horovod's keras_fit, or float16 loss scaling with keras_fit under Horovod.
+    """
+    ops = strategy.cross_device_ops
+    allowed = {"mirrored": CROSS_DEVICE_OPS, "multiworker": ("auto", "nccl")}.get(strategy.name)
+    if ops != "auto" and (allowed is None or ops not in allowed):
+        raise ConfigError(
+            "strategy.cross_device_ops",
+            f"{ops!r} is not an all-reduce of strategy {strategy.name!r} "
+            f"(it has {', '.join(allowed) if allowed else 'only auto'})",
+        )
+    horovod_fit = strategy.name == "horovod" and training.loop == "keras_fit"
+    if horovod_fit and training.jit_compile == "true":
+        raise ConfigError(
+            "training.jit_compile",
+            "XLA cannot compile Horovod's operations inside keras_fit's train step; "
+            "use loop: custom, which compiles each replica's pass and reduces outside it",
+        )
+    if horovod_fit and training.loss_scaled:
+        raise ConfigError(
+            "training.precision",
+            "mixed_float16 is not supported with loop: keras_fit under horovod "
+            "(use mixed_bfloat16, or loop: custom)",
+        )
+
+
 def validate(raw: Any) -> Config:
     """Fill defaults and check every key of raw config data; returns the `Config`."""
     if not isinstance(raw, Mapping):
@@ -165,10 +225,13 @@ def validate(raw: Any) -> Config:
             raise ConfigError(str(key), "unknown key" + hint(key, SECTIONS))
     # The sections that do not depend on the model first: checking the model's blocks imports
     # Keras (and TensorFlow, seconds of start-up), which a typo in `training:` need not wait for.
+    sections = {**raw, "training": read_aliases(raw.get("training"))}
     rest = {
-        name: parse_section(type_hints(Config)[name], raw.get(name), name) for name in SECTIONS[2:]
+        name: parse_section(type_hints(Config)[name], sections.get(name), name)
+        for name in SECTIONS[2:]
     }
     check_profile(rest["training"], rest["strategy"].name)
+    check_strategy_options(rest["strategy"], rest["training"])
     model_raw = raw.get("model")
     data_raw = raw.get("data") if isinstance(raw.get("data"), Mapping) else {}
     views = data_raw.get("num_views", DataConfig.num_views)

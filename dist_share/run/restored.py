@@ -19,7 +19,7 @@ from dist_share.train.trainer import Trainer
 ONE_PROCESS = (
     "strategy.name=local",
     "strategy.num_cpu_devices=null",
-    "training.mixed_precision=false",
+    "training.precision=float32",
 )
 
 

@@ -45,6 +45,4 @@ def configure_process(training: TrainingConfig) -> None:
         # it on; it also forbids reading the clock inside a step (`signals.StepTimes`).
         tf_config.disable_op_determinism()
     keras.utils.set_random_seed(training.seed)
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if training.mixed_precision else "float32"
-    )
+    keras.mixed_precision.set_global_policy(training.precision)

@@ -56,7 +56,7 @@ class TrainState:
             self.spec = build_spec()
             self.model: keras.Model = self.spec.model
             opt = make_optimizer(config.optimizer, strategy.num_replicas)
-            if config.training.mixed_precision:
+            if config.training.loss_scaled:
                 opt = keras.optimizers.LossScaleOptimizer(opt)
             self.optimizer = opt
             self.optimizer.build(self.model.trainable_variables)

@@ -53,6 +53,8 @@ def test_defaults_are_filled_from_a_minimal_config() -> None:
         "num_cpu_devices": None,
         "gpu_memory_growth": True,
         "allow_shared_gpus": False,
+        "cross_device_ops": "auto",
+        "prefetch_to_device": True,
         "horovod": {
             "compression": "none",
             "op": "average",
@@ -357,3 +359,91 @@ def test_a_bad_profiler_window_is_one_line_naming_its_key(
 def test_the_profiler_is_off_unless_a_window_is_asked_for() -> None:
     window = validate({"model": {"family": "siamese"}}).training.profile
     assert (window.start_step, window.steps, window.horovod_timeline) == (0, 0, False)
+
+
+def test_precision_and_its_older_spelling() -> None:
+    def training(**keys: object) -> TrainingConfig:
+        return validate({"model": {"family": "siamese"}, "training": keys}).training
+
+    assert training().precision == "float32" and not training().loss_scaled
+    assert training(mixed_precision=True).precision == "mixed_float16"
+    assert training(mixed_precision=True).loss_scaled
+    assert training(mixed_precision=False).precision == "float32"
+    bf16 = training(precision="mixed_bfloat16", mixed_precision=False)
+    assert bf16.precision == "mixed_bfloat16" and not bf16.loss_scaled
+    # A saved run's config carries the new key only, and reads back the same.
+    cfg = validate({"model": {"family": "siamese"}, "training": {"mixed_precision": True}})
+    assert "mixed_precision" not in cfg.to_dict()["training"]
+    assert validate(cfg.to_dict()) == cfg
+    e = _error(
+        {
+            "model": {"family": "siamese"},
+            "training": {"mixed_precision": True, "precision": "mixed_bfloat16"},
+        }
+    )
+    assert e.path == "training.mixed_precision" and "set only training.precision" in str(e)
+    e = _error({"model": {"family": "siamese"}, "training": {"precision": "half"}})
+    assert e.path == "training.precision" and "mixed_bfloat16" in str(e)
+
+
+@pytest.mark.parametrize(("given", "read"), [(True, "true"), (False, "false"), ("auto", "auto")])
+def test_jit_compile_reads_yaml_booleans(given: object, read: str) -> None:
+    cfg = validate({"model": {"family": "siamese"}, "training": {"jit_compile": given}})
+    assert cfg.training.jit_compile == read
+
+
+@pytest.mark.parametrize(
+    ("strategy", "training", "path", "words"),
+    [
+        (
+            {"name": "horovod", "cross_device_ops": "nccl"},
+            {},
+            "strategy.cross_device_ops",
+            "only auto",
+        ),
+        (
+            {"name": "multiworker", "cross_device_ops": "hierarchical_copy"},
+            {},
+            "strategy.cross_device_ops",
+            "auto, nccl",
+        ),
+        (
+            {"name": "mirrored", "cross_device_ops": "ring"},
+            {},
+            "strategy.cross_device_ops",
+            "expected one of",
+        ),
+        (
+            {"name": "horovod"},
+            {"loop": "keras_fit", "jit_compile": True},
+            "training.jit_compile",
+            "loop: custom",
+        ),
+        (
+            {"name": "horovod"},
+            {"loop": "keras_fit", "mixed_precision": True},
+            "training.precision",
+            "mixed_bfloat16",
+        ),
+    ],
+)
+def test_options_a_strategy_lacks_are_one_line_naming_the_key(
+    strategy: dict, training: dict, path: str, words: str
+) -> None:
+    e = _error({"model": {"family": "siamese"}, "strategy": strategy, "training": training})
+    assert e.path == path and words in str(e) and "\n" not in str(e)
+
+
+def test_every_strategy_takes_its_cross_device_ops() -> None:
+    for name, ops in [
+        ("mirrored", "auto"),
+        ("mirrored", "nccl"),
+        ("mirrored", "hierarchical_copy"),
+        ("mirrored", "reduction_to_one_device"),
+        ("multiworker", "nccl"),
+        ("local", "auto"),
+    ]:
+        cfg = validate(
+            {"model": {"family": "siamese"}, "strategy": {"name": name, "cross_device_ops": ops}}
+        )
+        assert cfg.strategy.cross_device_ops == ops

@@ -33,22 +33,25 @@ COUPLED_SUM = (
     "two_tower_corrected_sum"
 )
 ACCUM = "two_tower_ibs_accum,two_tower_corrected_accum"
+# XLA and the precision policies (tests/train/test_precision.py).
+SPEED = "shared_xla,two_tower_xla,shared_bf16,shared_fp16,shared_bf16_xla"
 LAUNCHES = {
     "local": (
         "shared,shared_accum,two_tower,two_tower_naive,two_tower_dense,shared_fit,shared_k3,"
-        f"shared_k3_resume,user_tower,shared_12,two_tower_corrected_12,{COUPLED},{COUPLED_FIT},{ACCUM}",
+        f"shared_k3_resume,user_tower,shared_12,two_tower_corrected_12,{COUPLED},{COUPLED_FIT},{ACCUM},"
+        f"{SPEED}",
         "",
     ),
     "mirrored": (
         "shared,two_tower,two_tower_naive,shared_fit,shared_resume,shared_k3,user_tower,"
-        f"{COUPLED},{COUPLED_FIT},{ACCUM}",
-        "tf_all_reduce,dense_switch,model_families",
+        f"{COUPLED},{COUPLED_FIT},{ACCUM},{SPEED}",
+        "tf_all_reduce,dense_switch,model_families,xla_coupled",
     ),
     "horovod_gloo": (
         "shared,two_tower,two_tower_sum,two_tower_fp16,two_tower_naive,shared_fit,two_tower_fit,"
         f"shared_resume,shared_bn,shared_k3,shared_k3_resume,user_tower,{COUPLED},{COUPLED_FIT},"
-        f"{COUPLED_SUM},{ACCUM}",
-        "horovod_collectives,dense_switch,records,signals",
+        f"{COUPLED_SUM},{ACCUM},{SPEED}",
+        "horovod_collectives,dense_switch,records,signals,xla_coupled",
     ),
     "horovod_mpirun": (f"shared,two_tower,{COUPLED}", "horovod_collectives"),
     "multiworker": (

@@ -80,6 +80,18 @@ RUNS = {
             ("_sum", "custom", {"horovod": {"op": "sum"}}),
         )
     },
+    # Each replica's pass compiled by XLA: the uncompiled result; the precision policies: close
+    # to float32 (tests/train/test_precision.py says how close).
+    "shared_xla": ("shared", "custom", {}, {"jit_compile": "true"}),
+    "two_tower_xla": ("two_tower", "custom", {}, {"jit_compile": "true"}),
+    "shared_bf16": ("shared", "custom", {}, {"precision": "mixed_bfloat16"}),
+    "shared_fp16": ("shared", "custom", {}, {"precision": "mixed_float16"}),
+    "shared_bf16_xla": (
+        "shared",
+        "custom",
+        {},
+        {"precision": "mixed_bfloat16", "jit_compile": "true"},
+    ),
     # The in-batch softmax with 2 micro-batches per replica (GradCache): the one-batch result.
     "two_tower_ibs_accum": ("two_tower_ibs", "custom", {}),
     # ... and with its corrections: the frequency estimate counts each step once.
@@ -128,6 +140,12 @@ def _signals(strategy: Any, a: argparse.Namespace) -> dict:
     return signals_check.check(strategy, os.path.join(os.path.dirname(a.out), "signals"))
 
 
+def _xla_coupled(strategy: Any, a: argparse.Namespace) -> dict:
+    from tests.workers import xla_coupled
+
+    return xla_coupled.check(strategy)
+
+
 # name -> check(strategy, args) -> JSON-able result (see the modules for what each checks).
 CHECKS: dict[str, Callable[[Any, argparse.Namespace], dict]] = {
     "horovod_collectives": _horovod_collectives,
@@ -136,6 +154,7 @@ CHECKS: dict[str, Callable[[Any, argparse.Namespace], dict]] = {
     "records": _records,
     "model_families": _model_families,
     "signals": _signals,
+    "xla_coupled": _xla_coupled,
 }
 
 

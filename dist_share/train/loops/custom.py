@@ -15,6 +15,7 @@ from dist_share.data.pipeline import train_input
 from dist_share.data.types import DatasetFn
 from dist_share.distribute.gradients import take_over_reduction
 from dist_share.model import cross_replica
+from dist_share.train.compilation import ReplicaPass, jit_mode
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import nonfinite, preemption
 from dist_share.train.logs import MetricsLogger
@@ -71,7 +72,7 @@ class CustomLoop:
         self.on_nonfinite = tc.on_nonfinite
         # Mixed precision: the loss-scale optimizer already skips overflowed steps (and lowers
         # the scale); that is normal, so the guard then watches the loss only.
-        self._guard_gradients = not tc.mixed_precision
+        self._guard_gradients = not tc.loss_scaled
         self.nonfinite_skipped = 0
         self.collective_wait = 0.0  # seconds this process waited in the last call's all-reduces
         self.stop_requested = False
@@ -87,22 +88,40 @@ class CustomLoop:
         self.last_logs: dict[str, float] = {}
         self.step_times = StepTimes(self.strategy, tc.batch_size, per_rank=not tc.deterministic)
         self.profile = ProfileWindow(tc.profile, state.run_dir, self.strategy)
+        self.replica_pass = ReplicaPass(
+            self._replica_gradients, jit_mode(tc.jit_compile, self.strategy), logger.note
+        )
 
     # -- replica computations ------------------------------------------------------------
-    def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
-        model, optimizer = self.state.model, self.state.optimizer
-        tvars = model.trainable_variables
+    def _replica_gradients(
+        self, features: Any, labels: tf.Tensor
+    ) -> tuple[list[Any], dict[str, tf.Tensor], list[tf.Tensor]]:
+        """This replica's loss and gradients (the pass XLA may compile: `ReplicaPass`), and
+        its waits in the collectives of batch-coupled layers and losses."""
+        optimizer = self.state.optimizer
 
         def loss_of(per_example: tf.Tensor) -> tf.Tensor:
             return optimizer.scale_loss(tf.reduce_sum(per_example) / self._loss_denominator)
 
-        # This replica's time in collectives: those of batch-coupled layers and losses, and
-        # the gradients' all-reduce (StepTimes says why). Op determinism forbids the clock.
-        clock = self.step_times.per_rank
-        with cross_replica.collective_waits(clock) as waits:
+        # Op determinism forbids the clock (StepTimes says why it is read).
+        with cross_replica.collective_waits(self.step_times.per_rank) as waits:
             grads, totals = accumulate.gradients(
-                self.state.spec, features, labels, self.grad_accum, tvars, loss_of
+                self.state.spec,
+                features,
+                labels,
+                self.grad_accum,
+                self.state.model.trainable_variables,
+                loss_of,
             )
+        return grads, totals, waits
+
+    def _replica_train_step(self, features: Any, labels: tf.Tensor) -> dict[str, tf.Tensor]:
+        model, optimizer = self.state.model, self.state.optimizer
+        tvars = model.trainable_variables
+        # This replica's time in collectives: those of batch-coupled layers and losses, and
+        # the gradients' all-reduce (StepTimes says why).
+        clock = self.step_times.per_rank
+        grads, totals, waits = self.replica_pass(features, labels)
         with tf.control_dependencies(accumulate.tensors_of(grads)):
             ready = tf.timestamp() if clock else tf.constant(0.0, tf.float64)
         reduced, nbytes = self.strategy.reduce_gradients(grads)

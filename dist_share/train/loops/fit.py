@@ -19,6 +19,7 @@ from dist_share.data.types import DatasetFn
 from dist_share.distribute.gradients import set_optimizer_reduction
 from dist_share.distribute.strategies import Strategy
 from dist_share.errors import ConfigError
+from dist_share.train.compilation import OFF, jit_mode
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.guards import nonfinite, preemption
 from dist_share.train.logs import MetricsLogger
@@ -204,10 +205,18 @@ class FitLoop:
                 "training.on_nonfinite",
                 "keras_fit can only stop at a non-finite loss (skip needs loop: custom)",
             )
-        if tc.mixed_precision and state.strategy.gradient_backend == "horovod":
-            raise ConfigError(
-                "training.mixed_precision", "not supported with loop: keras_fit under horovod"
-            )
+        # keras_fit compiles its whole step, the collectives of the gradient reduction
+        # included, which XLA cannot do with several replicas (CustomLoop compiles only the
+        # replica's pass).
+        self.jit_compile = jit_mode(tc.jit_compile, state.strategy) != OFF
+        if self.jit_compile and state.strategy.num_replicas > 1:
+            if tc.jit_compile == "true":
+                raise ConfigError(
+                    "training.jit_compile",
+                    f"keras_fit cannot compile a step that reduces over "
+                    f"{state.strategy.num_replicas} replicas; use loop: custom",
+                )
+            self.jit_compile = False
         self.state, self.logger, self.evaluator = state, logger, evaluator
         self.strategy = state.strategy
         self.config = config
@@ -231,7 +240,7 @@ class FitLoop:
                 optimizer=state.optimizer,
                 loss=PerExampleLoss(spec.loss),
                 metrics=[PerExampleMean(fn, n) for n, fn in spec.metrics.items()],
-                jit_compile=False,  # XLA cannot compile Horovod's ops
+                jit_compile=self.jit_compile,
             )
         data = strategy.distribute_dataset(train_input(train_dataset_fn, start, spec.stream_names))
         run = RunCallback(self, start, eval_dataset_fn)
