@@ -39,6 +39,7 @@ class ReplicaPass:
         self.fn, self.mode, self.log = fn, mode, log
         self._compiled: dict[int, Any] = {}
         self.compiled = mode != OFF  # until a trace finds it cannot be
+        self._reason = ""  # why not, as the collective said it (tracing adds its traceback)
 
     def __call__(self, *args: Any) -> Any:
         if not self.compiled:
@@ -49,20 +50,29 @@ class ReplicaPass:
             compiled = self._compiled[replica] = tf.function(self._traced, jit_compile=True)
         try:
             return compiled(*args)
-        except cross_replica.CollectiveInCompiledPass as e:
+        except cross_replica.CollectiveInCompiledPass:
             if self.mode == ON:
-                raise ConfigError(
-                    "training.jit_compile",
-                    f"XLA cannot compile this model's replica pass: {e}; "
-                    "set training.jit_compile: auto or false",
-                ) from None
+                raise  # out of the step's trace; the loop turns it into `error()`
             self.compiled = False
-            self.log(f"XLA left off: {e}")
+            self.log(f"XLA left off: {self._reason}")
             return self.fn(*args)
+
+    def error(self) -> ConfigError:
+        """What ``jit_compile: true`` on a pass that holds a collective is (a ConfigError cannot
+        be raised through a trace: tracing rebuilds exceptions from their message)."""
+        return ConfigError(
+            "training.jit_compile",
+            f"XLA cannot compile this model's replica pass: {self._reason}; "
+            "set training.jit_compile: auto or false",
+        )
 
     def _traced(self, *args: Any) -> Any:
         with cross_replica.compiled_pass():
-            return self.fn(*args)
+            try:
+                return self.fn(*args)
+            except cross_replica.CollectiveInCompiledPass as e:
+                self._reason = str(e.args[0]).splitlines()[0]
+                raise
 
 
 def _replica_index() -> int:

@@ -3,7 +3,7 @@
 XLA compiles each replica's forward and backward pass; the result must be the uncompiled one
 (XLA may fuse and reorder float32 arithmetic: 1e-6 absolute on weights of order 1). bfloat16
 and float16 compute must land close to float32 after 5 SGD steps at learning rate 0.1, and
-each policy must give the same result on every launcher, as float32 does.
+bfloat16 must give the same result on every launcher, as float32 does.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ XLA_ATOL = 1e-6
 BF16_ATOL = 5e-3
 FP16_LOSS_RTOL = 0.05
 # The same policy on 1 and 2 replicas: the same per-example arithmetic, sums split differently.
+# Not float16: whether a replica's scaled weight gradient overflows (and the step is skipped)
+# depends on how many examples it sums (docs/GPU.md).
 ACROSS_ATOL = 2e-3
 
 
@@ -66,7 +68,7 @@ def test_mixed_precision_is_close_to_float32(launcher: str) -> None:
 def test_each_precision_is_the_same_on_every_launcher(launcher: str) -> None:
     local = train_jobs.run("local")[0]["runs"]
     for rank, result in train_jobs.run(launcher).items():
-        for name in ("shared_bf16", "shared_fp16", "shared_xla", "shared_bf16_xla"):
+        for name in ("shared_bf16", "shared_xla", "shared_bf16_xla"):
             got = result["runs"][name]["variables"]
             assert _max_diff(got, local[name]["variables"]) <= ACROSS_ATOL, (launcher, rank, name)
 

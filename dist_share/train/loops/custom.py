@@ -228,6 +228,7 @@ class CustomLoop:
         Raises:
             NonFiniteError: ``on_nonfinite: stop`` and a step's reduced gradient or loss was
                 not finite (the remaining steps of the call were not run, nothing was saved).
+            ConfigError: ``training.jit_compile: true`` and the replica pass holds a collective.
         """
         train_fn = self.compiled_step(iterator)
         if num_steps != 1 and self.steps_per_loop == 1:
@@ -239,7 +240,10 @@ class CustomLoop:
             self._inputs = (num_steps, self.preemption.requested)
             self._num_steps.assign(num_steps)
             self._stop_flag.assign(float(self.preemption.requested))
-        values = train_fn().numpy().tolist()  # the first call traces, setting _out_keys
+        try:
+            values = train_fn().numpy().tolist()  # the first call traces, setting _out_keys
+        except cross_replica.CollectiveInCompiledPass:
+            raise self.replica_pass.error() from None  # jit_compile: true on a coupled model
         out = dict(zip(self._out_keys, values, strict=True))
         replicas = self.strategy.num_replicas
         flagged = round(out.pop("nonfinite_steps") / replicas)
