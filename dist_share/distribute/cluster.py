@@ -69,15 +69,90 @@ def expand_nodelist(nodelist: str, use_scontrol: bool | None = None) -> list[str
     return hosts
 
 
+def expand_tasks_per_node(text: str) -> list[int]:
+    """Slurm's compressed tasks-per-node list: ``2(x3),1`` -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in text.split(","):
+        number, _, repeat = part.partition("(x")
+        counts += [int(number)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts
+
+
+def slurm_task_hosts(
+    nodes: list[str], counts: list[int], distribution: str
+) -> list[tuple[str, int]]:
+    """(node, index among that node's tasks) of every task, in rank order.
+
+    ``distribution`` is Slurm's node-level task distribution (SLURM_DISTRIBUTION before any
+    ``:``): ``block`` fills each node in nodelist order, ``cyclic`` deals one task to each node
+    in turn (passing over full ones), ``plane=N`` deals N at a time.
+    """
+    left = dict(zip(nodes, counts, strict=True))
+    taken = dict.fromkeys(nodes, 0)
+    hand = {"block": max(counts, default=1), "cyclic": 1}.get(distribution)
+    if hand is None and distribution.startswith("plane="):
+        hand = int(distribution.removeprefix("plane="))
+    if hand is None:
+        raise ConfigError(
+            "strategy.name",
+            f"multiworker under Slurm: SLURM_DISTRIBUTION={distribution!r} is not block, "
+            "cyclic or plane=N; give the workers a TF_CONFIG instead",
+        )
+    out: list[tuple[str, int]] = []
+    while any(left.values()):
+        for node in nodes:
+            deal = min(hand, left[node])
+            out += [(node, taken[node] + i) for i in range(deal)]
+            taken[node] += deal
+            left[node] -= deal
+    return out
+
+
 def tf_config_from_slurm(env: Mapping[str, str], base_port: int | None = None) -> dict:
-    """Tasks are placed block-wise (Slurm's default): task i runs on node i // tasks_per_node."""
-    rank, ntasks = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", ""))
+    """TF_CONFIG for an srun task: every task's node from the step's nodelist, tasks per node
+    (uneven counts like ``2(x3),1`` included) and distribution; ports count up per node.
+
+    Not TensorFlow's SlurmClusterResolver: it sorts node names as strings (``node10`` before
+    ``node2``, unlike Slurm's ranks), places tasks block-wise whatever the distribution, and
+    needs nvidia-smi or a GPU count to build at all (docs/DISTRIBUTED.md).
+
+    Raises:
+        ConfigError: no nodelist, counts that do not add up to the tasks, a distribution
+            without a known order, or a node for this task other than the one it runs on.
+    """
+    rank = int(env["SLURM_PROCID"])
+    ntasks = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+    nodelist = (
+        env.get("SLURM_STEP_NODELIST")
+        or env.get("SLURM_JOB_NODELIST")
+        or env.get("SLURM_NODELIST", "")
+    )
+    nodes = expand_nodelist(nodelist)
     if not nodes:
         raise ConfigError("strategy.name", "multiworker under Slurm: SLURM_JOB_NODELIST is empty")
-    per_node = -(-ntasks // len(nodes))
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        counts = expand_tasks_per_node(per_node)
+    else:  # equal shares, the last node taking what is left
+        share = -(-ntasks // len(nodes))
+        counts = [max(0, min(share, ntasks - i * share)) for i in range(len(nodes))]
+    if len(counts) != len(nodes) or sum(counts) != ntasks:
+        raise ConfigError(
+            "strategy.name",
+            f"multiworker under Slurm: tasks per node {per_node!r} on {len(nodes)} node(s) "
+            f"do not add up to {ntasks} tasks",
+        )
+    distribution = env.get("SLURM_DISTRIBUTION", "block").split(":")[0] or "block"
+    placed = slurm_task_hosts(nodes, counts, distribution)
+    here = env.get("SLURMD_NODENAME")
+    if here and placed[rank][0] != here:
+        raise ConfigError(
+            "strategy.name",
+            f"multiworker under Slurm: SLURM_DISTRIBUTION={distribution} puts task {rank} on "
+            f"{placed[rank][0]}, but it runs on {here}; give the workers a TF_CONFIG instead",
+        )
     port = base_port or int(env.get("DIST_SHARE_BASE_PORT", "23456"))
-    workers = [f"{nodes[i // per_node]}:{port + i % per_node}" for i in range(ntasks)]
+    workers = [f"{node}:{port + index}" for node, index in placed]
     return tf_config_dict(workers, rank)
 
 

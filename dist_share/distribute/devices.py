@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dist_share.distribute.cluster import expand_tasks_per_node
 from dist_share.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def node_slot(env: Mapping[str, str]) -> NodeSlot:
         if rank_key in env and size_key in env:
             return NodeSlot(int(env[rank_key]), int(env[size_key]))
     if "SLURM_LOCALID" in env and "SLURM_STEP_TASKS_PER_NODE" in env and "SLURM_NODEID" in env:
-        counts = _expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
+        counts = expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
         node = int(env["SLURM_NODEID"])
         if 0 <= node < len(counts):
             return NodeSlot(int(env["SLURM_LOCALID"]), counts[node])
@@ -63,15 +64,6 @@ def node_slot(env: Mapping[str, str]) -> NodeSlot:
         if slot is not None:
             return slot
     return NodeSlot()
-
-
-def _expand_tasks_per_node(text: str) -> list[int]:
-    """Slurm's compressed tasks-per-node list: ``2(x3),1`` -> [2, 2, 2, 1]."""
-    counts: list[int] = []
-    for part in text.split(","):
-        number, _, repeat = part.partition("(x")
-        counts += [int(number)] * (int(repeat.rstrip(")")) if repeat else 1)
-    return counts
 
 
 def gpus_for(

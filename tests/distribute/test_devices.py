@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dist_share.distribute.devices import NodeSlot, node_slot, place
+from dist_share.distribute.devices import NodeSlot, node_slot, place, prefetch_device
 from dist_share.errors import ConfigError
 
 
@@ -105,3 +105,14 @@ def test_memory_growth_can_be_turned_off_and_a_cpu_machine_is_left_alone(
     with caplog.at_level(logging.WARNING):
         place(RecordingConfig(2), "mirrored", NodeSlot(), num_cpu_devices=2)
     assert "num_cpu_devices=2 on a machine with 2 GPU(s)" in caplog.text
+
+
+def test_batches_go_to_the_processs_first_gpu_unless_turned_off_or_on_cpus() -> None:
+    class Device:  # tf.config.LogicalDevice's one field used
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    gpus = [Device("/device:GPU:0"), Device("/device:GPU:1")]
+    assert prefetch_device(True, gpus) == "/device:GPU:0"
+    assert prefetch_device(False, gpus) is None
+    assert prefetch_device(True, []) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,58 @@ def test_tf_config_from_slurm_places_tasks_blockwise() -> None:
     assert discover_tf_config({}) is None
 
 
+def _slurm_workers(**env: str) -> list[str]:
+    base = {"SLURM_PROCID": "0", "SLURM_NTASKS": "7", "SLURM_STEP_NODELIST": "node[2,10,11]"}
+    return tf_config_from_slurm({**base, **env}, base_port=30000)["cluster"]["worker"]
+
+
+def test_tf_config_from_slurm_uneven_and_cyclic_placements() -> None:
+    # srun -n 7 on 3 nodes with 3, 3 and 1 tasks: Slurm's rank order is the nodelist's
+    # (node2 before node10), which TensorFlow's SlurmClusterResolver sorts as strings.
+    block = _slurm_workers(SLURM_STEP_TASKS_PER_NODE="3(x2),1")
+    assert block == [
+        "node2:30000", "node2:30001", "node2:30002",
+        "node10:30000", "node10:30001", "node10:30002",
+        "node11:30000",
+    ]  # fmt: skip
+    # --distribution=cyclic deals one task per node in turn, passing over the full node.
+    cyclic = _slurm_workers(SLURM_STEP_TASKS_PER_NODE="3(x2),1", SLURM_DISTRIBUTION="cyclic")
+    assert cyclic == [
+        "node2:30000", "node10:30000", "node11:30000",
+        "node2:30001", "node10:30001",
+        "node2:30002", "node10:30002",
+    ]  # fmt: skip
+    plane = _slurm_workers(SLURM_STEP_TASKS_PER_NODE="3(x2),1", SLURM_DISTRIBUTION="plane=2:block")
+    assert plane[:4] == ["node2:30000", "node2:30001", "node10:30000", "node10:30001"]
+    # Each worker a port per node, every host:port once.
+    for workers in (block, cyclic, plane):
+        assert sorted(workers) == sorted(block)
+    # In a batch script (no step variables): the job's counts.
+    batch = tf_config_from_slurm(
+        {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_JOB_NODELIST": "a,b",
+         "SLURM_TASKS_PER_NODE": "2,1", "SLURMD_NODENAME": "b"},
+        base_port=30000,
+    )  # fmt: skip
+    assert batch["cluster"]["worker"] == ["a:30000", "a:30001", "b:30000"]
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"SLURM_STEP_TASKS_PER_NODE": "3,3"}, "'3,3' on 3 node(s) do not add up to 7 tasks"),
+        ({"SLURM_DISTRIBUTION": "arbitrary"}, "SLURM_DISTRIBUTION='arbitrary' is not block"),
+        (
+            {"SLURM_STEP_TASKS_PER_NODE": "3(x2),1", "SLURMD_NODENAME": "node10"},
+            "puts task 0 on node2, but it runs on node10",
+        ),
+    ],
+)
+def test_tf_config_from_slurm_refuses_what_it_cannot_place(env: dict, words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)) as e:
+        _slurm_workers(**env)
+    assert e.value.path == "strategy.name"
+
+
 @pytest.mark.parametrize(
     ("cfg", "path"),
     [
@@ -87,3 +140,18 @@ def test_multiworker_finds_its_cluster_from_the_launcher(launcher: str, tmp_path
         assert res["rank"] == r and res["world_size"] == 2
         assert res["total"] == 3.0  # 1 + 2: the collective really spanned both processes
         assert res["tf_config"]["cluster"] == results[0]["tf_config"]["cluster"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_mirrored_sums_with_each_cross_device_op() -> None:
+    job = processes.run_job(
+        [sys.executable, str(WORKERS / "cross_device_ops.py")], 240, cwd=ROOT
+    ).check()
+    result = json.loads(job.output.strip().splitlines()[-1])
+    for ops, got in result["sums"].items():
+        assert got["all_reduce"] == [3.0, 3.0, 3.0], ops
+    assert result["sums"]["hierarchical_copy"]["class"] == "HierarchicalCopyAllReduce"
+    assert result["sums"]["reduction_to_one_device"]["class"] == "ReductionToOneDevice"
+    path, message = result["nccl"]
+    assert path == "strategy.cross_device_ops" and "this process has none" in message
