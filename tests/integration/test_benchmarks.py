@@ -160,3 +160,31 @@ def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
     model = json.loads((results / "scaling_model.json").read_text())
     assert [p["bytes"] for p in model["link_here"]["points"]] == [8, 65536, 1048576]
     assert model["link_here"]["bandwidth_bytes_per_s"] > 0
+
+
+def test_gpu_check_says_there_is_no_gpu_and_exits_0(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "TensorFlow sees no GPU on this machine; nothing to check" in done.stdout
+    assert json.loads(out.read_text()) == {"gpus": 0, "checks": []}
+    assert "gpu_check" not in run_all.discover()  # a check to run by hand, not a benchmark
+
+
+def test_gpu_check_table_reports_each_check() -> None:
+    from benchmarks.gpu_check import Checks
+
+    checks = Checks()
+    assert checks.run("adds", lambda: f"{1 + 1}") == "2"
+    assert checks.run("divides", lambda: 1 / 0) is None
+    assert [r["status"] for r in checks.rows] == ["PASS", "FAIL"]
+    table = checks.table().splitlines()
+    assert table[0].split() == ["PASS", "adds", "2"]
+    assert table[1].startswith("FAIL  divides") and "ZeroDivisionError" in table[1]

@@ -168,3 +168,22 @@ def test_the_patched_function_compiles_against_tf_2_21_headers(
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_gpu_pins_are_the_cuda_libraries_tensorflow_was_built_with() -> None:
+    """docker/gpu-constraints.txt pins each of the and-cuda extra's libraries to its lower
+    bound (the versions TF 2.21 was built and tested with); tensorflow-cpu carries the same
+    metadata."""
+    import importlib.metadata as metadata
+
+    wanted = {}
+    for requirement in metadata.requires("tensorflow-cpu") or []:
+        if 'extra == "and-cuda"' in requirement:
+            name, bounds = requirement.split(";")[0].split("<", 1)[0], requirement.split(";")[0]
+            wanted[name.strip()] = bounds.split(">=")[1].strip()
+    pins = {}
+    for line in (ROOT / "docker/gpu-constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name] = version
+    assert pins == wanted
