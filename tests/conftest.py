@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.helpers import background
@@ -15,6 +17,22 @@ def pytest_configure(config: pytest.Config) -> None:
         "background(*keys): the test uses these jobs of its module's background_jobs(), "
         "started when the module begins (tests/helpers/background.py)",
     )
+    config.addinivalue_line(
+        "markers",
+        "gpu_image: builds the GPU image (tests/integration/test_gpu_image.py); collected only "
+        "with DIST_SHARE_GPU_IMAGE_TEST=1",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The GPU image build is opt-in (docs/GPU.md): its tests are deselected, and reported as
+    such, unless DIST_SHARE_GPU_IMAGE_TEST=1."""
+    if os.environ.get("DIST_SHARE_GPU_IMAGE_TEST") == "1":
+        return
+    opted_out = [item for item in items if item.get_closest_marker("gpu_image")]
+    if opted_out:
+        config.hook.pytest_deselected(items=opted_out)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu_image")]
 
 
 @pytest.fixture(scope="module", autouse=True)

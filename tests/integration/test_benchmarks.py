@@ -27,6 +27,7 @@ EXPECTED_COLUMNS = {
     "corrections": {"variant", "recall_at_10", "recall_at_100"},
     "objective_cost": {"option", "ratio", "added_ms", "predicted_added_ms"},
     "logging": {"case", "on_over_bare", "profiled_inside_over_bare", "profiled_after_over_bare"},
+    "precision": {"variant", "ms_per_step", "speed_over_float32", "compiled"},
 }
 
 
