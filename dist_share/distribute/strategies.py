@@ -60,10 +60,10 @@ class Strategy:
     logs_are_per_process: bool = False
     fit_logs_need_rank: bool = False
     gradient_backend: str = "none"
+    prefetch_to_device: bool = True
 
-    def __init__(self, options: GradientOptions, prefetch_to_device: bool = True) -> None:
+    def __init__(self, options: GradientOptions) -> None:
         self.gradient_options = options
-        self.prefetch_to_device = prefetch_to_device
 
     # -- identity ---------------------------------------------------------------------------
     @property
