@@ -77,14 +77,14 @@ def test_discover_finds_every_bench_module() -> None:
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
 def test_run_all_quick_writes_results_plots_and_docs(tmp_path: Path) -> None:
-    # Fifteen benchmarks, several of them starting 2-process jobs (each pays TensorFlow's start).
+    # Sixteen benchmarks, several of them starting 2-process jobs (each pays TensorFlow's start).
     # Quick mode proves the harness, not the numbers, so the benchmarks run as two `--only`
     # halves side by side (one run alone leaves a core idle while a process starts); a third
     # run of `comm` then writes the docs, taking the others' tables from the results directory.
     results, docs = tmp_path / "results", tmp_path / "PERFORMANCE.md"
     cmd = [sys.executable, "-m", "benchmarks.run_all", "--quick", "--results-dir", str(results)]
     halves = [
-        "coupled_cost,corrections,input,mining,overhead,retrieval,roofline",
+        "coupled_cost,corrections,input,mining,overhead,precision,retrieval,roofline",
         "batched_sets,folding,logging,negatives,objective_cost,scaling,scaling_model",
     ]
     assert sorted(",".join([*halves, "comm"]).split(",")) == run_all.discover()
