@@ -51,11 +51,19 @@ class ReplicaPass:
         try:
             return compiled(*args)
         except cross_replica.CollectiveInCompiledPass:
-            if self.mode == ON:
-                raise  # out of the step's trace; the loop turns it into `error()`
-            self.compiled = False
-            self.log(f"XLA left off: {self._reason}")
-            return self.fn(*args)
+            pass
+        except RuntimeError as e:
+            # tf.distribute's own synchronisation (a Keras BatchNormalization(synchronized=True),
+            # a replica-context all-reduce) cannot be traced inside a nested function either.
+            if "merge_call" not in str(e):
+                raise
+            self._reason = "the pass synchronises the replicas through tf.distribute (merge_call)"
+        if self.mode == ON:
+            # Out of the step's trace, where the loop turns it into `error()`.
+            raise cross_replica.CollectiveInCompiledPass(self._reason)
+        self.compiled = False
+        self.log(f"XLA left off: {self._reason}")
+        return self.fn(*args)
 
     def error(self) -> ConfigError:
         """What ``jit_compile: true`` on a pass that holds a collective is (a ConfigError cannot

@@ -155,3 +155,20 @@ def test_mirrored_sums_with_each_cross_device_op() -> None:
     assert result["sums"]["reduction_to_one_device"]["class"] == "ReductionToOneDevice"
     path, message = result["nccl"]
     assert path == "strategy.cross_device_ops" and "this process has none" in message
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_xla_leaves_a_pass_with_tf_distribute_synchronisation_uncompiled() -> None:
+    """Keras's synchronized batch normalisation inside a replica pass, 2 Mirrored replicas."""
+    job = processes.run_job(
+        [sys.executable, str(WORKERS / "xla_merge_call.py")], 240, cwd=ROOT
+    ).check()
+    result = json.loads(job.output.strip().splitlines()[-1])
+    assert result["try"]["compiled"] is False
+    assert result["try"]["values"] == result["plain"]
+    assert result["try"]["lines"] == [
+        "XLA left off: the pass synchronises the replicas through tf.distribute (merge_call)"
+    ]
+    path, message = result["on"]
+    assert path == "training.jit_compile" and "(merge_call)" in message
