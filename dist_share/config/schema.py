@@ -279,6 +279,9 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = True
     progress_bar: bool = True
+    # A rank whose median own step time is more than this fraction above the other ranks'
+    # median is named at the end of a run of several processes (docs/MONITORING.md).
+    slow_rank_margin: float = option(0.25, minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,6 @@ import tensorflow as tf
 
 from dist_share.distribute.strategies import Strategy
 
-# A rank this much slower than the median rank is named at the end of the run.
-SLOW_RANK_MARGIN = 0.10
-
 
 def global_norm(grads: Sequence[Any]) -> tf.Tensor:
     """The L2 norm of all gradients together, as float32.
@@ -45,12 +42,21 @@ class StepTimes:
         per_rank: log each rank's own time: the loop measures its waits in the collective
             (not under ``training.deterministic``: op determinism forbids reading the clock
             inside a step, nor in Keras fit, which has no hook around its all-reduce).
+        slow_rank_margin: `slowest_rank` names a rank whose median own time is more than this
+            fraction above the other ranks' median (``logging.slow_rank_margin``).
     """
 
-    def __init__(self, strategy: Strategy, global_batch: int, per_rank: bool = True) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        global_batch: int,
+        per_rank: bool = True,
+        slow_rank_margin: float = 0.25,
+    ) -> None:
         self.strategy = strategy
         self.global_batch = global_batch
         self.per_rank = per_rank
+        self.slow_rank_margin = slow_rank_margin
         self._wall = 0.0
         self._steps = 0
         self._own: list[float] = []
@@ -82,19 +88,21 @@ class StepTimes:
         return logs
 
     def slowest_rank(self) -> str | None:
-        """One line naming the slowest rank of the run, if it was more than 10 % slower than
-        the median rank; None otherwise (or with one process)."""
+        """One line naming the slowest rank of the run if its median own time is more than
+        ``slow_rank_margin`` above the other ranks' median; None otherwise (or with one
+        process). The others' median, not all ranks': with two ranks that would include the
+        slow one itself."""
         if len(self.history) < 2:
             return None
         per_rank = {rank: statistics.median(values) for rank, values in self.history.items()}
-        median = statistics.median(per_rank.values())
         rank, slowest = max(per_rank.items(), key=lambda item: item[1])
-        if median <= 0 or slowest <= median * (1 + SLOW_RANK_MARGIN):
+        others = statistics.median([v for r, v in per_rank.items() if r != rank])
+        if others <= 0 or slowest <= others * (1 + self.slow_rank_margin):
             return None
         return (
             f"slowest rank: {rank} took {slowest * 1e3:.1f} ms per step of its own work, "
-            f"{(slowest / median - 1) * 100:.0f}% more than the median rank "
-            f"({median * 1e3:.1f} ms; train/rank_step_time in TensorBoard)"
+            f"{(slowest / others - 1) * 100:.0f}% more than the other ranks' median "
+            f"({others * 1e3:.1f} ms; train/rank_step_time in TensorBoard)"
         )
 
 

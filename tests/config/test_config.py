@@ -99,6 +99,7 @@ def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
             "strategy.horovod.elastic=true",
             "strategy.horovod.commit_every=5",
             "logging.tensorboard=false",
+            "logging.slow_rank_margin=0.5",
         ],
     )
     assert cfg.strategy.horovod.elastic is True and cfg.strategy.horovod.commit_every == 5
@@ -106,7 +107,7 @@ def test_overrides_are_yaml_values_at_dotted_paths(tmp_path: Path) -> None:
     assert cfg.optimizer.learning_rate == pytest.approx(1e-3)
     assert cfg.model.tower.block["filters"] == [4, 8]
     assert cfg.strategy.horovod.compression == "fp16"
-    assert cfg.logging.tensorboard is False
+    assert cfg.logging.tensorboard is False and cfg.logging.slow_rank_margin == 0.5
     assert replace(cfg, "training.steps=9").training.steps == 9
 
 
@@ -159,6 +160,11 @@ def test_override_errors_name_the_key(tmp_path: Path) -> None:
             {"model": {"family": "siamese", "tower": {"sharing": "share"}}},
             "model.tower.sharing",
             ["'share'", "shared"],
+        ),
+        (
+            {"model": {"family": "siamese"}, "logging": {"slow_rank_margin": -0.1}},
+            "logging.slow_rank_margin",
+            ["-0.1", ">= 0"],
         ),
         ({"model": {}}, "model.family", ["required", "siamese"]),
         ({"data": {}}, "model", ["required"]),

@@ -22,6 +22,9 @@ MODEL = "siamese_cfg"
 STEPS, LOG_EVERY, BATCH = 16, 4, 16
 # Rank 1's extra time per step in the slowed run: several times a step of this model here.
 SLOW_RANK, DELAY = 1, 0.04
+# Even ranks differ by up to a quarter here when two launches share the 2 cores; the slowed rank
+# takes ten times the other's time. A margin between the two tells them apart whatever the load.
+MARGIN = 1.0
 
 
 def _train(strategy: Any, run_dir: str, delay: float) -> str:
@@ -42,6 +45,7 @@ def _train(strategy: Any, run_dir: str, delay: float) -> str:
         "training.eval_every=0",
         "logging.progress_bar=false",
         "logging.tensorboard=true",
+        f"logging.slow_rank_margin={MARGIN}",
     )
     strategy.gradient_options = GradientOptions.from_config(config.strategy)
     trainer = Trainer(tc.BUILDERS[MODEL], strategy, config, run_dir, loop=Loop)

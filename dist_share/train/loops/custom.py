@@ -86,7 +86,12 @@ class CustomLoop:
         self._stop_flag: tf.Variable | None = None
         self._inputs = (1, False)  # what the two variables hold
         self.last_logs: dict[str, float] = {}
-        self.step_times = StepTimes(self.strategy, tc.batch_size, per_rank=not tc.deterministic)
+        self.step_times = StepTimes(
+            self.strategy,
+            tc.batch_size,
+            per_rank=not tc.deterministic,
+            slow_rank_margin=config.logging.slow_rank_margin,
+        )
         self.profile = ProfileWindow(tc.profile, state.run_dir, self.strategy)
         self.replica_pass = ReplicaPass(
             self._replica_gradients, jit_mode(tc.jit_compile, self.strategy), logger.note

@@ -289,7 +289,10 @@ class ElasticLoop(CustomLoop):
         self._train_fn = None  # retraced by compiled_step: the old one captured the old size
         # the ranks are numbered anew
         self.step_times = StepTimes(
-            self.strategy, self.global_batch, per_rank=self.step_times.per_rank
+            self.strategy,
+            self.global_batch,
+            per_rank=self.step_times.per_rank,
+            slow_rank_margin=self.step_times.slow_rank_margin,
         )
         self.nonfinite_skipped = elastic_state.nonfinite_skipped
         step = self.state.step
