@@ -57,6 +57,11 @@ class StepTimes:
         self.global_batch = global_batch
         self.per_rank = per_rank
         self.slow_rank_margin = slow_rank_margin
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the interval and every rank's history (a re-formed elastic job numbers its
+        ranks anew); the settings stay."""
         self._wall = 0.0
         self._steps = 0
         self._own: list[float] = []

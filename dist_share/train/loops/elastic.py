@@ -21,7 +21,6 @@ from dist_share.errors import ConfigError, JobError
 from dist_share.train.evaluation import Evaluator
 from dist_share.train.logs import MetricsLogger
 from dist_share.train.loops.custom import CustomLoop
-from dist_share.train.signals import StepTimes
 from dist_share.train.state import TrainState
 
 # What a TensorFlow error says when a Horovod collective failed because the job lost a worker
@@ -287,13 +286,7 @@ class ElasticLoop(CustomLoop):
             self.global_batch if self.strategy.gradient_op == "sum" else per_replica
         )
         self._train_fn = None  # retraced by compiled_step: the old one captured the old size
-        # the ranks are numbered anew
-        self.step_times = StepTimes(
-            self.strategy,
-            self.global_batch,
-            per_rank=self.step_times.per_rank,
-            slow_rank_margin=self.step_times.slow_rank_margin,
-        )
+        self.step_times.reset()  # the ranks are numbered anew
         self.nonfinite_skipped = elastic_state.nonfinite_skipped
         step = self.state.step
         # Steps trained since the commit this job rolled back to, by whoever got furthest
