@@ -142,13 +142,17 @@ def test_multiworker_finds_its_cluster_from_the_launcher(launcher: str, tmp_path
         assert res["tf_config"]["cluster"] == results[0]["tf_config"]["cluster"]
 
 
+def _worker_result(script: str) -> dict:
+    """Run a one-process worker of tests/workers (2 logical CPU devices inside); its last
+    output line, JSON."""
+    job = processes.run_job([sys.executable, str(WORKERS / script)], 240, cwd=ROOT).check()
+    return json.loads(job.output.strip().splitlines()[-1])
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
 def test_mirrored_sums_with_each_cross_device_op() -> None:
-    job = processes.run_job(
-        [sys.executable, str(WORKERS / "cross_device_ops.py")], 240, cwd=ROOT
-    ).check()
-    result = json.loads(job.output.strip().splitlines()[-1])
+    result = _worker_result("cross_device_ops.py")
     for ops, got in result["sums"].items():
         assert got["all_reduce"] == [3.0, 3.0, 3.0], ops
     assert result["sums"]["hierarchical_copy"]["class"] == "HierarchicalCopyAllReduce"
@@ -161,10 +165,7 @@ def test_mirrored_sums_with_each_cross_device_op() -> None:
 @pytest.mark.timeout(300)
 def test_xla_leaves_a_pass_with_tf_distribute_synchronisation_uncompiled() -> None:
     """Keras's synchronized batch normalisation inside a replica pass, 2 Mirrored replicas."""
-    job = processes.run_job(
-        [sys.executable, str(WORKERS / "xla_merge_call.py")], 240, cwd=ROOT
-    ).check()
-    result = json.loads(job.output.strip().splitlines()[-1])
+    result = _worker_result("xla_merge_call.py")
     assert result["try"]["compiled"] is False
     assert result["try"]["values"] == result["plain"]
     assert result["try"]["lines"] == [
